@@ -1,0 +1,422 @@
+"""``esp``: the operator's command line (migrate, domains, users, aliases).
+
+It works on the configured database directly: the embedded cluster of the data directory (started
+for the command and stopped again when ESP is not running) or the server of the DSN.  It runs
+the same transaction functions as the services, and records each change in the audit log.
+
+Exit status: 0 done; 1 the change was refused (duplicate, unknown domain...); 2 bad usage or
+input; 69 the database is unavailable; 78 the configuration is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import pwd
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import psycopg2.extensions
+
+from esp.addresses import InvalidAddress, parse_address
+from esp.auth import PasswordHasher, WeakPassword, check_new_password
+from esp.config import Config, ConfigError, default_config_path, load_config
+from esp.storage import directory
+from esp.storage.cluster import ClusterError, EmbeddedCluster
+from esp.storage.db import Cursor, DatabaseUnavailable, connect, run_sync
+from esp.storage.migrations import MigrationError, apply_migrations_txn, load_migrations
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+EXIT_CONFIG = 78
+
+
+class UsageProblem(Exception):
+    """Bad input from the operator (exit status 2)."""
+
+
+# -- connecting --------------------------------------------------------------------------------
+
+
+@contextmanager
+def open_database(config: Config) -> Iterator[psycopg2.extensions.connection]:
+    """A connection to the configured database with the schema up to date.
+
+    For the embedded cluster: when ESP is running, its cluster is used as it is; otherwise the
+    cluster is started for this command and stopped afterwards.
+    """
+    cluster = None
+    started = False
+    if config.embedded_database:
+        embedded = config.storage.database.embedded
+        cluster = EmbeddedCluster(
+            config.data_dir / "pg",
+            bin_dir=embedded.bin_dir,
+            run_as=embedded.run_as,
+            startup_timeout=embedded.startup_timeout,
+        )
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        started = cluster.start()
+        dsn = cluster.dsn
+    else:
+        dsn = config.storage.database.dsn or ""
+    try:
+        connection = connect(dsn, application_name="esp-cli")
+        try:
+            run_sync(connection, apply_migrations_txn, load_migrations())
+            yield connection
+        finally:
+            connection.close()
+    finally:
+        if cluster is not None and started:
+            cluster.stop()
+
+
+def _actor() -> str:
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        name = str(os.getuid())
+    return f"cli:{name}"
+
+
+def _audit_txn(cur: Cursor, action: str, target: str, details: dict[str, Any]) -> None:
+    cur.execute(
+        "INSERT INTO audit_log (actor, action, target, details) VALUES (%s, %s, %s, %s)",
+        (_actor(), action, target, json.dumps(details)),
+    )
+
+
+def _change(
+    action: str, target: str, fn: Callable[..., Any], *args: Any, **details: Any
+) -> Callable[[Cursor], Any]:
+    """A transaction that makes a change and writes its audit record in the same commit."""
+
+    def txn(cur: Cursor) -> Any:
+        result = fn(cur, *args)
+        _audit_txn(cur, action, target, details)
+        return result
+
+    return txn
+
+
+# -- passwords ---------------------------------------------------------------------------------
+
+
+def read_password(from_stdin: bool, stdin: TextIO, prompt_for: str) -> str:
+    if from_stdin:
+        line = stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        password = password[:-1] if password.endswith("\r") else password
+    else:
+        if not stdin.isatty():
+            raise UsageProblem(
+                "no terminal to ask for the password on; pipe it in with --password-stdin"
+            )
+        password = getpass.getpass(f"New password for {prompt_for}: ")
+        if getpass.getpass("Repeat it: ") != password:
+            raise UsageProblem("the two passwords differ")
+    try:
+        check_new_password(password)
+    except WeakPassword as e:
+        raise UsageProblem(str(e)) from None
+    return password
+
+
+def parse_size(text: str) -> int:
+    """``1048576``, ``512K``, ``100M``, ``2G`` (binary units) → bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    factor = 1
+    if value and value[-1] in units:
+        factor, value = units[value[-1]], value[:-1]
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500M, 2G)") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative")
+    return number * factor
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        applied = run_sync(connection, apply_migrations_txn, load_migrations())
+    version = load_migrations()[-1].version
+    out.write(f"schema at version {version}\n")
+    return 0
+
+
+def cmd_domain_add(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        domain = run_sync(
+            connection,
+            _change("domain.add", args.name, directory.add_domain_txn, args.name),
+        )
+    out.write(f"domain {domain.name} added\n")
+    return 0
+
+
+def cmd_domain_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        domains = run_sync(connection, directory.list_domains_txn)
+    if args.json:
+        out.write(json.dumps([d.__dict__ for d in domains], indent=2) + "\n")
+        return 0
+    for d in domains:
+        state = "" if d.enabled else " (disabled)"
+        out.write(f"{d.name}\t{d.users} users\t{d.aliases} aliases{state}\n")
+    return 0
+
+
+def cmd_domain_remove(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        domain = run_sync(
+            connection,
+            _change("domain.remove", args.name, directory.remove_domain_txn, args.name),
+        )
+    out.write(f"domain {domain.name} removed\n")
+    return 0
+
+
+def _address(text: str) -> Any:
+    try:
+        return parse_address(text)
+    except InvalidAddress as e:
+        raise UsageProblem(f"bad address: {e}") from None
+
+
+def cmd_user_add(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    address = _address(args.address)
+    password = read_password(args.password_stdin, sys.stdin, str(address))
+    hashed = PasswordHasher(config.security.auth.argon2).hash(password)
+    with open_database(config) as connection:
+        user = run_sync(
+            connection,
+            _change(
+                "user.add",
+                str(address),
+                lambda cur: directory.add_user_txn(
+                    cur,
+                    address,
+                    hashed,
+                    config.maildir_root,
+                    display_name=args.name or "",
+                    role=args.role,
+                    quota_bytes=args.quota,
+                ),
+                role=args.role,
+            ),
+        )
+    out.write(f"user {user.address} added (Maildir {config.maildir_root / user.maildir})\n")
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        users = run_sync(connection, directory.list_users_txn, args.domain)
+    if args.json:
+        rows = [
+            {k: v for k, v in u.__dict__.items() if k != "password_hash"} for u in users
+        ]
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    for u in users:
+        quota = "unlimited" if u.quota_bytes is None else f"{u.quota_bytes} bytes"
+        state = "" if u.enabled else " (disabled)"
+        out.write(f"{u.address}\t{u.role}\tquota {quota}\tused {u.used_bytes} bytes{state}\n")
+    return 0
+
+
+def cmd_user_passwd(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    address = _address(args.address)
+    with open_database(config) as connection:
+        # Fail on an unknown user before asking for a password.
+        run_sync(connection, directory.get_user_txn, address)
+        password = read_password(args.password_stdin, sys.stdin, str(address))
+        hashed = PasswordHasher(config.security.auth.argon2).hash(password)
+        run_sync(
+            connection,
+            _change("user.passwd", str(address), directory.set_password_txn, address, hashed),
+        )
+    out.write(f"password of {address} changed\n")
+    return 0
+
+
+def cmd_user_remove(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    address = _address(args.address)
+    with open_database(config) as connection:
+        user = run_sync(
+            connection,
+            _change("user.remove", str(address), directory.remove_user_txn, address),
+        )
+    out.write(
+        f"user {user.address} removed; its mail stays in {config.maildir_root / user.maildir} "
+        "until you delete it\n"
+    )
+    return 0
+
+
+def _alias_source(text: str) -> Any:
+    try:
+        return directory.parse_alias_source(text)
+    except InvalidAddress as e:
+        raise UsageProblem(f"bad alias: {e}") from None
+
+
+def cmd_alias_add(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    source = _alias_source(args.source)
+    destination = _address(args.destination)
+    with open_database(config) as connection:
+        alias = run_sync(
+            connection,
+            _change(
+                "alias.add", args.source, directory.add_alias_txn, source, destination,
+                destination=str(destination),
+            ),
+        )
+    out.write(f"alias {alias.source} -> {alias.destination} added\n")
+    return 0
+
+
+def cmd_alias_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        aliases = run_sync(connection, directory.list_aliases_txn, args.domain)
+    if args.json:
+        out.write(json.dumps([a.__dict__ for a in aliases], indent=2) + "\n")
+        return 0
+    for a in aliases:
+        out.write(f"{a.source}\t{a.destination}\n")
+    return 0
+
+
+def cmd_alias_remove(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    source = _alias_source(args.source)
+    destination = _address(args.destination) if args.destination else None
+    with open_database(config) as connection:
+        removed = run_sync(
+            connection,
+            _change(
+                "alias.remove", args.source, directory.remove_alias_txn, source, destination
+            ),
+        )
+    for a in removed:
+        out.write(f"alias {a.source} -> {a.destination} removed\n")
+    return 0
+
+
+# -- argument parsing --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esp",
+        description="Administer an ESP mail server: domains, users, aliases, schema.",
+    )
+    parser.add_argument(
+        "-c", "--config", type=Path, default=None,
+        help="YAML configuration (default: ./esp.yaml if present, else built-in defaults "
+        "with data under ./var, as `twistd esp` uses)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    migrate = commands.add_parser("migrate", help="bring the database schema up to date")
+    migrate.set_defaults(run=cmd_migrate)
+
+    domain = commands.add_parser("domain", help="hosted domains").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = domain.add_parser("add", help="host a domain")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_domain_add)
+    p = domain.add_parser("list", help="list hosted domains")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_domain_list)
+    p = domain.add_parser("remove", help="stop hosting a domain (it must have no users)")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_domain_remove)
+
+    user = commands.add_parser("user", help="mail users").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = user.add_parser("add", help="add a user (the password is prompted for)")
+    p.add_argument("address")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    p.add_argument("--name", help="display name")
+    p.add_argument("--role", choices=directory.ROLES, default="user")
+    p.add_argument("--quota", type=parse_size, help="storage quota, e.g. 2G (default: none)")
+    p.set_defaults(run=cmd_user_add)
+    p = user.add_parser("list", help="list users")
+    p.add_argument("domain", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_user_list)
+    p = user.add_parser("passwd", help="set a user's password")
+    p.add_argument("address")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of standard input")
+    p.set_defaults(run=cmd_user_passwd)
+    p = user.add_parser("remove", help="remove a user (its Maildir files are kept)")
+    p.add_argument("address")
+    p.set_defaults(run=cmd_user_remove)
+
+    alias = commands.add_parser("alias", help="aliases and catch-alls").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = alias.add_parser(
+        "add", help="add an alias: SOURCE is alias@domain, or @domain for the catch-all"
+    )
+    p.add_argument("source")
+    p.add_argument("destination", help="a local user, another alias or an external address")
+    p.set_defaults(run=cmd_alias_add)
+    p = alias.add_parser("list", help="list aliases")
+    p.add_argument("domain", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_alias_list)
+    p = alias.add_parser("remove", help="remove an alias (one destination, or all)")
+    p.add_argument("source")
+    p.add_argument("destination", nargs="?")
+    p.set_defaults(run=cmd_alias_remove)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    err = sys.stderr
+    try:
+        config = load_config(args.config if args.config else default_config_path())
+    except ConfigError as e:
+        err.write(f"esp: {e}\n")
+        return EXIT_CONFIG
+    try:
+        result: int = args.run(args, config, sys.stdout)
+        return result
+    except UsageProblem as e:
+        err.write(f"esp: {e}\n")
+        return EXIT_USAGE
+    except InvalidAddress as e:
+        err.write(f"esp: {e}\n")
+        return EXIT_USAGE
+    except directory.DirectoryError as e:
+        err.write(f"esp: {e}\n")
+        return EXIT_REFUSED
+    except (DatabaseUnavailable, ClusterError, MigrationError) as e:
+        err.write(f"esp: {e}\n")
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        err.write("\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Configuration: one YAML file, parsed once into frozen, typed objects.
+
+Every module receives the piece of :class:`Config` it needs; none reads files or the environment
+itself.  Unknown keys and bad values raise :class:`ConfigError`, whose message names the key, the
+value and what is allowed, so start-up stops with something an operator can act on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+from twisted.internet import endpoints
+
+DEFAULT_CONFIG_NAME = "esp.yaml"
+DEFAULT_DATA_DIR = "var"
+
+# Secrets and deployment-specific values that may come from the environment instead of the file.
+ENVIRONMENT_OVERRIDES: Mapping[str, tuple[str, ...]] = {
+    "ESP_DATABASE_DSN": ("storage", "database", "dsn"),
+    "ESP_DATA_DIR": ("storage", "data_dir"),
+    "ESP_MAILDIR_ROOT": ("storage", "maildir", "root"),
+    "ESP_HOSTNAME": ("server", "hostname"),
+}
+
+
+_NO_REACTOR: Any = object()
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+def _endpoint_description(value: str) -> str:
+    """Check that a listening address is a Twisted server endpoint string, without binding it."""
+    try:
+        # The parsers only keep the reactor they are given; nothing is bound or opened here.
+        endpoints.serverFromString(_NO_REACTOR, value)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise ValueError(
+            f"not a server endpoint description ({e}); "
+            "expected e.g. 'tcp:2525:interface=127.0.0.1' or 'unix:/run/esp/smtp.sock'"
+        ) from e
+    return value
+
+
+def _listen_list(value: Any) -> Any:
+    # A single string is the common case; lists allow several addresses (IPv4 and IPv6).
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+def _hostname(value: str) -> str:
+    name = value.rstrip(".").lower()
+    labels = name.split(".")
+    if not name or len(name) > 253 or any(
+        not label or len(label) > 63 or label.startswith("-") or label.endswith("-")
+        or not all(c.isalnum() or c == "-" for c in label)
+        or not label.isascii()
+        for label in labels
+    ):
+        raise ValueError("expected a host name made of letters, digits, '-' and '.'")
+    return name
+
+
+Endpoint = Annotated[str, AfterValidator(_endpoint_description)]
+Listen = Annotated[tuple[Endpoint, ...], BeforeValidator(_listen_list)]
+HostName = Annotated[str, AfterValidator(_hostname)]
+Size = Annotated[int, Field(ge=1)]
+
+
+class Section(BaseModel):
+    """Base of every configuration section: immutable, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SMTPListener(Section):
+    listen: Listen
+
+
+class SMTPConfig(Section):
+    mx: SMTPListener = SMTPListener(listen=("tcp:2525:interface=127.0.0.1",))
+    submission: SMTPListener = SMTPListener(listen=("tcp:2587:interface=127.0.0.1",))
+    # Implicit TLS (RFC 8314): the listener is plain TCP; TLS comes from the certificate store.
+    submissions: SMTPListener = SMTPListener(listen=("tcp:2465:interface=127.0.0.1",))
+    max_message_size: Size = 25 * 1024 * 1024
+    max_recipients: Size = 100
+
+
+class IMAPConfig(Section):
+    listen: Listen = ("tcp:2143:interface=127.0.0.1",)
+    # Implicit TLS (RFC 8314), as for SMTP submissions.
+    listen_tls: Listen = ("tcp:2993:interface=127.0.0.1",)
+
+
+class APIConfig(Section):
+    listen: Listen = ("tcp:8080:interface=127.0.0.1",)
+
+
+class ServerConfig(Section):
+    hostname: HostName = Field(default_factory=lambda: _hostname(socket.gethostname()))
+    smtp: SMTPConfig = SMTPConfig()
+    imap: IMAPConfig = IMAPConfig()
+    api: APIConfig = APIConfig()
+
+
+class EmbeddedDatabaseConfig(Section):
+    # Directory holding initdb and pg_ctl; by default PATH, `pg_config --bindir`,
+    # /usr/lib/postgresql/*/bin and the `pgserver` wheel are searched in that order.
+    bin_dir: Path | None = None
+    # initdb refuses to run as root; as root the cluster runs as this existing account.
+    run_as: str = "postgres"
+    startup_timeout: Annotated[int, Field(ge=1, le=3600)] = 60
+
+
+class DatabaseConfig(Section):
+    # libpq connection string or URI.  Empty: run the embedded cluster under <data_dir>/pg.
+    dsn: str | None = None
+    pool_min: Annotated[int, Field(ge=1)] = 1
+    pool_max: Annotated[int, Field(ge=1)] = 10
+    embedded: EmbeddedDatabaseConfig = EmbeddedDatabaseConfig()
+
+
+class MaildirConfig(Section):
+    # Default: <data_dir>/maildir.  Layout: <root>/<domain>/<localpart>/{cur,new,tmp}.
+    root: Path | None = None
+
+
+class StorageConfig(Section):
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    database: DatabaseConfig = DatabaseConfig()
+    maildir: MaildirConfig = MaildirConfig()
+
+
+class TLSConfig(Section):
+    # PEM files; with neither set a self-signed certificate is generated under <data_dir>/tls.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class Argon2Config(Section):
+    # RFC 9106 second recommended option (64 MiB, 3 passes, 4 lanes).
+    time_cost: Annotated[int, Field(ge=1, le=100)] = 3
+    memory_cost_kib: Annotated[int, Field(ge=8 * 1024, le=4 * 1024 * 1024)] = 64 * 1024
+    parallelism: Annotated[int, Field(ge=1, le=64)] = 4
+
+
+class AuthConfig(Section):
+    # Plain-text AUTH/LOGIN is refused outside TLS; this permits it from loopback clients only.
+    allow_plaintext_on_loopback: bool = False
+    argon2: Argon2Config = Argon2Config()
+
+
+class SecurityConfig(Section):
+    tls: TLSConfig = TLSConfig()
+    auth: AuthConfig = AuthConfig()
+
+
+class FiltersConfig(Section):
+    chain: tuple[str, ...] = ()
+
+
+class WebhooksConfig(Section):
+    enabled: bool = True
+
+
+class EventsConfig(Section):
+    webhooks: WebhooksConfig = WebhooksConfig()
+
+
+class Config(Section):
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    security: SecurityConfig = SecurityConfig()
+    filters: FiltersConfig = FiltersConfig()
+    events: EventsConfig = EventsConfig()
+    # Where this configuration came from (None: built-in defaults); not a YAML key.
+    source: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.storage.data_dir
+
+    @property
+    def maildir_root(self) -> Path:
+        return self.storage.maildir.root or self.storage.data_dir / "maildir"
+
+    @property
+    def embedded_database(self) -> bool:
+        return not self.storage.database.dsn
+
+
+def default_config_path(cwd: Path | None = None) -> Path | None:
+    """The file used when none is named: ``./esp.yaml`` if it exists, else none (defaults)."""
+    candidate = (cwd or Path.cwd()) / DEFAULT_CONFIG_NAME
+    return candidate if candidate.is_file() else None
+
+
+def load_config(
+    path: Path | None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Config:
+    """Read, override from the environment, validate and resolve paths.
+
+    Relative paths in a file are taken relative to the file's directory (a service manager's
+    working directory is usually ``/``); without a file, relative to the working directory.
+    """
+    raw: Any = {}
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from e
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, not {raw!r}")
+    _apply_environment(raw, os.environ if environ is None else environ)
+    where = str(path) if path is not None else "configuration"
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(where, e)) from None
+    base = path.resolve().parent if path is not None else (cwd or Path.cwd()).resolve()
+    return _resolve_paths(config, base, path)
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, keys in ENVIRONMENT_OVERRIDES.items():
+        value = environ.get(name)
+        if value is None or value == "":
+            continue
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"{name} overrides {'.'.join(keys)}, but {key} in the file is not a mapping"
+                )
+            node = child
+        node[keys[-1]] = value
+
+
+def _resolve_paths(config: Config, base: Path, source: Path | None) -> Config:
+    def absolute(p: Path | None) -> Path | None:
+        return None if p is None else (base / p.expanduser()).resolve()
+
+    storage = config.storage
+    database = storage.database
+    tls = config.security.tls
+    return config.model_copy(
+        update={
+            "source": source.resolve() if source is not None else None,
+            "storage": storage.model_copy(
+                update={
+                    "data_dir": absolute(storage.data_dir),
+                    "maildir": storage.maildir.model_copy(
+                        update={"root": absolute(storage.maildir.root)}
+                    ),
+                    "database": database.model_copy(
+                        update={
+                            "embedded": database.embedded.model_copy(
+                                update={"bin_dir": absolute(database.embedded.bin_dir)}
+                            )
+                        }
+                    ),
+                }
+            ),
+            "security": config.security.model_copy(
+                update={
+                    "tls": tls.model_copy(
+                        update={
+                            "certificate": absolute(tls.certificate),
+                            "private_key": absolute(tls.private_key),
+                        }
+                    )
+                }
+            ),
+        }
+    )
+
+
+def _describe(where: str, error: ValidationError) -> str:
+    lines = [f"{where}: invalid configuration"]
+    for item in error.errors(include_url=False):
+        loc = item["loc"]
+        key = ".".join(str(part) if not isinstance(part, int) else f"[{part}]" for part in loc)
+        key = key.replace(".[", "[")
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(_fields_at(loc[:-1])))
+            lines.append(f"  {key}: unknown key; allowed here: {allowed}")
+            continue
+        value = item.get("input")
+        message = item["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        lines.append(f"  {key}: {value!r} is not allowed: {message}")
+    return "\n".join(lines)
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return [name for name, f in model.model_fields.items() if not f.exclude]

@@ -1,0 +1,160 @@
+"""The in-process event bus: publish events by type, subscribe by name or pattern.
+
+Patterns use dotted segments as Buildbot's message queue does: ``message.received`` matches
+itself, ``message.*`` matches one segment after ``message.``, ``#`` matches any number of
+segments (so ``#`` alone is everything).  Handlers run concurrently; one that fails is logged and
+does not stop the others, and :meth:`EventBus.publish` never fails because of a subscriber.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from esp.interfaces import IEventSubscriber
+
+MESSAGE_RECEIVED = "message.received"
+MESSAGE_SENT = "message.sent"
+MESSAGE_BOUNCED = "message.bounced"
+MESSAGE_DELETED = "message.deleted"
+USER_LOGIN = "user.login"
+MAILBOX_CREATED = "mailbox.created"
+FILTER_MATCHED = "filter.matched"
+SPAM_DETECTED = "spam.detected"
+VIRUS_DETECTED = "virus.detected"
+CERTIFICATE_RENEWED = "certificate.renewed"
+
+EVENT_TYPES = frozenset(
+    {
+        MESSAGE_RECEIVED, MESSAGE_SENT, MESSAGE_BOUNCED, MESSAGE_DELETED, USER_LOGIN,
+        MAILBOX_CREATED, FILTER_MATCHED, SPAM_DETECTED, VIRUS_DETECTED, CERTIFICATE_RENEWED,
+    }
+)
+
+
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 version 7): sorts by creation time, unique across nodes."""
+    millis = time.time_ns() // 1_000_000
+    value = (millis & ((1 << 48) - 1)) << 80 | secrets.randbits(80)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant
+    return uuid.UUID(int=value)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened, in the envelope every consumer sees."""
+
+    type: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    domain: str | None = None
+    actor: str | None = None
+    id: uuid.UUID = field(default_factory=uuid7)
+    occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    node: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+
+Handler = Callable[[Event], Awaitable[None] | Deferred[None] | None]
+
+
+def pattern_matches(pattern: str, event_type: str) -> bool:
+    """Dotted-segment match: '*' is exactly one segment, '#' is zero or more."""
+
+    def match(p: list[str], t: list[str]) -> bool:
+        if not p:
+            return not t
+        head, rest = p[0], p[1:]
+        if head == "#":
+            return any(match(rest, t[i:]) for i in range(len(t) + 1))
+        if not t:
+            return False
+        return (head == "*" or head == t[0]) and match(rest, t[1:])
+
+    return match(pattern.split("."), event_type.split("."))
+
+
+class Subscription:
+    def __init__(self, bus: EventBus, pattern: str, handler: Handler, name: str) -> None:
+        self.pattern = pattern
+        self.handler = handler
+        self.name = name
+        self._bus = bus
+
+    def cancel(self) -> None:
+        self._bus._remove(self)
+
+
+class EventBus:
+    """Publish/subscribe inside one process."""
+
+    log = Logger()
+
+    def __init__(self, known_types: Iterable[str] = EVENT_TYPES) -> None:
+        self._known = frozenset(known_types)
+        self._subscriptions: list[Subscription] = []
+
+    def subscribe(self, pattern: str, handler: Handler, name: str | None = None) -> Subscription:
+        if not pattern or any(not part for part in pattern.split(".")):
+            raise ValueError(f"{pattern!r} is not an event pattern")
+        subscription = Subscription(
+            self, pattern, handler, name or getattr(handler, "__qualname__", repr(handler))
+        )
+        self._subscriptions.append(subscription)
+        return subscription
+
+    def add_subscriber(self, subscriber: IEventSubscriber) -> list[Subscription]:
+        """Subscribe an :class:`IEventSubscriber` to each of its patterns."""
+        return [
+            self.subscribe(pattern, subscriber.handle, name=subscriber.name)
+            for pattern in subscriber.patterns
+        ]
+
+    def _remove(self, subscription: Subscription) -> None:
+        if subscription in self._subscriptions:
+            self._subscriptions.remove(subscription)
+
+    def publish(self, event: Event) -> Deferred[None]:
+        """Deliver ``event`` to every matching subscriber; fires when all have finished."""
+        if event.type not in self._known:
+            raise ValueError(f"unknown event type {event.type!r}")
+        calls = [
+            self._call(s, event)
+            for s in list(self._subscriptions)
+            if pattern_matches(s.pattern, event.type)
+        ]
+        done: Deferred[None] = DeferredList(calls, consumeErrors=True).addCallback(
+            lambda _: None
+        )
+        return done
+
+    def _call(self, subscription: Subscription, event: Event) -> Deferred[None]:
+        def invoke() -> Any:
+            result = subscription.handler(event)
+            if inspect.isawaitable(result) and not isinstance(result, Deferred):
+                return ensureDeferred(result)
+            return result
+
+        def failed(failure: Failure) -> None:
+            self.log.failure(
+                "event subscriber {subscriber} failed on {type} {id}",
+                failure,
+                subscriber=subscription.name,
+                type=event.type,
+                id=str(event.id),
+            )
+
+        d: Deferred[None] = maybeDeferred(invoke)
+        d.addErrback(failed)
+        return d

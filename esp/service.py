@@ -1,0 +1,288 @@
+"""The service tree: ``makeService(config)`` builds everything ``twistd esp`` and ``esp.tac`` run.
+
+Building only makes objects; every piece of I/O (starting the embedded cluster, opening the pool,
+migrating, binding ports) happens in ``startService``.  :class:`ESPService` starts its children
+one after another, waiting for each (the database must be up before anything that uses it), and
+stops them in reverse order, so SIGTERM closes the pool before the cluster is shut down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2.extensions
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+import esp
+from esp.auth import DirectoryChecker, PasswordHasher
+from esp.config import Config
+from esp.events import EventBus
+from esp.storage.cluster import EmbeddedCluster
+from esp.storage.db import Database
+from esp.storage.directory import DirectoryStore
+from esp.storage.migrations import apply_migrations_txn, load_migrations
+
+
+class OrderedMultiService(MultiService):
+    """Starts children in order, each after the previous one's start completed; stops in reverse.
+
+    A failed start stops what had started and calls ``on_start_failure``.
+    """
+
+    log = Logger()
+
+    def __init__(self, on_start_failure: Callable[[Failure], None] | None = None) -> None:
+        super().__init__()
+        self._on_start_failure = on_start_failure
+        self._starting: Deferred[None] | None = None
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._starting = Deferred.fromCoroutine(self._start_children())
+        self._starting.addErrback(self._start_failed)
+
+    async def _start_children(self) -> None:
+        for child in list(self):
+            await maybeDeferred(child.startService)
+        self.ready.callback(None)
+
+    def _start_failed(self, failure: Failure) -> None:
+        if not self.running:
+            # stopService cancelled a start still under way: stopping is already in hand.
+            if not self.ready.called:
+                self.ready.errback(failure)
+            return
+        self.log.failure("start-up failed", failure)
+        Deferred.fromCoroutine(self._stop_children()).addBoth(
+            lambda _: self._on_start_failure(failure) if self._on_start_failure else None
+        )
+        if not self.ready.called:
+            self.ready.errback(failure)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        await self._stop_children()
+
+    async def _stop_children(self) -> None:
+        for child in reversed(list(self)):
+            if not child.running:
+                continue
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                self.log.failure("stopping {service} failed", service=child.name)
+
+
+class ThreadPoolService(Service):
+    """A named thread pool that lives exactly as long as the service."""
+
+    def __init__(self, name: str, max_threads: int) -> None:
+        self.setName(name)
+        self.pool = ThreadPool(minthreads=0, maxthreads=max_threads, name=name)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class EmbeddedClusterService(Service):
+    """Starts the private PostgreSQL cluster (creating it the first time) and stops it."""
+
+    log = Logger()
+
+    def __init__(self, cluster: EmbeddedCluster, reactor: Any, threadpool: ThreadPool) -> None:
+        self.setName("embedded-postgresql")
+        self.cluster = cluster
+        self._reactor = reactor
+        self._threadpool = threadpool
+
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        started = await deferToThreadPool(self._reactor, self._threadpool, self.cluster.start)
+        self.log.info(
+            "embedded PostgreSQL {how} in {directory} (socket {socket})",
+            how="started" if started else "already running, reused",
+            directory=str(self.cluster.pgdata),
+            socket=str(self.cluster.socket_dir),
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.log.info("stopping embedded PostgreSQL")
+        return deferToThreadPool(self._reactor, self._threadpool, self.cluster.stop)
+
+
+class DatabaseService(Service):
+    """Opens the pool and brings the schema up to date; closes the pool on stop."""
+
+    log = Logger()
+
+    def __init__(self, db: Database) -> None:
+        self.setName("database")
+        self.db = db
+
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        self.db.open()
+        migrations = load_migrations()
+        applied = await self.db.run("apply_migrations", apply_migrations_txn, migrations)
+        if applied:
+            self.log.info("schema migrations applied: {versions}", versions=applied)
+        self.log.info("database schema at version {version}", version=migrations[-1].version)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.db.close()
+
+
+class ReadyAnnouncement(Service):
+    """The last child: says that ESP is up and where its pieces are."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, database_description: str) -> None:
+        self.setName("ready")
+        self._config = config
+        self._database = database_description
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "ESP {version} ready: host {hostname}, data {data_dir}, database {database}, "
+            "maildir {maildir}",
+            version=esp.__version__,
+            hostname=self._config.server.hostname,
+            data_dir=str(self._config.data_dir),
+            database=self._database,
+            maildir=str(self._config.maildir_root),
+        )
+
+
+class ESPService(OrderedMultiService):
+    """The root of the tree; holds the shared pieces services are built from."""
+
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        events: EventBus,
+        directory: DirectoryStore,
+        checker: DirectoryChecker,
+        on_start_failure: Callable[[Failure], None] | None = None,
+    ) -> None:
+        super().__init__(on_start_failure)
+        self.setName("esp")
+        self.config = config
+        self.db = db
+        self.events = events
+        self.directory = directory
+        self.checker = checker
+
+    def startService(self) -> None:
+        _prepare_data_dir(self.config)
+        super().startService()
+
+
+def _prepare_data_dir(config: Config) -> None:
+    # 0711 lets the embedded cluster's account (when we run as root) reach <data_dir>/pg
+    # without being able to list anything; the Maildir root is private to us.
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(config.data_dir, 0o711)
+    config.maildir_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def describe_dsn(dsn: str) -> str:
+    """The DSN without its password, for logs."""
+    try:
+        parts = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "(unparseable DSN)"
+    parts.pop("password", None)
+    return " ".join(f"{k}={v}" for k, v in sorted(parts.items()))
+
+
+def exit_after_shutdown(reactor: Any) -> Callable[[Failure], None]:
+    """For twistd: a failed start stops the reactor and makes the process exit with status 1."""
+
+    def stop(failure: Failure) -> None:
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        if reactor.running:
+            reactor.stop()
+
+    return stop
+
+
+def makeService(
+    config: Config,
+    reactor: Any = None,
+    exit_on_start_failure: bool = False,
+) -> ESPService:
+    """Build the whole service tree from a configuration; nothing is started or opened."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    blocking = ThreadPoolService("esp-blocking", max_threads=4)
+    hashing = ThreadPoolService("esp-password-hashing", max_threads=2)
+    children: list[IService] = [blocking, hashing]
+    if config.embedded_database:
+        embedded = config.storage.database.embedded
+        cluster = EmbeddedCluster(
+            config.data_dir / "pg",
+            bin_dir=embedded.bin_dir,
+            run_as=embedded.run_as,
+            startup_timeout=embedded.startup_timeout,
+        )
+        children.append(EmbeddedClusterService(cluster, reactor, blocking.pool))
+        dsn = cluster.dsn
+        database_description = f"embedded ({cluster.socket_dir})"
+    else:
+        dsn = config.storage.database.dsn or ""
+        database_description = describe_dsn(dsn)
+    db = Database(
+        dsn,
+        reactor,
+        min_connections=config.storage.database.pool_min,
+        max_connections=config.storage.database.pool_max,
+    )
+    children.append(DatabaseService(db))
+    children.append(ReadyAnnouncement(config, database_description))
+
+    directory = DirectoryStore(db, config.maildir_root)
+    checker = DirectoryChecker(
+        directory, PasswordHasher(config.security.auth.argon2), reactor, hashing.pool
+    )
+    root = ESPService(
+        config,
+        db=db,
+        events=EventBus(),
+        directory=directory,
+        checker=checker,
+        on_start_failure=exit_after_shutdown(reactor) if exit_on_start_failure else None,
+    )
+    for child in children:
+        child.setServiceParent(root)
+    return root

@@ -1,0 +1,1 @@
+"""Storage: PostgreSQL (pool, migrations, embedded cluster) and Maildir; knows no protocol."""

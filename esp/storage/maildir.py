@@ -1,0 +1,193 @@
+"""Maildir bodies: one file per message, written durably.
+
+Delivery follows the Maildir rules: the message is written to ``tmp/`` under a unique name,
+fsync'd, renamed into ``new/`` and the directory fsync'd, so a crash at any point leaves either
+nothing in ``new/`` or the whole message there.  Folders follow Maildir++ (``.Name`` directories
+beside ``cur new tmp``).  Directory names come from :func:`folder_directory` and
+:func:`user_directory`, never straight from what a client sent.
+
+All functions here block; callers on the reactor run them in a thread pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+_SUBDIRS = ("cur", "new", "tmp")
+# Maildir spec: files left in tmp/ for 36 hours are debris of a crashed delivery.
+TMP_MAX_AGE = 36 * 3600
+_MAX_DIRNAME = 200
+_counter = itertools.count(1)
+
+
+class MaildirError(Exception):
+    """A Maildir operation failed (disk full, permissions...)."""
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hostname() -> str:
+    # Maildir spec: '/' and ':' in the host part are written as \057 and \072.
+    return socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+
+
+def unique_name() -> str:
+    """A file name no other delivery on any host can produce: time.M<usec>P<pid>Q<n>R<rand>.host."""
+    now = time.time()
+    seconds = int(now)
+    micros = int((now - seconds) * 1_000_000)
+    return (
+        f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(8)}."
+        f"{_hostname()}"
+    )
+
+
+def _safe_component(text: str, keep_inner_dots: bool = False) -> str:
+    # Letters, digits, space, '_' and '-' stay; everything else (including '/', '%' and, in
+    # folder names, '.') is percent-encoded, so the mapping is one-to-one and can never yield
+    # '.', '..', a hidden name or a path separator.
+    encoded = "".join(
+        c if c.isascii() and (c.isalnum() or c in " _-") else quote(c, safe="")
+        for c in text
+    )
+    encoded = encoded.replace(".", "%2E").replace("~", "%7E")
+    if keep_inner_dots and not text.startswith(".") and ".." not in text:
+        encoded = encoded.replace("%2E", ".")
+    return encoded
+
+
+def user_directory(domain: str, localpart: str) -> str:
+    """The Maildir of a user, relative to the Maildir root: ``<domain>/<localpart>``."""
+    local = _safe_component(localpart, keep_inner_dots=True)
+    if len(local) > _MAX_DIRNAME:
+        local = "~" + hashlib.sha256(localpart.encode("utf-8")).hexdigest()
+    return f"{_safe_component(domain, keep_inner_dots=True)}/{local}"
+
+
+def folder_directory(mailbox_name: str) -> str:
+    """The Maildir++ folder for an IMAP mailbox name ('/' hierarchy); '' for INBOX."""
+    if mailbox_name.upper() == "INBOX":
+        return ""
+    encoded = "." + ".".join(_safe_component(part) for part in mailbox_name.split("/"))
+    if len(encoded) > _MAX_DIRNAME:
+        encoded = ".~" + hashlib.sha256(mailbox_name.encode("utf-8")).hexdigest()
+    return encoded
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A message file now durable in ``new/``."""
+
+    name: str
+    path: Path
+    size: int
+
+
+class Maildir:
+    """One Maildir: a user's INBOX or one of its Maildir++ folders."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def folder(self, directory: str) -> Maildir:
+        """The Maildir++ folder ``directory`` (from :func:`folder_directory`) of this Maildir."""
+        if directory == "":
+            return self
+        if not directory.startswith(".") or "/" in directory or directory in (".", ".."):
+            raise MaildirError(f"{directory!r} is not a Maildir++ folder name")
+        return Maildir(self.path / directory)
+
+    def create(self) -> None:
+        """Make ``cur new tmp`` (mode 0700); harmless when they exist."""
+        created = False
+        for sub in (self.path, *(self.path / s for s in _SUBDIRS)):
+            try:
+                sub.mkdir(mode=0o700, parents=True)
+                created = True
+            except FileExistsError:
+                pass
+        if created:
+            _fsync_directory(self.path)
+            _fsync_directory(self.path.parent)
+
+    def deliver(self, data: bytes | Iterable[bytes]) -> StoredFile:
+        """Write a message durably into ``new/`` and return its file name."""
+        base = unique_name()
+        tmp = self.path / "tmp" / base
+        size = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise MaildirError(f"cannot create {tmp}: {e.strerror}") from e
+        try:
+            try:
+                chunks = [data] if isinstance(data, bytes) else data
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                        size += written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            name = f"{base},S={size}"
+            final = self.path / "new" / name
+            os.rename(tmp, final)
+            _fsync_directory(self.path / "new")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise MaildirError(f"cannot deliver into {self.path}: {e.strerror}") from e
+        return StoredFile(name, final, size)
+
+    def locate(self, name: str) -> Path:
+        """The current path of message ``name`` (in ``new/``, or in ``cur/`` with any flags)."""
+        if "/" in name or name.startswith("."):
+            raise MaildirError(f"{name!r} is not a Maildir file name")
+        candidate = self.path / "new" / name
+        if candidate.exists():
+            return candidate
+        candidate = self.path / "cur" / name
+        if candidate.exists():
+            return candidate
+        for entry in (self.path / "cur").glob(name + ":*"):
+            return entry
+        raise FileNotFoundError(f"{name} is not in {self.path}")
+
+    def read(self, name: str) -> bytes:
+        return self.locate(name).read_bytes()
+
+    def remove(self, name: str) -> None:
+        self.locate(name).unlink()
+
+    def messages(self) -> Iterator[str]:
+        """Base names (without ':2,' info) of every message in ``new/`` and ``cur/``."""
+        for sub in ("new", "cur"):
+            for entry in os.scandir(self.path / sub):
+                if entry.is_file() and not entry.name.startswith("."):
+                    yield entry.name.split(":", 1)[0]
+
+    def clean_tmp(self, max_age: float = TMP_MAX_AGE, now: float | None = None) -> int:
+        """Remove files left in ``tmp/`` by crashed deliveries; return how many."""
+        cutoff = (time.time() if now is None else now) - max_age
+        removed = 0
+        for entry in os.scandir(self.path / "tmp"):
+            if entry.is_file() and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        return removed

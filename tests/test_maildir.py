@@ -1,0 +1,191 @@
+"""Maildir delivery: durable, crash-safe, and never steered by a client's names."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from esp.storage.maildir import (
+    Maildir,
+    MaildirError,
+    folder_directory,
+    unique_name,
+    user_directory,
+)
+
+MESSAGE = b"From: a@example.test\r\nTo: b@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+def make(tmp_path: Path) -> Maildir:
+    box = Maildir(tmp_path / "example.test" / "bob")
+    box.create()
+    return box
+
+
+def test_create_makes_private_cur_new_tmp(tmp_path: Path) -> None:
+    box = make(tmp_path)
+    for sub in ("cur", "new", "tmp"):
+        info = (box.path / sub).stat()
+        assert stat.S_ISDIR(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == 0o700
+    box.create()  # again: harmless
+
+
+def test_deliver_puts_the_whole_message_in_new_with_its_size(tmp_path: Path) -> None:
+    box = make(tmp_path)
+    stored = box.deliver(MESSAGE)
+    assert stored.path.parent == box.path / "new"
+    assert stored.name.endswith(f",S={len(MESSAGE)}")
+    assert stored.size == len(MESSAGE)
+    assert stored.path.read_bytes() == MESSAGE
+    assert stat.S_IMODE(stored.path.stat().st_mode) == 0o600
+    assert list((box.path / "tmp").iterdir()) == []
+    assert box.read(stored.name) == MESSAGE
+    assert list(box.messages()) == [stored.name]
+
+
+def test_deliver_accepts_chunks(tmp_path: Path) -> None:
+    box = make(tmp_path)
+    stored = box.deliver([MESSAGE[:10], b"", MESSAGE[10:]])
+    assert stored.path.read_bytes() == MESSAGE
+
+
+def test_names_are_unique_and_follow_the_maildir_spec() -> None:
+    names = {unique_name() for _ in range(1000)}
+    assert len(names) == 1000
+    for name in list(names)[:5]:
+        assert "/" not in name and ":" not in name
+        seconds, unique, _host = name.split(".", 2)
+        assert seconds.isdigit()
+        assert unique.startswith("M") and "P" in unique and "Q" in unique and "R" in unique
+
+
+def test_a_message_found_in_cur_with_flags_is_located(tmp_path: Path) -> None:
+    box = make(tmp_path)
+    stored = box.deliver(MESSAGE)
+    os.rename(stored.path, box.path / "cur" / f"{stored.name}:2,S")
+    assert box.read(stored.name) == MESSAGE
+    box.remove(stored.name)
+    assert list(box.messages()) == []
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", ".hidden", "a/b"])
+def test_locate_refuses_names_that_are_paths(tmp_path: Path, name: str) -> None:
+    box = make(tmp_path)
+    with pytest.raises(MaildirError):
+        box.locate(name)
+
+
+def _crash_during_delivery(tmp_path: Path, at: str) -> Path:
+    """Run a delivery in a child process that SIGKILLs itself at ``at``; return the Maildir."""
+    root = tmp_path / "box"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from esp.storage.maildir import Maildir
+        box = Maildir(Path({str(root)!r}))
+        box.create()
+        at = {at!r}
+        real_write, real_rename = os.write, os.rename
+        def write(fd, data):
+            if at == "mid-write":
+                real_write(fd, bytes(data[: len(data) // 2]))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_write(fd, data)
+        def rename(src, dst):
+            if at == "before-rename":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_rename(src, dst)
+        os.write, os.rename = write, rename
+        box.deliver({MESSAGE!r} * 1000)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()
+    return root
+
+
+@pytest.mark.parametrize("at", ["mid-write", "before-rename"])
+def test_a_crash_during_delivery_leaves_nothing_in_new(tmp_path: Path, at: str) -> None:
+    root = _crash_during_delivery(tmp_path, at)
+    box = Maildir(root)
+    assert list((root / "new").iterdir()) == []
+    assert list(box.messages()) == []
+    leftovers = list((root / "tmp").iterdir())
+    assert len(leftovers) == 1  # the debris of the crashed delivery, only in tmp/
+    if at == "before-rename":
+        assert leftovers[0].read_bytes() == MESSAGE * 1000  # written and fsync'd, not yet visible
+    # A later delivery works, and the debris is cleaned once it is old enough.
+    box.deliver(MESSAGE)
+    assert len(list(box.messages())) == 1
+    assert box.clean_tmp(now=time.time()) == 0
+    assert box.clean_tmp(now=time.time() + 37 * 3600) == 1
+    assert list((root / "tmp").iterdir()) == []
+
+
+def test_a_failed_write_leaves_no_file(tmp_path: Path) -> None:
+    box = make(tmp_path)
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield MESSAGE
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(MaildirError, match="No space left"):
+        box.deliver(chunks())
+    assert list((box.path / "tmp").iterdir()) == []
+    assert list((box.path / "new").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "mailbox, expected",
+    [
+        ("INBOX", ""),
+        ("inbox", ""),
+        ("Sent", ".Sent"),
+        ("Archive/2024", ".Archive.2024"),
+        ("../../etc", ".%2E%2E.%2E%2E.etc"),
+        ("..", ".%2E%2E"),
+        ("a.b", ".a%2Eb"),
+        ("/abs/path", "..abs.path"),
+        ("Entwürfe", ".Entw%C3%BCrfe"),
+        ("bad\x00name", ".bad%00name"),
+    ],
+)
+def test_folder_names_never_escape_the_maildir(mailbox: str, expected: str) -> None:
+    assert folder_directory(mailbox) == expected
+
+
+def test_folder_directory_results_stay_inside(tmp_path: Path) -> None:
+    box = make(tmp_path)
+    for hostile in ["../x", "../../..", "a/../../b", "~root", "x" * 500, "%2E%2E"]:
+        folder = box.folder(folder_directory(hostile))
+        folder.create()
+        assert folder.path.parent == box.path
+        assert folder.path.name.startswith(".")
+        assert len(folder.path.name) <= 255
+
+
+def test_folder_refuses_raw_names(tmp_path: Path) -> None:
+    box = make(tmp_path)
+    for raw in ["..", ".", "Sent", "../x", ".a/b"]:
+        with pytest.raises(MaildirError):
+            box.folder(raw)
+
+
+def test_user_directories_are_safe_and_distinct() -> None:
+    assert user_directory("example.test", "alice") == "example.test/alice"
+    assert user_directory("example.test", "john.smith") == "example.test/john.smith"
+    hostile = [user_directory("example.test", local) for local in ["..", "a/b", ".x", "a%2Fb"]]
+    assert all("/" not in d.split("/", 1)[1] and not d.split("/", 1)[1].startswith(".")
+               for d in hostile)
+    assert len(set(hostile)) == len(hostile)
+    assert len(user_directory("example.test", "x" * 300).split("/")[1]) < 100
