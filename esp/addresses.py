@@ -30,7 +30,7 @@ class Address:
 
 
 def normalize_domain(text: str) -> str:
-    """Lower-case A-label form of a domain name, e.g. ``Bücher.Example`` → ``xn--bcher-kva.example``."""
+    """Lower-case A-label form of a domain: ``Bücher.Example`` → ``xn--bcher-kva.example``."""
     name = text.strip().rstrip(".")
     if not name:
         raise InvalidAddress("empty domain name")

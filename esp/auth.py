@@ -95,10 +95,10 @@ class DirectoryChecker:
         self._reactor = reactor
         self._threadpool = threadpool
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes]:
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
         return Deferred.fromCoroutine(self._check(credentials))
 
-    async def _check(self, credentials: IUsernamePassword) -> bytes:
+    async def _check(self, credentials: IUsernamePassword) -> bytes | tuple[()]:
         username: bytes | str = credentials.username
         password: bytes | str = credentials.password
         try:

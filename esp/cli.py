@@ -149,10 +149,12 @@ def parse_size(text: str) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    migrations = load_migrations()
     with open_database(config) as connection:
-        applied = run_sync(connection, apply_migrations_txn, load_migrations())
-    version = load_migrations()[-1].version
-    out.write(f"schema at version {version}\n")
+        # open_database has migrated already; a second run proves nothing is left to apply.
+        pending = run_sync(connection, apply_migrations_txn, migrations)
+    assert pending == []
+    out.write(f"schema at version {migrations[-1].version}\n")
     return 0
 
 

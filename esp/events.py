@@ -14,12 +14,12 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -66,7 +66,7 @@ class Event:
     node: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 
-Handler = Callable[[Event], Awaitable[None] | Deferred[None] | None]
+Handler = Callable[[Event], Coroutine[Any, Any, None] | Deferred[None] | None]
 
 
 def pattern_matches(pattern: str, event_type: str) -> bool:
@@ -108,16 +108,16 @@ class EventBus:
     def subscribe(self, pattern: str, handler: Handler, name: str | None = None) -> Subscription:
         if not pattern or any(not part for part in pattern.split(".")):
             raise ValueError(f"{pattern!r} is not an event pattern")
-        subscription = Subscription(
-            self, pattern, handler, name or getattr(handler, "__qualname__", repr(handler))
-        )
+        label = name or str(getattr(handler, "__qualname__", repr(handler)))
+        subscription = Subscription(self, pattern, handler, label)
         self._subscriptions.append(subscription)
         return subscription
 
     def add_subscriber(self, subscriber: IEventSubscriber) -> list[Subscription]:
         """Subscribe an :class:`IEventSubscriber` to each of its patterns."""
+        handler: Handler = subscriber.handle  # type: ignore[assignment]
         return [
-            self.subscribe(pattern, subscriber.handle, name=subscriber.name)
+            self.subscribe(pattern, handler, name=str(subscriber.name))
             for pattern in subscriber.patterns
         ]
 
@@ -142,8 +142,8 @@ class EventBus:
     def _call(self, subscription: Subscription, event: Event) -> Deferred[None]:
         def invoke() -> Any:
             result = subscription.handler(event)
-            if inspect.isawaitable(result) and not isinstance(result, Deferred):
-                return ensureDeferred(result)
+            if inspect.iscoroutine(result):
+                return Deferred.fromCoroutine(result)
             return result
 
         def failed(failure: Failure) -> None:

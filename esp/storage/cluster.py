@@ -107,8 +107,10 @@ class EmbeddedCluster:
         bin_dir: Path | None = None,
         run_as: str = "postgres",
         startup_timeout: int = 60,
+        extra_settings: dict[str, str] | None = None,
     ) -> None:
         self.directory = directory
+        self._extra_settings = dict(extra_settings or {})
         self.pgdata = directory / "data"
         self.logfile = directory / "postgresql.log"
         self._bin_dir = bin_dir
@@ -287,6 +289,7 @@ class EmbeddedCluster:
             "shared_buffers": "128MB",
             "timezone": "'UTC'",
             "log_timezone": "'UTC'",
+            **self._extra_settings,
         }
         path = self.pgdata / "esp.conf"
         path.write_text(

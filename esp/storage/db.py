@@ -15,7 +15,6 @@ import psycopg2
 import psycopg2.extensions
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorCore, IReactorThreads
 from twisted.logger import Logger
 
 Cursor = psycopg2.extensions.cursor
@@ -45,7 +44,7 @@ class Database:
     def __init__(
         self,
         dsn: str,
-        reactor: IReactorCore | IReactorThreads | Any,
+        reactor: Any,
         min_connections: int = 1,
         max_connections: int = 10,
         application_name: str = "esp",

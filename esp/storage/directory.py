@@ -299,12 +299,14 @@ def _format_source(localpart: str, domain: str) -> str:
 def add_alias_txn(cur: Cursor, source: Address, destination: Address) -> Alias:
     domain = get_domain_txn(cur, source.domain)
     if source == destination:
-        raise DirectoryError(f"alias {source} cannot point at itself")
-    if _is_hosted(cur, destination.domain) and not _exists_locally(cur, destination):
+        # Postfix's idiom "bob -> bob, carol": keep a copy in the mailbox and forward one.
+        if find_user_txn(cur, source) is None:
+            raise DirectoryError(f"alias {source} cannot point at itself")
+    elif _is_hosted(cur, destination.domain) and not _exists_locally(cur, destination):
         raise NotFound(
             f"{destination} is in a hosted domain but is neither a user nor an alias"
         )
-    if source.localpart and _reaches(cur, destination, source):
+    if source.localpart and source != destination and _reaches(cur, destination, source):
         raise DirectoryError(f"alias {source} -> {destination} would make a loop")
     try:
         cur.execute(
