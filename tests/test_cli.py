@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pexpect
 import psycopg2
 import pytest
 
-from tests.helpers import run_esp
+from tests.helpers import program, run_esp
 
 PASSWORD = "correct horse battery\n"
 
@@ -151,3 +152,35 @@ def test_environment_dsn_override_is_used(scratch: Path, database_dsn: str) -> N
     with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT name FROM domains")
         assert cur.fetchall() == [("env.test",)]
+
+
+def test_password_is_prompted_for_twice_on_a_terminal(config: Path, database_dsn: str) -> None:
+    ok("domain", "add", "example.test", config=config)
+    child = pexpect.spawn(
+        program("esp"), ["--config", str(config), "user", "add", "tty@example.test"],
+        timeout=60, encoding="utf-8",
+    )
+    child.expect("New password for tty@example.test: ")
+    child.sendline("typed at the terminal")
+    child.expect("Repeat it: ")
+    child.sendline("typed at the terminal")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert "typed at the terminal" not in (child.before or "")  # not echoed
+
+    mismatch = pexpect.spawn(
+        program("esp"), ["--config", str(config), "user", "add", "tty2@example.test"],
+        timeout=60, encoding="utf-8",
+    )
+    mismatch.expect("New password")
+    mismatch.sendline("first version!")
+    mismatch.expect("Repeat it: ")
+    mismatch.sendline("second version")
+    mismatch.expect(pexpect.EOF)
+    mismatch.close()
+    assert mismatch.exitstatus == 2
+    assert "the two passwords differ" in (mismatch.before or "")
+    with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT localpart FROM users ORDER BY localpart")
+        assert cur.fetchall() == [("tty",)]

@@ -163,3 +163,53 @@ def test_as_root_an_unreachable_data_dir_is_a_clear_error(scratch: Path) -> None
         assert f"{private} is mode 0700" in result.stderr
     else:
         assert result.returncode == 0, result.stderr
+
+
+def test_readme_first_command_flow_on_defaults(scratch: Path) -> None:
+    """The README's first command, run in an empty directory: defaults, data under ./var."""
+    readme = (REPO / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if line.startswith("pip install"))
+    assert first.endswith("&& twistd -n esp"), first
+    server = start_twistd("esp", cwd=scratch)
+    try:
+        ready = server.wait_for(READY, timeout=120)
+        assert f"data {scratch / 'var'}" in ready
+        assert "database embedded" in ready
+        for argv, stdin in [
+            (("domain", "add", "example.test"), ""),
+            (("user", "add", "alice@example.test", "--password-stdin"), "correct horse\n"),
+        ]:
+            result = subprocess.run(
+                [program("esp"), *argv], cwd=scratch, input=stdin,
+                capture_output=True, text=True, timeout=120,
+            )
+            assert result.returncode == 0, result.stderr
+    finally:
+        assert server.stop() in STOPPED, server.log
+    server = start_twistd("esp", cwd=scratch)
+    try:
+        server.wait_for(READY, timeout=120)
+        listed = subprocess.run(
+            [program("esp"), "user", "list"], cwd=scratch, capture_output=True, text=True,
+            timeout=120,
+        )
+        assert listed.stdout.startswith("alice@example.test\t"), listed.stderr
+    finally:
+        assert server.stop() in STOPPED, server.log
+
+
+def test_after_a_crash_the_running_cluster_is_reused_and_stopped_later(scratch: Path) -> None:
+    config = embedded_config(scratch)
+    server = start_twistd("esp", "--config", str(config))
+    server.wait_for(READY)
+    server.stop(signal.SIGKILL)  # no clean shutdown: PostgreSQL keeps running
+    cluster = EmbeddedCluster(scratch / "var" / "pg")
+    assert cluster.is_running()
+    server = start_twistd("esp", "--config", str(config))
+    try:
+        server.wait_for(READY)
+        assert "already running, reused" in server.log
+        assert run_esp("domain", "add", "after-crash.test", config=config).returncode == 0
+    finally:
+        assert server.stop() in STOPPED, server.log
+    assert not cluster.is_running()
