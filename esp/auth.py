@@ -26,6 +26,10 @@ MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
 
 
+class AuthenticationBusy(Exception):
+    """Too many password checks are waiting already; the client should try again later."""
+
+
 class WeakPassword(ValueError):
     """A new password is refused; the message says why."""
 
@@ -89,14 +93,31 @@ class DirectoryChecker:
         hasher: PasswordHasher,
         reactor: Any,
         threadpool: ThreadPool,
+        max_pending: int = 64,
     ) -> None:
         self._directory = directory
         self._hasher = hasher
         self._reactor = reactor
         self._threadpool = threadpool
+        self._max_pending = max_pending
+        self._pending = 0
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes | tuple[()]]:
-        return Deferred.fromCoroutine(self._check(credentials))
+        # Each check costs 64 MiB and tens of milliseconds of CPU: a flood of attempts must fail
+        # fast instead of queueing work that delays every real login behind it.
+        if self._pending >= self._max_pending:
+            return Deferred.fromCoroutine(self._busy())
+        self._pending += 1
+        d = Deferred.fromCoroutine(self._check(credentials))
+
+        def done(result: object) -> object:
+            self._pending -= 1
+            return result
+
+        return d.addBoth(done)
+
+    async def _busy(self) -> bytes | tuple[()]:
+        raise AuthenticationBusy("too many authentications in progress")
 
     async def _check(self, credentials: IUsernamePassword) -> bytes | tuple[()]:
         username: bytes | str = credentials.username

@@ -29,6 +29,7 @@ from esp.config import Config, ConfigError, default_config_path, load_config
 from esp.storage import directory
 from esp.storage.cluster import ClusterError, EmbeddedCluster
 from esp.storage.db import Cursor, DatabaseUnavailable, connect, run_sync
+from esp.storage.maildir import retire
 from esp.storage.migrations import MigrationError, apply_migrations_txn, load_migrations
 
 EXIT_REFUSED = 1
@@ -62,7 +63,12 @@ def open_database(config: Config) -> Iterator[psycopg2.extensions.connection]:
             startup_timeout=embedded.startup_timeout,
         )
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        started = cluster.start()
+        # Owning the cluster means ESP is not running: start it for this command and stop it
+        # after.  Otherwise ESP owns it and it is running; use it and leave it alone.
+        if cluster.try_own():
+            started = cluster.start()
+        elif not cluster.is_running():
+            raise ClusterError("ESP is starting or stopping the database; try again shortly")
         dsn = cluster.dsn
     else:
         dsn = config.storage.database.dsn or ""
@@ -74,8 +80,12 @@ def open_database(config: Config) -> Iterator[psycopg2.extensions.connection]:
         finally:
             connection.close()
     finally:
-        if cluster is not None and started:
-            cluster.stop()
+        if cluster is not None:
+            try:
+                if started:
+                    cluster.stop()
+            finally:
+                cluster.disown()
 
 
 def _actor() -> str:
@@ -261,10 +271,9 @@ def cmd_user_remove(args: argparse.Namespace, config: Config, out: TextIO) -> in
             connection,
             _change("user.remove", str(address), directory.remove_user_txn, address),
         )
-    out.write(
-        f"user {user.address} removed; its mail stays in {config.maildir_root / user.maildir} "
-        "until you delete it\n"
-    )
+    kept = retire(config.maildir_root, user.maildir)
+    where = f"; its mail was moved to {kept} until you delete it" if kept else ""
+    out.write(f"user {user.address} removed{where}\n")
     return 0
 
 

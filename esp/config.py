@@ -99,6 +99,14 @@ class SMTPConfig(Section):
     submissions: SMTPListener = SMTPListener(listen=("tcp:2465:interface=127.0.0.1",))
     max_message_size: Size = 25 * 1024 * 1024
     max_recipients: Size = 100
+    # Per session: bad commands before 421, and seconds of silence before 421 (RFC 5321
+    # §4.5.3.2 suggests 5 minutes).
+    max_errors: Size = 10
+    idle_timeout: Annotated[int, Field(ge=10, le=3600)] = 300
+    # Per client address; 0 turns a limit off.
+    connections_per_ip: Annotated[int, Field(ge=0)] = 50
+    connection_rate_per_ip: Annotated[int, Field(ge=0)] = 600
+    auth_failures_per_ip: Annotated[int, Field(ge=0)] = 10
 
 
 class IMAPConfig(Section):
@@ -111,11 +119,20 @@ class APIConfig(Section):
     listen: Listen = ("tcp:8080:interface=127.0.0.1",)
 
 
+def _default_hostname() -> str:
+    # The machine's name may not be a valid host name (e.g. 'mail_01'): then say so in config
+    # rather than refuse to start.
+    try:
+        return _hostname(socket.gethostname())
+    except ValueError:
+        return "localhost.localdomain"
+
+
 class ServerConfig(Section):
-    hostname: HostName = Field(default_factory=lambda: _hostname(socket.gethostname()))
-    smtp: SMTPConfig = SMTPConfig()
-    imap: IMAPConfig = IMAPConfig()
-    api: APIConfig = APIConfig()
+    hostname: HostName = Field(default_factory=_default_hostname)
+    smtp: SMTPConfig = Field(default_factory=SMTPConfig)
+    imap: IMAPConfig = Field(default_factory=IMAPConfig)
+    api: APIConfig = Field(default_factory=APIConfig)
 
 
 class EmbeddedDatabaseConfig(Section):
@@ -132,7 +149,7 @@ class DatabaseConfig(Section):
     dsn: str | None = None
     pool_min: Annotated[int, Field(ge=1)] = 1
     pool_max: Annotated[int, Field(ge=1)] = 10
-    embedded: EmbeddedDatabaseConfig = EmbeddedDatabaseConfig()
+    embedded: EmbeddedDatabaseConfig = Field(default_factory=EmbeddedDatabaseConfig)
 
 
 class MaildirConfig(Section):
@@ -142,8 +159,8 @@ class MaildirConfig(Section):
 
 class StorageConfig(Section):
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    database: DatabaseConfig = DatabaseConfig()
-    maildir: MaildirConfig = MaildirConfig()
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    maildir: MaildirConfig = Field(default_factory=MaildirConfig)
 
 
 class TLSConfig(Section):
@@ -163,12 +180,12 @@ class Argon2Config(Section):
 class AuthConfig(Section):
     # Plain-text AUTH/LOGIN is refused outside TLS; this permits it from loopback clients only.
     allow_plaintext_on_loopback: bool = False
-    argon2: Argon2Config = Argon2Config()
+    argon2: Argon2Config = Field(default_factory=Argon2Config)
 
 
 class SecurityConfig(Section):
-    tls: TLSConfig = TLSConfig()
-    auth: AuthConfig = AuthConfig()
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 class FiltersConfig(Section):
@@ -180,15 +197,15 @@ class WebhooksConfig(Section):
 
 
 class EventsConfig(Section):
-    webhooks: WebhooksConfig = WebhooksConfig()
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
 
 
 class Config(Section):
-    server: ServerConfig = ServerConfig()
-    storage: StorageConfig = StorageConfig()
-    security: SecurityConfig = SecurityConfig()
-    filters: FiltersConfig = FiltersConfig()
-    events: EventsConfig = EventsConfig()
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     # Where this configuration came from (None: built-in defaults); not a YAML key.
     source: Path | None = Field(default=None, exclude=True)
 

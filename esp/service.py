@@ -23,11 +23,15 @@ from twisted.python.threadpool import ThreadPool
 import esp
 from esp.auth import DirectoryChecker, PasswordHasher
 from esp.config import Config
+from esp.delivery import LocalDelivery
 from esp.events import EventBus
+from esp.inbound import InboundPolicy
+from esp.smtp.service import ListenerService, smtp_listeners
 from esp.storage.cluster import EmbeddedCluster
 from esp.storage.db import Database
 from esp.storage.directory import DirectoryStore
 from esp.storage.migrations import apply_migrations_txn, load_migrations
+from esp.tls import CertificateStore
 
 
 class OrderedMultiService(MultiService):
@@ -103,22 +107,51 @@ class ThreadPoolService(Service):
 
 
 class EmbeddedClusterService(Service):
-    """Starts the private PostgreSQL cluster (creating it the first time) and stops it."""
+    """Starts the private PostgreSQL cluster (creating it the first time) and stops it.
+
+    The service owns the cluster through its lock for as long as it runs; a CLI command that
+    started the cluster meanwhile is waited for.  A stop that arrives during start-up waits for
+    the start (which runs in a thread and cannot be interrupted) and then stops the cluster, so
+    no PostgreSQL is left behind.
+    """
 
     log = Logger()
 
-    def __init__(self, cluster: EmbeddedCluster, reactor: Any, threadpool: ThreadPool) -> None:
+    def __init__(
+        self, cluster: EmbeddedCluster, reactor: Any, threadpool: ThreadPool, timeout: float
+    ) -> None:
         self.setName("embedded-postgresql")
         self.cluster = cluster
         self._reactor = reactor
         self._threadpool = threadpool
+        self._timeout = timeout
+        self._thread: Deferred[bool] | None = None
 
     def startService(self) -> Deferred[None]:
         super().startService()
-        return Deferred.fromCoroutine(self._start())
+        self._thread = deferToThreadPool(
+            self._reactor, self._threadpool, self._own_and_start
+        )
+        # Hand out a separate Deferred: cancelling it (a stop during start-up) must not make
+        # us forget the thread that is still running.
+        outer: Deferred[bool] = Deferred()
 
-    async def _start(self) -> None:
-        started = await deferToThreadPool(self._reactor, self._threadpool, self.cluster.start)
+        def relay(result: bool | Failure) -> bool | Failure:
+            if not outer.called:
+                if isinstance(result, Failure):
+                    outer.errback(result)
+                else:
+                    outer.callback(result)
+            return result
+
+        self._thread.addBoth(relay)
+        return outer.addCallback(self._started)
+
+    def _own_and_start(self) -> bool:
+        self.cluster.own(self._timeout)
+        return self.cluster.start()
+
+    def _started(self, started: bool) -> None:
         self.log.info(
             "embedded PostgreSQL {how} in {directory} (socket {socket})",
             how="started" if started else "already running, reused",
@@ -128,8 +161,23 @@ class EmbeddedClusterService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._thread is not None:
+            try:
+                await self._thread
+            except Exception as e:  # the start failed; whatever did start is stopped below
+                self.log.debug("cluster start had failed: {error}", error=str(e))
         self.log.info("stopping embedded PostgreSQL")
-        return deferToThreadPool(self._reactor, self._threadpool, self.cluster.stop)
+        await deferToThreadPool(self._reactor, self._threadpool, self._stop_and_disown)
+
+    def _stop_and_disown(self) -> None:
+        try:
+            if self.cluster.try_own():
+                self.cluster.stop()
+        finally:
+            self.cluster.disown()
 
 
 class DatabaseService(Service):
@@ -158,18 +206,55 @@ class DatabaseService(Service):
         self.db.close()
 
 
+class CertificateService(Service):
+    """Loads the TLS certificates while still privileged (keys are often readable by root only)."""
+
+    def __init__(self, store: CertificateStore) -> None:
+        self.setName("certificates")
+        self.store = store
+        self._loaded = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.store.load()
+        self._loaded = True
+
+    def startService(self) -> None:
+        super().startService()
+        if not self._loaded:
+            self.store.load()
+            self._loaded = True
+
+
+class SpoolService(Service):
+    def __init__(self, delivery: LocalDelivery) -> None:
+        self.setName("spool")
+        self._delivery = delivery
+
+    def startService(self) -> None:
+        super().startService()
+        self._delivery.prepare()
+
+
 class ReadyAnnouncement(Service):
     """The last child: says that ESP is up and where its pieces are."""
 
     log = Logger()
 
-    def __init__(self, config: Config, database_description: str) -> None:
+    def __init__(
+        self, config: Config, database_description: str, listeners: list[ListenerService]
+    ) -> None:
         self.setName("ready")
         self._config = config
         self._database = database_description
+        self._listeners = listeners
 
     def startService(self) -> None:
         super().startService()
+        for listener in self._listeners:
+            self.log.info(
+                "{name} listening on {address}", name=listener.name, address=listener.address
+            )
         self.log.info(
             "ESP {version} ready: host {hostname}, data {data_dir}, database {database}, "
             "maildir {maildir}",
@@ -200,6 +285,8 @@ class ESPService(OrderedMultiService):
         self.events = events
         self.directory = directory
         self.checker = checker
+        self.delivery: LocalDelivery | None = None
+        self.listeners: list[ListenerService] = []
 
     def startService(self) -> None:
         _prepare_data_dir(self.config)
@@ -231,6 +318,8 @@ def exit_after_shutdown(reactor: Any) -> Callable[[Failure], None]:
         reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         if reactor.running:
             reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
 
     return stop
 
@@ -247,7 +336,11 @@ def makeService(
         reactor = default_reactor
     blocking = ThreadPoolService("esp-blocking", max_threads=4)
     hashing = ThreadPoolService("esp-password-hashing", max_threads=2)
-    children: list[IService] = [blocking, hashing]
+    disk = ThreadPoolService("esp-disk", max_threads=8)
+    certificates = CertificateService(
+        CertificateStore(config.security.tls, config.server.hostname, config.data_dir)
+    )
+    children: list[IService] = [blocking, hashing, disk, certificates]
     if config.embedded_database:
         embedded = config.storage.database.embedded
         cluster = EmbeddedCluster(
@@ -256,7 +349,9 @@ def makeService(
             run_as=embedded.run_as,
             startup_timeout=embedded.startup_timeout,
         )
-        children.append(EmbeddedClusterService(cluster, reactor, blocking.pool))
+        children.append(
+            EmbeddedClusterService(cluster, reactor, blocking.pool, embedded.startup_timeout)
+        )
         dsn = cluster.dsn
         database_description = f"embedded ({cluster.socket_dir})"
     else:
@@ -269,20 +364,40 @@ def makeService(
         max_connections=config.storage.database.pool_max,
     )
     children.append(DatabaseService(db))
-    children.append(ReadyAnnouncement(config, database_description))
 
+    events = EventBus()
     directory = DirectoryStore(db, config.maildir_root)
     checker = DirectoryChecker(
         directory, PasswordHasher(config.security.auth.argon2), reactor, hashing.pool
     )
+    delivery = LocalDelivery(
+        db, config.maildir_root, config.data_dir / "spool", disk.pool, events, reactor
+    )
+    children.append(SpoolService(delivery))
+    policy = InboundPolicy(db, directory, delivery)
     root = ESPService(
         config,
         db=db,
-        events=EventBus(),
+        events=events,
         directory=directory,
         checker=checker,
         on_start_failure=exit_after_shutdown(reactor) if exit_on_start_failure else None,
     )
+    listeners = smtp_listeners(
+        config.server.smtp,
+        hostname=config.server.hostname,
+        allow_plaintext_auth=config.security.auth.allow_plaintext_on_loopback,
+        policy=policy,
+        checker=checker,
+        certificates=certificates.store,
+        events=events,
+        reactor=reactor,
+        is_ready=lambda: root.ready.called,
+    )
+    children.extend(listeners)
+    children.append(ReadyAnnouncement(config, database_description, listeners))
     for child in children:
         child.setServiceParent(root)
+    root.delivery = delivery
+    root.listeners = listeners
     return root

@@ -48,6 +48,11 @@ CREATE TABLE aliases (
 );
 CREATE INDEX aliases_destination ON aliases (destination);
 
+-- RFC 3501 §2.3.1.1: a mailbox re-created under an old name must get a greater UIDVALIDITY,
+-- so values come from one sequence that starts at the time the schema was made.
+CREATE SEQUENCE uidvalidity_seq MAXVALUE 4294967295;
+SELECT setval('uidvalidity_seq', extract(epoch FROM now())::bigint);
+
 CREATE TABLE mailboxes (
     id              bigserial PRIMARY KEY,
     user_id         bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
@@ -60,7 +65,8 @@ CREATE TABLE mailboxes (
     -- never derived from a client's name at read time.
     folder          text NOT NULL,
     subscribed      boolean NOT NULL DEFAULT true,
-    uidvalidity     bigint NOT NULL CHECK (uidvalidity > 0 AND uidvalidity < 4294967296),
+    uidvalidity     bigint NOT NULL DEFAULT nextval('uidvalidity_seq')
+                    CHECK (uidvalidity > 0 AND uidvalidity < 4294967296),
     uidnext         bigint NOT NULL DEFAULT 1 CHECK (uidnext > 0),
     -- RFC 7162 CONDSTORE: every change to the mailbox takes highestmodseq + 1.
     highestmodseq   bigint NOT NULL DEFAULT 1 CHECK (highestmodseq > 0),
@@ -106,7 +112,9 @@ CREATE TABLE messages (
     bodystructure   jsonb,
     body_tsv        tsvector,
     created_at      timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (mailbox_id, uid)
+    UNIQUE (mailbox_id, uid),
+    -- One row per body file: re-indexing and concurrent nodes cannot record a file twice.
+    UNIQUE (mailbox_id, filename)
 );
 CREATE INDEX messages_mailbox_modseq ON messages (mailbox_id, modseq);
 CREATE INDEX messages_mailbox_internal_date ON messages (mailbox_id, internal_date);
@@ -121,16 +129,25 @@ CREATE TABLE mailbox_expunges (
     modseq      bigint NOT NULL,
     PRIMARY KEY (mailbox_id, uid)
 );
+CREATE INDEX mailbox_expunges_modseq ON mailbox_expunges (mailbox_id, modseq);
 
--- Outbound queue: one row per message and recipient domain; recipients below it.
+-- Outbound: one spooled message, then one queue row per recipient domain, then its recipients.
+-- The spool file is deleted when the message has no queue rows left.
+CREATE TABLE outbound_messages (
+    id          bigserial PRIMARY KEY,
+    spool_name  text NOT NULL UNIQUE,
+    sender      text NOT NULL,  -- '' is the null reverse-path
+    size        bigint NOT NULL CHECK (size >= 0),
+    user_id     bigint REFERENCES users (id) ON DELETE SET NULL,
+    envid       text,           -- RFC 3461 ENVID
+    ret         text CHECK (ret IN ('FULL', 'HDRS')),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE queue (
     id                  bigserial PRIMARY KEY,
-    -- Spool file holding the (signed) message body.
-    spool_path          text NOT NULL,
-    sender              text NOT NULL,  -- '' is the null reverse-path
+    message_id          bigint NOT NULL REFERENCES outbound_messages (id) ON DELETE CASCADE,
     recipient_domain    text NOT NULL,
-    user_id             bigint REFERENCES users (id) ON DELETE SET NULL,
-    size                bigint NOT NULL CHECK (size >= 0),
     status              text NOT NULL DEFAULT 'queued'
                         CHECK (status IN ('queued', 'delivering', 'sent', 'bounced', 'deleted')),
     attempts            integer NOT NULL DEFAULT 0,
@@ -143,12 +160,16 @@ CREATE TABLE queue (
     updated_at          timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX queue_due ON queue (next_attempt_at) WHERE status = 'queued';
+CREATE INDEX queue_leases ON queue (lease_expires_at) WHERE status = 'delivering';
+CREATE INDEX queue_message ON queue (message_id);
 
 CREATE TABLE queue_recipients (
     queue_id    bigint NOT NULL REFERENCES queue (id) ON DELETE CASCADE,
     address     text NOT NULL,
     status      text NOT NULL DEFAULT 'queued'
                 CHECK (status IN ('queued', 'sent', 'deferred', 'bounced')),
+    notify      text,           -- RFC 3461 NOTIFY
+    orcpt       text,           -- RFC 3461 ORCPT
     last_code   integer,
     last_error  text,
     updated_at  timestamptz NOT NULL DEFAULT now(),
@@ -183,6 +204,26 @@ CREATE TABLE webhooks (
     created_at              timestamptz NOT NULL DEFAULT now(),
     updated_at              timestamptz NOT NULL DEFAULT now()
 );
+
+-- One row per (webhook, event) to deliver: attempts, schedule and the last answer.
+CREATE TABLE webhook_deliveries (
+    id              bigserial PRIMARY KEY,
+    webhook_id      bigint NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    event_id        uuid NOT NULL,
+    status          text NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'delivering', 'delivered', 'failed')),
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_status     integer,
+    last_error      text,
+    lease_owner     text,
+    lease_expires_at timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (webhook_id, event_id)
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+    WHERE status = 'pending';
 
 -- Events that leave the process, written in the transaction of the change they describe.
 CREATE TABLE event_outbox (

@@ -89,9 +89,11 @@ def template_database(pg_cluster: EmbeddedCluster) -> str:
 def _new_database(cluster: EmbeddedCluster, template: str | None) -> str:
     name = f"test_{os.getpid()}_{next(_names)}"
     admin = _admin(cluster)
+    # FILE_COPY (PostgreSQL 15+) skips writing the whole template to the WAL: much faster.
+    strategy = " STRATEGY FILE_COPY" if admin.server_version >= 150000 else ""
     with admin.cursor() as cur:
         if template:
-            cur.execute(f"CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY")
+            cur.execute(f"CREATE DATABASE {name} TEMPLATE {template}{strategy}")
         else:
             cur.execute(f"CREATE DATABASE {name}")
     admin.close()

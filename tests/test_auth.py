@@ -19,7 +19,13 @@ from zope.interface import Interface, implementer
 from zope.interface.verify import verifyObject
 
 from esp.addresses import parse_address
-from esp.auth import DirectoryChecker, PasswordHasher, WeakPassword, check_new_password
+from esp.auth import (
+    AuthenticationBusy,
+    DirectoryChecker,
+    PasswordHasher,
+    WeakPassword,
+    check_new_password,
+)
 from esp.config import Argon2Config
 from esp.storage import directory as d
 from esp.storage.db import Database, run_sync
@@ -108,6 +114,49 @@ async def test_wrong_unknown_disabled_and_garbage_all_fail_alike(
     checker = checker_for(db, tmp_path, threadpool)
     with pytest.raises(UnauthorizedLogin, match="bad user name or password"):
         await checker.requestAvatarId(UsernamePassword(username, password))
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_users_cost_the_same_hashing_work(
+    db: Database, users: PasswordHasher, tmp_path: Path, threadpool: ThreadPool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checker = checker_for(db, tmp_path, threadpool)
+    verified: list[str] = []
+    real_verify = PasswordHasher.verify
+
+    def counting_verify(self: PasswordHasher, encoded: str, password: str) -> bool:
+        verified.append(encoded[:10])
+        return real_verify(self, encoded, password)
+
+    monkeypatch.setattr(PasswordHasher, "verify", counting_verify)
+    for name in (b"alice@example.test", b"nobody@example.test", b"dora@example.test",
+                 b"not an address"):
+        with pytest.raises(UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(name, b"wrong horse"))
+    # One argon2id verification each, whether or not the account exists or may log in.
+    assert verified == ["$argon2id$"] * 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_logins_fails_fast_instead_of_queueing(
+    db: Database, users: PasswordHasher, tmp_path: Path, threadpool: ThreadPool
+) -> None:
+    checker = DirectoryChecker(
+        d.DirectoryStore(db, tmp_path), PasswordHasher(FAST), reactor, threadpool, max_pending=2
+    )
+    attempts = [
+        checker.requestAvatarId(UsernamePassword(b"alice@example.test", b"correct horse"))
+        for _ in range(3)
+    ]
+    with pytest.raises(AuthenticationBusy):
+        await attempts[2]
+    assert await attempts[0] == b"alice@example.test"
+    assert await attempts[1] == b"alice@example.test"
+    # Capacity comes back once the checks in progress are done.
+    assert await checker.requestAvatarId(
+        UsernamePassword(b"alice@example.test", b"correct horse")
+    ) == b"alice@example.test"
 
 
 @pytest_twisted.ensureDeferred

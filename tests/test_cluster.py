@@ -8,8 +8,10 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+import pytest_twisted
 
 from esp.storage.cluster import ClusterError, EmbeddedCluster, find_binaries
+from tests.helpers import run_esp
 
 
 def test_binaries_are_found_and_report_their_version() -> None:
@@ -65,3 +67,48 @@ def test_a_planted_socket_directory_is_refused(scratch: Path, tmp_path: Path) ->
             cluster.start()
     finally:
         cluster.socket_dir.unlink()
+
+
+def test_a_running_esp_owns_the_cluster_and_the_cli_leaves_it_running(scratch: Path) -> None:
+    config = scratch / "esp.yaml"
+    config.write_text("storage:\n  data_dir: var\n")
+    daemon = EmbeddedCluster(scratch / "var" / "pg")  # stands for the running ESP
+    assert daemon.try_own()
+    try:
+        assert not EmbeddedCluster(scratch / "var" / "pg").try_own()  # one owner at a time
+        # Owned but not running (ESP starting or stopping): the CLI does not touch it.
+        result = run_esp("domain", "list", config=config)
+        assert result.returncode == 69
+        assert "try again shortly" in result.stderr
+        daemon.start()
+        result = run_esp("domain", "add", "owned.test", config=config)
+        assert result.returncode == 0, result.stderr
+        assert daemon.is_running()  # the CLI used it and left it running
+    finally:
+        daemon.stop()
+        daemon.disown()
+    assert EmbeddedCluster(scratch / "var" / "pg").try_own()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_during_start_up_leaves_no_postgresql_behind(scratch: Path) -> None:
+    from twisted.internet import reactor
+    from twisted.python.threadpool import ThreadPool
+
+    from esp.service import EmbeddedClusterService
+
+    cluster = EmbeddedCluster(scratch / "var" / "pg")
+    pool = ThreadPool(minthreads=1, maxthreads=1)
+    pool.start()
+    try:
+        service = EmbeddedClusterService(cluster, reactor, pool, timeout=30)
+        starting = service.startService()  # initdb and start run in the pool's thread...
+        stopped = service.stopService()  # ...and the stop arrives at once
+        starting.cancel()
+        await stopped
+    finally:
+        pool.stop()
+    assert (cluster.pgdata / "PG_VERSION").exists()  # the start did finish...
+    assert not cluster.is_running()  # ...and was then stopped
+    assert cluster.try_own()  # and the ownership lock was given back
+    cluster.disown()

@@ -10,6 +10,7 @@ import pytest
 from esp.addresses import Address, InvalidAddress, parse_address
 from esp.storage import directory as d
 from esp.storage.db import run_sync
+from esp.storage.maildir import Maildir, retire
 
 Conn = psycopg2.extensions.connection
 
@@ -187,4 +188,40 @@ def test_removing_a_user_removes_its_mailboxes_but_keeps_files(
     with connection.cursor() as cur:
         cur.execute("SELECT count(*) FROM mailboxes WHERE user_id = %s", (user.id,))
         assert cur.fetchone() == (0,)
-    assert (hosted / user.maildir / "cur").is_dir()
+    assert (hosted / user.maildir / "cur").is_dir()  # the caller retires it after the commit
+
+
+def test_a_new_account_never_inherits_an_old_accounts_mail(
+    connection: Conn, hosted: Path
+) -> None:
+    bob = run_sync(connection, d.get_user_txn, addr("bob@example.test"))
+    Maildir(hosted / bob.maildir).deliver(b"Subject: for the old bob\r\n\r\nsecret\r\n")
+    run_sync(connection, d.remove_user_txn, addr("bob@example.test"))
+    # Left in place, the old mail blocks a new account of the same address...
+    with pytest.raises(d.DirectoryError, match="already holds mail"):
+        run_sync(connection, d.add_user_txn, addr("bob@example.test"), "h", hosted)
+    # ...and once retired, the new account starts empty.
+    kept = retire(hosted, bob.maildir)
+    assert kept is not None and kept.is_relative_to(hosted / ".removed")
+    assert len(list((kept / "new").iterdir())) == 1
+    run_sync(connection, d.add_user_txn, addr("bob@example.test"), "h", hosted)
+    assert not Maildir(hosted / bob.maildir).holds_mail()
+
+
+def test_uidvalidity_grows_when_a_mailbox_is_recreated(connection: Conn, hosted: Path) -> None:
+    def inbox_uidvalidity() -> int:
+        with connection.cursor() as cur:
+            cur.execute(
+                "SELECT m.uidvalidity FROM mailboxes m JOIN users u ON u.id = m.user_id "
+                "WHERE u.localpart = 'carol' AND m.name = 'INBOX'"
+            )
+            row = cur.fetchone()
+        connection.commit()
+        assert row is not None
+        return int(row[0])
+
+    first = inbox_uidvalidity()
+    carol = run_sync(connection, d.remove_user_txn, addr("carol@other.test"))
+    retire(hosted, carol.maildir)
+    run_sync(connection, d.add_user_txn, addr("carol@other.test"), "h", hosted)
+    assert inbox_uidvalidity() > first  # RFC 3501 §2.3.1.1

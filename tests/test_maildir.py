@@ -77,6 +77,66 @@ def test_a_message_found_in_cur_with_flags_is_located(tmp_path: Path) -> None:
     assert list(box.messages()) == []
 
 
+def test_locate_takes_names_literally_not_as_patterns(tmp_path: Path) -> None:
+    box = make(tmp_path)
+    stored = box.deliver(MESSAGE)
+    os.rename(stored.path, box.path / "cur" / f"{stored.name}:2,S")
+    with pytest.raises(FileNotFoundError):
+        box.locate("*")
+    with pytest.raises(FileNotFoundError):
+        box.locate(stored.name[:5] + "?" + stored.name[6:])
+
+
+def test_the_file_is_fsynced_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = make(tmp_path)
+    calls: list[str] = []
+    paths: dict[int, str] = {}
+    real_open, real_fsync, real_rename = os.open, os.fsync, os.rename
+
+    def spy_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fd = real_open(path, *args, **kwargs)
+        paths[fd] = str(path)
+        return fd
+
+    def spy_fsync(fd: int) -> None:
+        where = paths.get(fd, "?")
+        calls.append("fsync dir new" if where.endswith("/new") else
+                     "fsync file" if "/tmp/" in where else f"fsync {where}")
+        real_fsync(fd)
+
+    def spy_rename(src, dst):  # type: ignore[no-untyped-def]
+        calls.append("rename tmp->new")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "rename", spy_rename)
+    box.deliver(MESSAGE)
+    assert calls == ["fsync file", "rename tmp->new", "fsync dir new"]
+
+
+def test_a_failed_directory_fsync_takes_the_message_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = make(tmp_path)
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def failing_fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the directory, after the rename
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(MaildirError, match="Input/output error"):
+        box.deliver(MESSAGE)
+    assert list((box.path / "new").iterdir()) == []
+    assert list((box.path / "tmp").iterdir()) == []
+
+
 @pytest.mark.parametrize("name", ["../../etc/passwd", ".hidden", "a/b"])
 def test_locate_refuses_names_that_are_paths(tmp_path: Path, name: str) -> None:
     box = make(tmp_path)

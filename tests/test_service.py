@@ -11,6 +11,13 @@ from esp.storage.cluster import EmbeddedCluster
 from tests.helpers import REPO, program, run_esp, start_twistd
 
 READY = "ready: host"
+# Ephemeral ports, so tests never collide with each other or with a running ESP.
+EPHEMERAL = (
+    "server:\n  smtp:\n"
+    "    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+    "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+    "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+)
 # twistd ends by re-raising the signal it was stopped with, as service managers expect.
 STOPPED = (0, -signal.SIGTERM)
 
@@ -18,7 +25,7 @@ STOPPED = (0, -signal.SIGTERM)
 def embedded_config(scratch: Path) -> Path:
     path = scratch / "esp.yaml"
     path.write_text(
-        "server:\n  hostname: mx.example.test\n"
+        EPHEMERAL + "  hostname: mx.example.test\n"
         "storage:\n  data_dir: var\n"
         "security:\n  auth:\n    argon2: {time_cost: 1, memory_cost_kib: 8192, parallelism: 1}\n"
     )
@@ -79,7 +86,9 @@ def test_cli_works_when_esp_is_not_running_and_leaves_the_cluster_stopped(
 def test_without_config_the_cli_and_twistd_use_esp_yaml_in_the_working_directory(
     scratch: Path, database_dsn: str
 ) -> None:
-    (scratch / "esp.yaml").write_text(f"storage:\n  database:\n    dsn: '{database_dsn}'\n")
+    (scratch / "esp.yaml").write_text(
+        EPHEMERAL + f"storage:\n  database:\n    dsn: '{database_dsn}'\n"
+    )
     result = subprocess.run(
         [program("esp"), "domain", "add", "cwd.test"],
         cwd=scratch, capture_output=True, text=True, timeout=60,
@@ -88,14 +97,17 @@ def test_without_config_the_cli_and_twistd_use_esp_yaml_in_the_working_directory
     server = start_twistd("esp", cwd=scratch)
     try:
         line = server.wait_for(READY)
-        assert "database dbname=" in line  # the DSN from ./esp.yaml, not the embedded default
+        assert "dbname=test_" in line  # the DSN from ./esp.yaml, not the embedded default
+        assert "embedded" not in line
     finally:
         assert server.stop() in STOPPED, server.log
 
 
 def test_tac_file_starts_the_same_service(scratch: Path, database_dsn: str) -> None:
     config = scratch / "tac.yaml"
-    config.write_text(f"storage:\n  data_dir: var\n  database:\n    dsn: '{database_dsn}'\n")
+    config.write_text(
+        EPHEMERAL + f"storage:\n  data_dir: var\n  database:\n    dsn: '{database_dsn}'\n"
+    )
     server = start_twistd("-y", str(REPO / "esp.tac"), env={"ESP_CONFIG": str(config)})
     try:
         line = server.wait_for(READY)
@@ -129,7 +141,7 @@ def test_tac_configuration_error_exits_non_zero(scratch: Path) -> None:
 def test_unreachable_database_makes_twistd_exit_1(scratch: Path) -> None:
     config = scratch / "esp.yaml"
     config.write_text(
-        f"storage:\n  data_dir: var\n  database:\n"
+        EPHEMERAL + f"storage:\n  data_dir: var\n  database:\n"
         f"    dsn: 'host={scratch} port=1 dbname=esp connect_timeout=2'\n"
     )
     server = start_twistd("esp", "--config", str(config))

@@ -11,6 +11,7 @@ the CLI calls it directly.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -20,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,9 +117,60 @@ class EmbeddedCluster:
         self.logfile = directory / "postgresql.log"
         self._bin_dir = bin_dir
         self._timeout = startup_timeout
-        self._account = pwd.getpwnam(run_as) if os.geteuid() == 0 and _exists(run_as) else None
         self._run_as = run_as
         self._binaries: PostgresBinaries | None = None
+        self._lock_fd: int | None = None
+
+    @property
+    def _account(self) -> pwd.struct_passwd | None:
+        # Decided when used, not when built: twistd --uid drops root between the two.
+        if os.geteuid() != 0:
+            return None
+        try:
+            return pwd.getpwnam(self._run_as)
+        except KeyError:
+            return None
+
+    # -- who may stop it -------------------------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        return self.directory.with_name(self.directory.name + ".lock")
+
+    def try_own(self) -> bool:
+        """Take the cluster's ownership lock without waiting; True if we now own it.
+
+        The owner (the running ESP, or a CLI command while ESP is not running) is the only one
+        that stops the cluster, so a CLI command never stops the cluster under a running ESP.
+        """
+        if self._lock_fd is not None:
+            return True
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def own(self, timeout: float) -> None:
+        """Wait (blocking, in a thread) up to ``timeout`` seconds for the ownership lock."""
+        deadline = time.monotonic() + timeout
+        while not self.try_own():
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"another ESP process holds {self.lock_path}: only one ESP may run the "
+                    "embedded cluster of a data directory"
+                )
+            time.sleep(0.1)
+
+    def disown(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     # -- where things are -------------------------------------------------------------------
 
@@ -133,7 +186,10 @@ class EmbeddedCluster:
 
     @property
     def dsn(self) -> str:
-        return f"host={self.socket_dir} port={_PORT} dbname={DATABASE_NAME} user={SUPERUSER}"
+        return (
+            f"host={self.socket_dir} port={_PORT} dbname={DATABASE_NAME} user={SUPERUSER} "
+            "connect_timeout=10"
+        )
 
     @property
     def binaries(self) -> PostgresBinaries:
@@ -191,7 +247,7 @@ class EmbeddedCluster:
     def _check_account(self) -> None:
         if os.geteuid() != 0:
             return
-        if self._account is None:
+        if not _exists(self._run_as):
             raise ClusterError(
                 "ESP runs as root and initdb refuses root: the embedded PostgreSQL cluster runs "
                 f"as the account {self._run_as!r}, which does not exist. Create an unprivileged "
@@ -221,19 +277,21 @@ class EmbeddedCluster:
         return self._account.pw_uid if self._account is not None else os.geteuid()
 
     def _own(self, path: Path, mode: int) -> None:
-        if self._account is not None:
-            os.chown(path, self._account.pw_uid, self._account.pw_gid)
+        account = self._account
+        if account is not None:
+            os.chown(path, account.pw_uid, account.pw_gid)
         os.chmod(path, mode)
 
     def _check_reachable(self, path: Path) -> None:
         """As root, every directory above the cluster must let the cluster's account through."""
-        if self._account is None:
+        account = self._account
+        if account is None:
             return
         for parent in [path, *path.parents]:
             info = parent.stat()
-            if info.st_uid == self._account.pw_uid:
+            if info.st_uid == account.pw_uid:
                 continue
-            bits = stat.S_IXGRP if info.st_gid == self._account.pw_gid else stat.S_IXOTH
+            bits = stat.S_IXGRP if info.st_gid == account.pw_gid else stat.S_IXOTH
             if not info.st_mode & bits:
                 raise ClusterError(
                     f"the embedded PostgreSQL runs as {self._run_as!r}, which cannot reach "
@@ -300,7 +358,7 @@ class EmbeddedCluster:
         self._own(path, 0o600)
 
     def _ensure_database(self) -> None:
-        dsn = f"host={self.socket_dir} port={_PORT} dbname=postgres user={SUPERUSER}"
+        dsn = self.dsn.replace(f"dbname={DATABASE_NAME}", "dbname=postgres")
         connection = psycopg2.connect(dsn)
         try:
             connection.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
@@ -313,7 +371,7 @@ class EmbeddedCluster:
 
     def _run(self, argv: list[str], check: bool) -> subprocess.CompletedProcess[str]:
         command = [self.binaries.path(argv[0]), *argv[1:]]
-        if self._account is not None:
+        if os.geteuid() == 0:
             command = ["runuser", "-u", self._run_as, "--", *command]
         # pg_ctl start leaves the server running with our stdout/stderr unless redirected.
         return subprocess.run(

@@ -7,7 +7,6 @@ here already normalised by :mod:`esp.addresses`.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,12 +92,6 @@ class Resolution:
     external: tuple[str, ...]
 
 
-def _uidvalidity() -> int:
-    # RFC 3501 §2.3.1.1: unique per mailbox name over time; a random 31-bit value (non-zero)
-    # cannot repeat the previous incarnation of a re-created name in practice.
-    return secrets.randbelow(2**31 - 1) + 1
-
-
 # -- domains ---------------------------------------------------------------------------------
 
 
@@ -177,6 +170,11 @@ def add_user_txn(
         raise DirectoryError(f"role {role!r} is not one of {', '.join(ROLES)}")
     domain = get_domain_txn(cur, address.domain)
     relative = user_directory(domain.name, address.localpart)
+    root = Maildir(maildir_root / relative)
+    if root.holds_mail():
+        raise DirectoryError(
+            f"{root.path} already holds mail (of an earlier account?); move it away first"
+        )
     try:
         cur.execute(
             """
@@ -196,15 +194,14 @@ def add_user_txn(
     row = cur.fetchone()
     assert row is not None
     user_id = row[0]
-    root = Maildir(maildir_root / relative)
     for name, special_use in DEFAULT_MAILBOXES:
         folder = folder_directory(name)
         cur.execute(
             """
-            INSERT INTO mailboxes (user_id, name, special_use, folder, uidvalidity)
-            VALUES (%s, %s, %s, %s, %s)
+            INSERT INTO mailboxes (user_id, name, special_use, folder)
+            VALUES (%s, %s, %s, %s)
             """,
-            (user_id, name, special_use, folder, _uidvalidity()),
+            (user_id, name, special_use, folder),
         )
         # Made before the commit: a user row never exists without its Maildir.  Should the
         # commit fail, the empty directories are reused when the user is added again.
@@ -275,7 +272,8 @@ def record_login_txn(cur: Cursor, user_id: int, new_hash: str | None = None) -> 
 
 
 def remove_user_txn(cur: Cursor, address: Address) -> User:
-    """Delete the user and its mailbox index; the Maildir files stay for the operator."""
+    """Delete the user and its mailbox index.  The caller moves the Maildir aside after the
+    commit (:func:`esp.storage.maildir.retire`): the files stay for the operator."""
     user = get_user_txn(cur, address)
     cur.execute("DELETE FROM users WHERE id = %s", (user.id,))
     return user
@@ -401,7 +399,7 @@ def _reaches(cur: Cursor, start: Address, goal: Address) -> bool:
 
 
 def resolve_recipient_txn(
-    cur: Cursor, address: Address, delimiter: str = "+"
+    cur: Cursor, address: Address, delimiter: str = "+", use_catch_all: bool = True
 ) -> Resolution:
     """Expand a recipient into local users and external addresses.
 
@@ -442,7 +440,7 @@ def resolve_recipient_txn(
             if user is not None:
                 users[user.id] = user
                 return True
-        catch_all = _alias_targets(cur, Address("", current.domain))
+        catch_all = _alias_targets(cur, Address("", current.domain)) if use_catch_all else []
         for target in catch_all:
             try:
                 expand(parse_address(target), depth + 1)
@@ -464,6 +462,16 @@ def _candidates(address: Address, delimiter: str) -> list[Address]:
     return found
 
 
+def may_send_as_txn(cur: Cursor, user_id: int, address: Address) -> bool:
+    """Whether a user may use ``address`` as sender: their own address (``+detail`` too) or an
+    alias that reaches them.  A catch-all does not count: it would let a user send as anyone."""
+    try:
+        resolution = resolve_recipient_txn(cur, address, use_catch_all=False)
+    except (UnknownRecipient, NotHosted):
+        return False
+    return any(user.id == user_id for user in resolution.users)
+
+
 # -- the asynchronous face used by services ---------------------------------------------------
 
 
@@ -482,6 +490,12 @@ class DirectoryStore:
 
     async def resolve_recipient(self, address: Address) -> Resolution:
         return await self._db.run("resolve_recipient", resolve_recipient_txn, address)
+
+    async def may_send_as(self, user_id: int, address: Address) -> bool:
+        return await self._db.run("may_send_as", may_send_as_txn, user_id, address)
+
+    async def is_hosted(self, domain: str) -> bool:
+        return await self._db.run("is_hosted", _is_hosted, domain)
 
     async def add_domain(self, name: str) -> Domain:
         return await self._db.run("add_domain", add_domain_txn, name)

@@ -11,6 +11,7 @@ All functions here block; callers on the reactor run them in a thread pool.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import itertools
 import os
@@ -113,17 +114,20 @@ class Maildir:
         return Maildir(self.path / directory)
 
     def create(self) -> None:
-        """Make ``cur new tmp`` (mode 0700); harmless when they exist."""
-        created = False
-        for sub in (self.path, *(self.path / s for s in _SUBDIRS)):
-            try:
-                sub.mkdir(mode=0o700, parents=True)
-                created = True
-            except FileExistsError:
-                pass
-        if created:
-            _fsync_directory(self.path)
-            _fsync_directory(self.path.parent)
+        """Make ``cur new tmp`` (mode 0700) and any missing parents; harmless when they exist.
+
+        Every directory made here, and the directory holding it, is fsync'd, so a crash cannot
+        lose a folder that a committed message row already points into.
+        """
+        if all((self.path / sub).is_dir() for sub in _SUBDIRS):
+            return
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for sub in _SUBDIRS:
+            (self.path / sub).mkdir(mode=0o700, exist_ok=True)
+        for directory in (self.path, *missing):
+            _fsync_directory(directory)
+            _fsync_directory(directory.parent)
 
     def deliver(self, data: bytes | Iterable[bytes]) -> StoredFile:
         """Write a message durably into ``new/`` and return its file name."""
@@ -149,7 +153,12 @@ class Maildir:
             name = f"{base},S={size}"
             final = self.path / "new" / name
             os.rename(tmp, final)
-            _fsync_directory(self.path / "new")
+            try:
+                _fsync_directory(self.path / "new")
+            except OSError:
+                # Not known to be durable, so not delivered: take it back before reporting.
+                final.unlink(missing_ok=True)
+                raise
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise MaildirError(f"cannot deliver into {self.path}: {e.strerror}") from e
@@ -165,7 +174,7 @@ class Maildir:
         candidate = self.path / "cur" / name
         if candidate.exists():
             return candidate
-        for entry in (self.path / "cur").glob(name + ":*"):
+        for entry in (self.path / "cur").glob(glob.escape(name) + ":*"):
             return entry
         raise FileNotFoundError(f"{name} is not in {self.path}")
 
@@ -182,6 +191,19 @@ class Maildir:
                 if entry.is_file() and not entry.name.startswith("."):
                     yield entry.name.split(":", 1)[0]
 
+    def holds_mail(self) -> bool:
+        """Whether any message file is in this Maildir or one of its folders."""
+        if not self.path.is_dir():
+            return False
+        for directory in (self.path, *(p for p in self.path.iterdir() if p.name.startswith("."))):
+            for sub in ("new", "cur"):
+                try:
+                    if any(e.is_file() for e in os.scandir(directory / sub)):
+                        return True
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+        return False
+
     def clean_tmp(self, max_age: float = TMP_MAX_AGE, now: float | None = None) -> int:
         """Remove files left in ``tmp/`` by crashed deliveries; return how many."""
         cutoff = (time.time() if now is None else now) - max_age
@@ -191,3 +213,18 @@ class Maildir:
                 os.unlink(entry.path)
                 removed += 1
         return removed
+
+
+def retire(root: Path, relative: str) -> Path | None:
+    """Move a removed user's Maildir aside to ``<root>/.removed/`` so a new account with the same
+    address starts empty; return where it went (None if there was nothing)."""
+    source = root / relative
+    if not source.exists():
+        return None
+    stamp = f"{time.strftime('%Y%m%d%H%M%S')}.{secrets.token_hex(3)}"
+    target = root / ".removed" / f"{relative}.{stamp}"
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.rename(source, target)
+    _fsync_directory(source.parent)
+    _fsync_directory(target.parent)
+    return target

@@ -74,6 +74,8 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 
 def apply_migrations_txn(cur: Cursor, migrations: list[Migration]) -> list[int]:
     """Apply what is missing; return the versions applied now (empty when up to date)."""
+    # Bounded waits: a stuck peer or a long-running query must not hang start-up for ever.
+    cur.execute("SET LOCAL lock_timeout = '120s'")
     cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
     cur.execute(
         """

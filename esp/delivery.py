@@ -1,0 +1,235 @@
+"""Local delivery: the one path by which a message lands in mailboxes (SMTP, API, APPEND...).
+
+Order, for "no lost mail": each body is written to its Maildir (``tmp/`` → fsync → ``new/`` →
+fsync of the directory) in a disk thread; then one PostgreSQL transaction records every copy (UID,
+row, quota) and queues any remote recipients; only after the commit does the caller answer 250.
+If the transaction fails, the files are removed again and the caller answers 4xx, so a retry by
+the client cannot create a duplicate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from esp.events import MESSAGE_RECEIVED, Event, EventBus
+from esp.message import MessageSummary, summarize
+from esp.storage.db import Cursor, Database, DatabaseUnavailable
+from esp.storage.maildir import Maildir, MaildirError, StoredFile
+from esp.storage.mailstore import (
+    MailboxNotFound,
+    NewMessage,
+    QuotaExceeded,
+    StoredMessage,
+    add_messages_txn,
+    get_mailbox_txn,
+)
+from esp.storage.queue import enqueue_txn
+
+
+class DeliveryFailed(Exception):
+    """Nothing was stored; the sender should try again later (4xx)."""
+
+
+class MailboxFull(Exception):
+    """A recipient is over quota; nothing was stored."""
+
+
+@dataclass(frozen=True)
+class LocalRecipient:
+    user_id: int
+    address: str
+    maildir: str  # relative to the Maildir root
+    folder: str = ""  # Maildir++ folder; '' is INBOX
+    mailbox: str = "INBOX"
+    keywords: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    stored: tuple[StoredMessage, ...]
+    queued: tuple[int, ...]
+
+
+class LocalDelivery:
+    log = Logger()
+
+    def __init__(
+        self,
+        db: Database,
+        maildir_root: Path,
+        spool_dir: Path,
+        disk_pool: ThreadPool,
+        events: EventBus,
+        reactor: Any,
+    ) -> None:
+        self._db = db
+        self._root = maildir_root
+        self._spool = Maildir(spool_dir)
+        self._disk_pool = disk_pool
+        self._events = events
+        self._reactor = reactor
+
+    def prepare(self) -> None:
+        """Create the spool; blocking, at start-up."""
+        self._spool.create()
+
+    async def deliver(
+        self,
+        message: bytes,
+        sender: str,
+        local: Sequence[LocalRecipient],
+        remote: Sequence[str] = (),
+        sender_user_id: int | None = None,
+        enforce_quota: bool = False,
+        event_payload: dict[str, object] | None = None,
+    ) -> DeliveryResult:
+        """Store ``message`` for every local recipient and queue it for the remote ones."""
+        summary = summarize(message)
+        received = datetime.now(UTC)
+        try:
+            files, spooled = await deferToThreadPool(
+                self._reactor, self._disk_pool, self._write_files, message, local, bool(remote)
+            )
+        except (MaildirError, OSError) as e:
+            self.log.error("cannot write message files: {error}", error=str(e))
+            raise DeliveryFailed(str(e)) from e
+        records = [
+            _new_message(recipient, stored, summary, sender, received, enforce_quota)
+            for recipient, stored in zip(local, files, strict=True)
+        ]
+        try:
+            stored, queued = await self._db.run(
+                "deliver_message", _record_txn, records, local, spooled, sender, remote,
+                sender_user_id,
+            )
+        except Exception as e:
+            # Not recorded means not delivered: take the files back so a retry cannot duplicate.
+            await deferToThreadPool(
+                self._reactor, self._disk_pool, _remove, [f.path for f in files]
+                + ([spooled.path] if spooled else []),
+            )
+            if isinstance(e, QuotaExceeded):
+                raise MailboxFull(str(e)) from e
+            if not isinstance(e, DatabaseUnavailable | MailboxNotFound):
+                self.log.failure("recording a delivery failed")
+            raise DeliveryFailed(str(e)) from e
+        for item, recipient in zip(stored, local, strict=True):
+            self._events.publish(
+                Event(
+                    MESSAGE_RECEIVED,
+                    {
+                        "user": recipient.address,
+                        "mailbox": recipient.mailbox,
+                        "uid": item.uid,
+                        "size": item.size,
+                        "sender": sender,
+                        "message_id": summary.message_id,
+                        **(event_payload or {}),
+                    },
+                    domain=recipient.address.rpartition("@")[2],
+                )
+            )
+        return DeliveryResult(tuple(stored), tuple(queued))
+
+    def _write_files(
+        self, message: bytes, local: Sequence[LocalRecipient], spool: bool
+    ) -> tuple[list[StoredFile], StoredFile | None]:
+        written: list[StoredFile] = []
+        first: StoredFile | None = None
+        try:
+            for recipient in local:
+                box = Maildir(self._root / recipient.maildir).folder(recipient.folder)
+                if first is None:
+                    box.create()
+                    first = box.deliver(message)
+                    written.append(first)
+                else:
+                    written.append(_link_or_copy(first, box, message))
+            spooled = self._spool.deliver(message) if spool else None
+        except BaseException:
+            _remove([f.path for f in written])
+            raise
+        return written, spooled
+
+
+def _link_or_copy(original: StoredFile, box: Maildir, message: bytes) -> StoredFile:
+    """The same bytes for another mailbox: a hard link when the filesystem allows it."""
+    box.create()
+    target = box.path / "new" / original.name
+    try:
+        os.link(original.path, target)
+    except OSError:
+        return box.deliver(message)
+    fd = os.open(box.path / "new", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return StoredFile(original.name, target, original.size)
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _new_message(
+    recipient: LocalRecipient,
+    stored: StoredFile,
+    summary: MessageSummary,
+    sender: str,
+    received: datetime,
+    enforce_quota: bool,
+) -> NewMessage:
+    return NewMessage(
+        mailbox_id=0,  # looked up in the transaction
+        user_id=recipient.user_id,
+        filename=stored.name,
+        size=stored.size,
+        internal_date=received,
+        envelope_from=sender,
+        envelope_to=(recipient.address,),
+        message_id=summary.message_id,
+        in_reply_to=summary.in_reply_to,
+        subject=summary.subject,
+        from_header=summary.from_header,
+        to_header=summary.to_header,
+        cc_header=summary.cc_header,
+        bcc_header=summary.bcc_header,
+        sent_date=summary.sent_date,
+        headers=summary.header_text.replace("\x00", ""),
+        keywords=recipient.keywords,
+        enforce_quota=enforce_quota,
+    )
+
+
+def _record_txn(
+    cur: Cursor,
+    records: Sequence[NewMessage],
+    local: Sequence[LocalRecipient],
+    spooled: StoredFile | None,
+    sender: str,
+    remote: Sequence[str],
+    sender_user_id: int | None,
+) -> tuple[list[StoredMessage], list[int]]:
+    placed = []
+    for record, recipient in zip(records, local, strict=True):
+        mailbox = get_mailbox_txn(cur, recipient.user_id, recipient.mailbox)
+        placed.append(replace(record, mailbox_id=mailbox.id))
+    stored = add_messages_txn(cur, placed)
+    queued: list[int] = []
+    if remote and spooled is not None:
+        queued = enqueue_txn(cur, spooled.name, sender, remote, spooled.size, sender_user_id)
+    return stored, queued

@@ -1,0 +1,141 @@
+"""What the SMTP listeners accept: senders, recipients and messages, by the rules of each port.
+
+- MX (25): recipients must be in a hosted domain (554 otherwise: never an open relay) and exist
+  as a user, alias or catch-all (550 otherwise).
+- Submission (587/465): the client has authenticated; the sender must be an address the user
+  owns (553 otherwise); recipients anywhere, hosted ones must exist.
+
+Dependency failures become 4xx, never 5xx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.logger import Logger
+
+from esp.addresses import Address, InvalidAddress, parse_address
+from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
+from esp.envelope import Accepted, Envelope, Listener, Refusal, Session, temporary_failure
+from esp.storage.db import Database, DatabaseUnavailable
+from esp.storage.directory import (
+    DirectoryStore,
+    NotHosted,
+    Resolution,
+    UnknownRecipient,
+    User,
+)
+from esp.storage.mailstore import quota_room_txn
+
+
+@dataclass(frozen=True)
+class _Route:
+    users: tuple[User, ...]
+    external: tuple[str, ...]
+
+
+class InboundPolicy:
+    log = Logger()
+
+    def __init__(self, db: Database, directory: DirectoryStore, delivery: LocalDelivery) -> None:
+        self._db = db
+        self._directory = directory
+        self._delivery = delivery
+
+    async def check_sender(self, session: Session, sender: str, size: int | None) -> None:
+        if session.listener is Listener.MX:
+            return
+        if session.user is None:
+            raise Refusal(530, "5.7.0", "Authentication required")
+        if not sender:
+            raise Refusal(553, "5.7.1", "Sender <> is not allowed for submission")
+        address = _parse(sender, 553, "5.1.7", "Bad sender address syntax")
+        try:
+            user = await self._directory.find_user(parse_address(session.user))
+            allowed = user is not None and await self._directory.may_send_as(user.id, address)
+        except DatabaseUnavailable:
+            raise temporary_failure() from None
+        if not allowed:
+            raise Refusal(
+                553, "5.7.1", f"Sender address <{address}> is not owned by {session.user}"
+            )
+
+    async def check_recipient(
+        self, session: Session, recipient: str, size: int | None
+    ) -> Accepted:
+        address = _parse(recipient, 501, "5.1.3", "Bad recipient address syntax")
+        try:
+            resolution = await self._directory.resolve_recipient(address)
+        except NotHosted:
+            if session.user is None:
+                raise Refusal(554, "5.7.1", f"<{address}>: Relay access denied") from None
+            return Accepted(str(address), _Route((), (str(address),)))
+        except UnknownRecipient:
+            raise Refusal(
+                550, "5.1.1", f"<{address}>: Recipient address rejected: no such user here"
+            ) from None
+        except DatabaseUnavailable:
+            raise temporary_failure() from None
+        await self._check_quota(resolution, size or 0)
+        return Accepted(str(address), _Route(resolution.users, resolution.external))
+
+    async def _check_quota(self, resolution: Resolution, size: int) -> None:
+        for user in resolution.users:
+            try:
+                room = await self._db.run("quota_room", quota_room_txn, user.id, size)
+            except DatabaseUnavailable:
+                raise temporary_failure() from None
+            if room:
+                continue
+            if size and user.quota_bytes is not None and size > user.quota_bytes:
+                raise Refusal(552, "5.2.3", "Message is larger than the recipient's quota")
+            raise Refusal(452, "4.2.2", "Mailbox full, try again later")
+
+    async def receive(
+        self,
+        session: Session,
+        envelope: Envelope,
+        accepted: Sequence[Accepted],
+        message: bytes,
+    ) -> str:
+        users: dict[int, tuple[User, str]] = {}
+        remote: dict[str, None] = {}
+        for item in accepted:
+            route: Any = item.resolution
+            for user in route.users:
+                users.setdefault(user.id, (user, item.address))
+            for address in route.external:
+                remote[address] = None
+        local = [
+            LocalRecipient(user_id=user.id, address=user.address, maildir=user.maildir)
+            for user, _original in users.values()
+        ]
+        sender_user_id = None
+        if session.user is not None:
+            sender = await self._directory.find_user(parse_address(session.user))
+            sender_user_id = sender.id if sender else None
+        try:
+            result = await self._delivery.deliver(
+                message,
+                envelope.sender,
+                local,
+                tuple(remote),
+                sender_user_id=sender_user_id,
+                event_payload={"client_ip": session.client_ip, "session": session.session_id},
+            )
+        except MailboxFull:
+            raise Refusal(552, "5.2.2", "Mailbox full") from None
+        except DeliveryFailed:
+            raise temporary_failure() from None
+        ids = [f"{m.mailbox_id}.{m.uid}" for m in result.stored]
+        ids += [f"q{q}" for q in result.queued]
+        return " ".join(ids)
+
+
+def _parse(text: str, code: int, status: str, message: str) -> Address:
+    try:
+        return parse_address(text)
+    except InvalidAddress as e:
+        raise Refusal(code, status, f"{message}: {e}") from None

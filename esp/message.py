@@ -1,0 +1,105 @@
+"""What ESP reads from a message once, at delivery: the header fields it indexes for search.
+
+Pure functions, no I/O.  Broken headers never raise: a field that cannot be decoded is kept as
+raw text, a date that cannot be parsed is left out.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import email.header
+import email.utils
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+_MAX_FIELD = 4096
+
+
+@dataclass(frozen=True)
+class MessageSummary:
+    header_block: bytes
+    message_id: str | None
+    in_reply_to: str | None
+    subject: str | None
+    from_header: str | None
+    to_header: str | None
+    cc_header: str | None
+    bcc_header: str | None
+    sent_date: datetime | None
+
+    @property
+    def header_text(self) -> str:
+        return self.header_block.decode("utf-8", "replace")
+
+
+def split_header(message: bytes) -> tuple[bytes, bytes]:
+    """(header block including the blank line, body); a message without a blank line is all
+    header."""
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        index = message.find(separator)
+        if index >= 0:
+            end = index + len(separator)
+            return message[:end], message[end:]
+    return message, b""
+
+
+def _unfolded_fields(block: bytes) -> list[tuple[str, str]]:
+    fields: list[tuple[str, str]] = []
+    for raw in block.replace(b"\r\n", b"\n").split(b"\n"):
+        if not raw:
+            continue
+        line = raw.decode("utf-8", "surrogateescape")
+        if line[:1] in (" ", "\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + " " + line.strip())
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name or " " in name:
+            continue
+        fields.append((name.strip().lower(), value.strip()))
+    return fields
+
+
+def decode_field(value: str) -> str:
+    """RFC 2047 encoded words decoded; anything undecodable left as it came."""
+    try:
+        decoded = str(email.header.make_header(email.header.decode_header(value)))
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+        decoded = value
+    decoded = decoded.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return decoded.replace("\x00", "")[:_MAX_FIELD]
+
+
+def _parse_date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def summarize(message: bytes) -> MessageSummary:
+    block, _body = split_header(message)
+    first: dict[str, str] = {}
+    for name, value in _unfolded_fields(block):
+        first.setdefault(name, value)
+
+    def get(name: str) -> str | None:
+        value = first.get(name)
+        return decode_field(value) if value is not None else None
+
+    return MessageSummary(
+        header_block=block,
+        message_id=get("message-id"),
+        in_reply_to=get("in-reply-to"),
+        subject=get("subject"),
+        from_header=get("from"),
+        to_header=get("to"),
+        cc_header=get("cc"),
+        bcc_header=get("bcc"),
+        sent_date=_parse_date(first.get("date")),
+    )

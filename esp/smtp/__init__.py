@@ -1,0 +1,1 @@
+"""SMTP: the ESMTP server protocol (MX, submission, submissions) and its listeners."""

@@ -1,0 +1,69 @@
+"""Per-IP limits shared by all sessions of a listener: concurrent connections, connection rate,
+failed authentications.  Counters live in memory per process (one node's view)."""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Callable
+
+
+class SlidingCounter:
+    """How many events per key happened in the last ``window`` seconds."""
+
+    def __init__(self, window: float, now: Callable[[], float]) -> None:
+        self._window = window
+        self._now = now
+        self._events: dict[str, deque[float]] = defaultdict(deque)
+
+    def add(self, key: str) -> int:
+        events = self._trim(key)
+        events.append(self._now())
+        return len(events)
+
+    def count(self, key: str) -> int:
+        return len(self._trim(key))
+
+    def _trim(self, key: str) -> deque[float]:
+        events = self._events[key]
+        cutoff = self._now() - self._window
+        while events and events[0] <= cutoff:
+            events.popleft()
+        if not events:
+            # Forget idle keys so the table does not grow with every address ever seen.
+            del self._events[key]
+            events = self._events[key]
+        return events
+
+
+class ConnectionLimits:
+    def __init__(
+        self,
+        now: Callable[[], float],
+        max_per_ip: int,
+        rate_per_minute: int,
+        auth_failures_per_ip: int,
+    ) -> None:
+        self.max_per_ip = max_per_ip
+        self.rate_per_minute = rate_per_minute
+        self.auth_failures_per_ip = auth_failures_per_ip
+        self._open: dict[str, int] = defaultdict(int)
+        self._rate = SlidingCounter(60.0, now)
+        self.auth_failures = SlidingCounter(600.0, now)
+
+    def admit(self, ip: str) -> str | None:
+        """Count a new connection; return why it is refused, or None."""
+        if self.max_per_ip and self._open[ip] >= self.max_per_ip:
+            return "Too many connections from your address"
+        if self.rate_per_minute and self._rate.add(ip) > self.rate_per_minute:
+            return "Too many connections from your address, slow down"
+        if self.auth_failures_per_ip and (
+            self.auth_failures.count(ip) >= self.auth_failures_per_ip
+        ):
+            return "Too many failed authentications from your address"
+        self._open[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self._open[ip] -= 1
+        if self._open[ip] <= 0:
+            del self._open[ip]
