@@ -115,6 +115,21 @@ def database_dsn(pg_cluster: EmbeddedCluster, template_database: str) -> Iterato
     _drop_database(pg_cluster, name)
 
 
+@pytest.fixture(scope="module")
+def module_database_dsn(pg_cluster: EmbeddedCluster, template_database: str) -> Iterator[str]:
+    """A database shared by the tests of one module (for a server process they share)."""
+    name = _new_database(pg_cluster, template_database)
+    yield dsn_for(pg_cluster, name)
+    _drop_database(pg_cluster, name)
+
+
+@pytest.fixture(scope="module")
+def module_scratch(scratch_root: Path, request: pytest.FixtureRequest) -> Path:
+    path = scratch_root / f"m{next(_names)}"
+    path.mkdir(mode=0o711)
+    return path
+
+
 @pytest.fixture
 def blank_database_dsn(pg_cluster: EmbeddedCluster) -> Iterator[str]:
     """An empty database (no schema), for migration tests."""

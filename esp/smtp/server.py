@@ -569,6 +569,8 @@ class ESMTPServer(smtp.ESMTP):
         self._data = bytearray()
         self._state = "command"
         body = body.replace(b"\r\n..", b"\r\n.")[2:]  # RFC 5321 §4.5.2 dot-unstuffing
+        if len(body) > self.settings.max_message_size:
+            self._data_too_big = True
         self._message_complete(body)
         return True
 
