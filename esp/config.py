@@ -128,11 +128,19 @@ def _default_hostname() -> str:
         return "localhost.localdomain"
 
 
+class DNSConfig(Section):
+    # "ip" or "ip:port" ("[v6]:port"); empty: the system resolver (/etc/resolv.conf).  Use a
+    # local validating resolver in production.
+    nameservers: tuple[str, ...] = ()
+    timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+
 class ServerConfig(Section):
     hostname: HostName = Field(default_factory=_default_hostname)
     smtp: SMTPConfig = Field(default_factory=SMTPConfig)
     imap: IMAPConfig = Field(default_factory=IMAPConfig)
     api: APIConfig = Field(default_factory=APIConfig)
+    dns: DNSConfig = Field(default_factory=DNSConfig)
 
 
 class EmbeddedDatabaseConfig(Section):
@@ -183,9 +191,19 @@ class AuthConfig(Section):
     argon2: Argon2Config = Field(default_factory=Argon2Config)
 
 
+class MailAuthConfig(Section):
+    # SPF, DKIM and DMARC checks on the MX port, reported in Authentication-Results.
+    enabled: bool = True
+    # Apply the sender domain's DMARC policy: reject (550 5.7.1) or quarantine (Junk).
+    enforce_dmarc: bool = True
+    # SPF "fail" from a domain that publishes no DMARC policy: 550 5.7.23.
+    reject_spf_fail: bool = True
+
+
 class SecurityConfig(Section):
     tls: TLSConfig = Field(default_factory=TLSConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    mailauth: MailAuthConfig = Field(default_factory=MailAuthConfig)
 
 
 class FiltersConfig(Section):

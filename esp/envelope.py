@@ -35,6 +35,8 @@ class Envelope:
     size_declared: int | None = None
     smtputf8: bool = False
     body: str = "7BIT"
+    # What mail logic noted when it accepted the sender (e.g. the SPF result), handed back.
+    sender_note: object = None
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from esp.addresses import Address, InvalidAddress, parse_address
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
 from esp.envelope import Accepted, Envelope, Listener, Refusal, Session, temporary_failure
+from esp.mailauth import MailAuthenticator, SPFResult, Verdict, remove_forged_results
 from esp.storage.db import Database, DatabaseUnavailable
 from esp.storage.directory import (
     DirectoryStore,
@@ -36,17 +39,43 @@ class _Route:
     external: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class MailAuthPolicy:
+    """Sender authentication on the MX, and what to do with its results."""
+
+    authenticator: MailAuthenticator
+    threadpool: ThreadPool
+    reactor: Any
+    enforce_dmarc: bool = True
+    reject_spf_fail: bool = True
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return await deferToThreadPool(self.reactor, self.threadpool, fn, *args)
+
+
 class InboundPolicy:
     log = Logger()
 
-    def __init__(self, db: Database, directory: DirectoryStore, delivery: LocalDelivery) -> None:
+    def __init__(
+        self,
+        db: Database,
+        directory: DirectoryStore,
+        delivery: LocalDelivery,
+        mailauth: MailAuthPolicy | None = None,
+    ) -> None:
         self._db = db
         self._directory = directory
         self._delivery = delivery
+        self._mailauth = mailauth
 
-    async def check_sender(self, session: Session, sender: str, size: int | None) -> None:
+    async def check_sender(self, session: Session, sender: str, size: int | None) -> object:
         if session.listener is Listener.MX:
-            return
+            if self._mailauth is None:
+                return None
+            # RFC 7208 §2.4: SPF is checked at MAIL FROM; its verdict waits for DMARC.
+            return await self._mailauth.run(
+                self._mailauth.authenticator.check_spf, session.client_ip, session.helo, sender
+            )
         if session.user is None:
             raise Refusal(530, "5.7.0", "Authentication required")
         if not sender:
@@ -61,6 +90,7 @@ class InboundPolicy:
             raise Refusal(
                 553, "5.7.1", f"Sender address <{address}> is not owned by {session.user}"
             )
+        return None
 
     async def check_recipient(
         self, session: Session, recipient: str, size: int | None
@@ -108,8 +138,16 @@ class InboundPolicy:
                 users.setdefault(user.id, (user, item.address))
             for address in route.external:
                 remote[address] = None
+        folder, mailbox = "", "INBOX"
+        if session.listener is Listener.MX and self._mailauth is not None:
+            message, quarantine = await self._authenticate(envelope, message)
+            if quarantine:
+                folder, mailbox = ".Junk", "Junk"
         local = [
-            LocalRecipient(user_id=user.id, address=user.address, maildir=user.maildir)
+            LocalRecipient(
+                user_id=user.id, address=user.address, maildir=user.maildir,
+                folder=folder, mailbox=mailbox,
+            )
             for user, _original in users.values()
         ]
         sender_user_id = None
@@ -132,6 +170,31 @@ class InboundPolicy:
         ids = [f"{m.mailbox_id}.{m.uid}" for m in result.stored]
         ids += [f"q{q}" for q in result.queued]
         return " ".join(ids)
+
+
+    async def _authenticate(self, envelope: Envelope, message: bytes) -> tuple[bytes, bool]:
+        """Check DKIM and DMARC, apply the policy, add Authentication-Results; (message,
+        whether to quarantine)."""
+        assert self._mailauth is not None
+        auth = self._mailauth.authenticator
+        spf_result = envelope.sender_note
+        if not isinstance(spf_result, SPFResult):
+            spf_result = SPFResult("none", "", envelope.sender)
+        message = remove_forged_results(message, auth.authserv_id)
+        verdict: Verdict = await self._mailauth.run(auth.verify, message, spf_result)
+        dmarc = verdict.dmarc
+        if self._mailauth.enforce_dmarc and dmarc.disposition == "reject":
+            raise Refusal(
+                550, "5.7.1", f"Message rejected by the DMARC policy of {dmarc.from_domain}"
+            )
+        if (
+            self._mailauth.reject_spf_fail
+            and spf_result.result == "fail"
+            and dmarc.result == "none"
+        ):
+            raise Refusal(550, "5.7.23", f"SPF validation failed for {spf_result.domain}")
+        quarantine = self._mailauth.enforce_dmarc and dmarc.disposition == "quarantine"
+        return verdict.header + message, quarantine
 
 
 def _parse(text: str, code: int, status: str, message: str) -> Address:

@@ -24,8 +24,10 @@ import esp
 from esp.auth import DirectoryChecker, PasswordHasher
 from esp.config import Config
 from esp.delivery import LocalDelivery
+from esp.dns import Resolver
 from esp.events import EventBus
-from esp.inbound import InboundPolicy
+from esp.inbound import InboundPolicy, MailAuthPolicy
+from esp.mailauth import MailAuthenticator
 from esp.smtp.service import ListenerService, smtp_listeners
 from esp.storage.cluster import EmbeddedCluster
 from esp.storage.db import Database
@@ -337,10 +339,11 @@ def makeService(
     blocking = ThreadPoolService("esp-blocking", max_threads=4)
     hashing = ThreadPoolService("esp-password-hashing", max_threads=2)
     disk = ThreadPoolService("esp-disk", max_threads=8)
+    dns_pool = ThreadPoolService("esp-dns", max_threads=8)
     certificates = CertificateService(
         CertificateStore(config.security.tls, config.server.hostname, config.data_dir)
     )
-    children: list[IService] = [blocking, hashing, disk, certificates]
+    children: list[IService] = [blocking, hashing, disk, dns_pool, certificates]
     if config.embedded_database:
         embedded = config.storage.database.embedded
         cluster = EmbeddedCluster(
@@ -374,7 +377,17 @@ def makeService(
         db, config.maildir_root, config.data_dir / "spool", disk.pool, events, reactor
     )
     children.append(SpoolService(delivery))
-    policy = InboundPolicy(db, directory, delivery)
+    mailauth = None
+    if config.security.mailauth.enabled:
+        resolver = Resolver(config.server.dns.nameservers, config.server.dns.timeout)
+        mailauth = MailAuthPolicy(
+            MailAuthenticator(resolver, config.server.hostname),
+            dns_pool.pool,
+            reactor,
+            enforce_dmarc=config.security.mailauth.enforce_dmarc,
+            reject_spf_fail=config.security.mailauth.reject_spf_fail,
+        )
+    policy = InboundPolicy(db, directory, delivery, mailauth)
     root = ESPService(
         config,
         db=db,

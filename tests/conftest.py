@@ -22,6 +22,7 @@ import pytest
 from esp.storage.cluster import ClusterError, EmbeddedCluster, find_binaries
 from esp.storage.db import run_sync
 from esp.storage.migrations import apply_migrations_txn, load_migrations
+from tests.dnszone import DNSServer, start_dns
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "esp_template"
@@ -44,6 +45,17 @@ def scratch(scratch_root: Path, request: pytest.FixtureRequest) -> Path:
     path = scratch_root / f"t{next(_names)}"
     path.mkdir(mode=0o711)
     return path
+
+
+@pytest.fixture(scope="session")
+def test_dns(scratch_root: Path) -> Iterator[DNSServer]:
+    """A real DNS server (twistd dns) with the test zones, for the whole session."""
+    directory = scratch_root / "dns"
+    directory.mkdir()
+    server = start_dns(directory)
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

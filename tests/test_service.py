@@ -13,7 +13,7 @@ from tests.helpers import REPO, program, run_esp, start_twistd
 READY = "ready: host"
 # Ephemeral ports, so tests never collide with each other or with a running ESP.
 EPHEMERAL = (
-    "server:\n  smtp:\n"
+    "server:\n  dns: {nameservers: ['127.0.0.1:9']}\n  smtp:\n"
     "    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
     "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
     "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"

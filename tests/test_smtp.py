@@ -11,14 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.dnszone import DNSServer
 from tests.espserver import EspServer, connection, start_esp
 
 PASSWORD = "alice's long password"
 
 
 @pytest.fixture(scope="module")
-def esp(module_scratch: Path, module_database_dsn: str) -> Iterator[EspServer]:
-    server = start_esp(module_scratch, module_database_dsn)
+def esp(
+    module_scratch: Path, module_database_dsn: str, test_dns: DNSServer
+) -> Iterator[EspServer]:
+    server = start_esp(module_scratch, module_database_dsn, test_dns.nameserver)
     server.add_user("alice@example.test", PASSWORD)
     server.add_user("bob@example.test", "bob's long password")
     server.add_user("tiny@example.test", "tiny's long password", quota=1000)
@@ -72,9 +75,11 @@ def test_mx_delivers_to_a_local_user_with_smtplib(esp: EspServer) -> None:
     uid, size, filename = esp.messages("bob@example.test")[-1]
     data = esp.message_file("bob@example.test", filename)
     assert size == len(data)
-    assert data.startswith(b"Received: from ")  # our trace header first
-    assert b" ([127.0.0.1])\r\n" in data.split(b"\r\n\t")[0] + b"\r\n"
-    assert b"by mx.example.test (ESP) with ESMTP id " in data
+    # Our headers on top: the authentication results, then the trace header.
+    assert data.startswith(b"Authentication-Results: mx.example.test;\r\n\tspf=none")
+    received = data[data.index(b"\r\nReceived: from ") + 2 :]
+    assert b" ([127.0.0.1])\r\n" in received.split(b"\r\n\t")[0] + b"\r\n"
+    assert b"\tby mx.example.test (ESP) with ESMTP id " in received
     assert b"\r\nSubject: mx plain\r\n" in data
     assert data.endswith(b"Hello Bob.\r\n")
 
@@ -246,16 +251,16 @@ def test_over_quota_recipient_is_refused_temporarily(esp: EspServer) -> None:
 
 
 def test_a_killed_server_loses_nothing_it_acknowledged(
-    scratch: Path, database_dsn: str
+    scratch: Path, database_dsn: str, test_dns: DNSServer
 ) -> None:
-    server = start_esp(scratch, database_dsn)
+    server = start_esp(scratch, database_dsn, test_dns.nameserver)
     server.add_user("dave@example.test", "dave's long password")
     client = smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30)
     client.send_message(message("before the crash", to="dave@example.test"),
                         "carol@remote.test", ["dave@example.test"])
     server.process.stop(signal.SIGKILL)  # right after the 250
     client.close()
-    restarted = start_esp(scratch, database_dsn)
+    restarted = start_esp(scratch, database_dsn, test_dns.nameserver)
     try:
         stored = restarted.messages("dave@example.test")
         assert len(stored) == 1

@@ -238,6 +238,7 @@ class ESMTPServer(smtp.ESMTP):
 
     def _reset_transaction(self) -> None:
         self._sender: str | None = None
+        self._sender_note: object = None
         self._envelope_params: dict[str, str | None] = {}
         self._size_declared: int | None = None
         self._accepted: list[Accepted] = []
@@ -498,7 +499,7 @@ class ESMTPServer(smtp.ESMTP):
 
     async def _mail(self, address: str, params: dict[str, str | None], size: int | None) -> None:
         try:
-            await self._policy.check_sender(self.session(), address, size)
+            self._sender_note = await self._policy.check_sender(self.session(), address, size)
         except Refusal as refusal:
             self._errors += 1
             self._refused(refusal)
@@ -645,6 +646,7 @@ class ESMTPServer(smtp.ESMTP):
             size_declared=self._size_declared,
             smtputf8="SMTPUTF8" in self._envelope_params,
             body=(self._envelope_params.get("BODY") or "7BIT").upper(),
+            sender_note=self._sender_note,
         )
         accepted = list(self._accepted)
         self._message_count += 1
