@@ -137,6 +137,8 @@ class DNSConfig(Section):
 
 class ServerConfig(Section):
     hostname: HostName = Field(default_factory=_default_hostname)
+    # Processes serving the listeners (this one included); 0 means one per CPU core.
+    workers: Annotated[int, Field(ge=0, le=256)] = 1
     smtp: SMTPConfig = Field(default_factory=SMTPConfig)
     imap: IMAPConfig = Field(default_factory=IMAPConfig)
     api: APIConfig = Field(default_factory=APIConfig)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -30,7 +29,6 @@ from esp.storage.mailstore import (
     QuotaExceeded,
     StoredMessage,
     add_messages_txn,
-    get_mailbox_txn,
 )
 from esp.storage.queue import enqueue_txn
 
@@ -96,31 +94,21 @@ class LocalDelivery:
         summary = summarize(message)
         received = datetime.now(UTC)
         try:
-            files, spooled = await deferToThreadPool(
-                self._reactor, self._disk_pool, self._write_files, message, local, bool(remote)
+            # Files and rows in one trip to a pool thread: the transaction starts with its first
+            # statement, after the files are durable.
+            stored, queued = await self._db.run(
+                "deliver_message", self._deliver_txn, message, summary, received, sender,
+                local, remote, sender_user_id, enforce_quota,
             )
+        except QuotaExceeded as e:
+            raise MailboxFull(str(e)) from e
         except (MaildirError, OSError) as e:
             self.log.error("cannot write message files: {error}", error=str(e))
             raise DeliveryFailed(str(e)) from e
-        records = [
-            _new_message(recipient, stored, summary, sender, received, enforce_quota)
-            for recipient, stored in zip(local, files, strict=True)
-        ]
-        try:
-            stored, queued = await self._db.run(
-                "deliver_message", _record_txn, records, local, spooled, sender, remote,
-                sender_user_id,
-            )
+        except (DatabaseUnavailable, MailboxNotFound) as e:
+            raise DeliveryFailed(str(e)) from e
         except Exception as e:
-            # Not recorded means not delivered: take the files back so a retry cannot duplicate.
-            await deferToThreadPool(
-                self._reactor, self._disk_pool, _remove, [f.path for f in files]
-                + ([spooled.path] if spooled else []),
-            )
-            if isinstance(e, QuotaExceeded):
-                raise MailboxFull(str(e)) from e
-            if not isinstance(e, DatabaseUnavailable | MailboxNotFound):
-                self.log.failure("recording a delivery failed")
+            self.log.failure("recording a delivery failed")
             raise DeliveryFailed(str(e)) from e
         for item, recipient in zip(stored, local, strict=True):
             self._events.publish(
@@ -139,6 +127,39 @@ class LocalDelivery:
                 )
             )
         return DeliveryResult(tuple(stored), tuple(queued))
+
+    def _deliver_txn(
+        self,
+        cur: Cursor,
+        message: bytes,
+        summary: MessageSummary,
+        received: datetime,
+        sender: str,
+        local: Sequence[LocalRecipient],
+        remote: Sequence[str],
+        sender_user_id: int | None,
+        enforce_quota: bool,
+    ) -> tuple[list[StoredMessage], list[int]]:
+        files, spooled = self._write_files(message, local, bool(remote))
+        try:
+            records = [
+                _new_message(recipient, stored, summary, sender, received, enforce_quota)
+                for recipient, stored in zip(local, files, strict=True)
+            ]
+            stored = add_messages_txn(cur, records)
+            queued: list[int] = []
+            if remote and spooled is not None:
+                queued = enqueue_txn(
+                    cur, spooled.name, sender, remote, spooled.size, sender_user_id
+                )
+            # Committed here, not by the pool, so a failed commit still removes the files.
+            cur.connection.commit()
+        except BaseException:
+            # Not recorded means not delivered: take the files back so a retry cannot
+            # duplicate.
+            _remove([f.path for f in files] + ([spooled.path] if spooled else []))
+            raise
+        return stored, queued
 
     def _write_files(
         self, message: bytes, local: Sequence[LocalRecipient], spool: bool
@@ -159,7 +180,6 @@ class LocalDelivery:
             _remove([f.path for f in written])
             raise
         return written, spooled
-
 
 def _link_or_copy(original: StoredFile, box: Maildir, message: bytes) -> StoredFile:
     """The same bytes for another mailbox: a hard link when the filesystem allows it."""
@@ -194,7 +214,8 @@ def _new_message(
     enforce_quota: bool,
 ) -> NewMessage:
     return NewMessage(
-        mailbox_id=0,  # looked up in the transaction
+        mailbox_id=None,
+        mailbox=recipient.mailbox,
         user_id=recipient.user_id,
         filename=stored.name,
         size=stored.size,
@@ -213,23 +234,3 @@ def _new_message(
         keywords=recipient.keywords,
         enforce_quota=enforce_quota,
     )
-
-
-def _record_txn(
-    cur: Cursor,
-    records: Sequence[NewMessage],
-    local: Sequence[LocalRecipient],
-    spooled: StoredFile | None,
-    sender: str,
-    remote: Sequence[str],
-    sender_user_id: int | None,
-) -> tuple[list[StoredMessage], list[int]]:
-    placed = []
-    for record, recipient in zip(records, local, strict=True):
-        mailbox = get_mailbox_txn(cur, recipient.user_id, recipient.mailbox)
-        placed.append(replace(record, mailbox_id=mailbox.id))
-    stored = add_messages_txn(cur, placed)
-    queued: list[int] = []
-    if remote and spooled is not None:
-        queued = enqueue_txn(cur, spooled.name, sender, remote, spooled.size, sender_user_id)
-    return stored, queued

@@ -30,7 +30,6 @@ from esp.storage.directory import (
     UnknownRecipient,
     User,
 )
-from esp.storage.mailstore import quota_room_txn
 
 
 @dataclass(frozen=True)
@@ -112,16 +111,16 @@ class InboundPolicy:
         return Accepted(str(address), _Route(resolution.users, resolution.external))
 
     async def _check_quota(self, resolution: Resolution, size: int) -> None:
+        # The user rows just read carry the usage: no second round trip per recipient.
         for user in resolution.users:
-            try:
-                room = await self._db.run("quota_room", quota_room_txn, user.id, size)
-            except DatabaseUnavailable:
-                raise temporary_failure() from None
-            if room:
-                continue
             if size and user.quota_bytes is not None and size > user.quota_bytes:
                 raise Refusal(552, "5.2.3", "Message is larger than the recipient's quota")
-            raise Refusal(452, "4.2.2", "Mailbox full, try again later")
+            over_bytes = user.quota_bytes is not None and user.used_bytes + size > user.quota_bytes
+            over_count = (
+                user.quota_messages is not None and user.used_messages + 1 > user.quota_messages
+            )
+            if over_bytes or over_count:
+                raise Refusal(452, "4.2.2", "Mailbox full, try again later")
 
     async def receive(
         self,

@@ -7,7 +7,9 @@ through :func:`run_sync`, so both share one code path to the data.
 
 from __future__ import annotations
 
+import re
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -28,6 +30,40 @@ class DatabaseUnavailable(Exception):
 
 # Errors that mean "the database is not there right now", as opposed to a bug or bad data.
 TRANSIENT_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+class Prepared:
+    """A hot statement, prepared once on every connection (``PREPARE``), run with ``EXECUTE``.
+
+    Parsing and planning the delivery statements costs PostgreSQL as much CPU as running them;
+    preparing halves it.  Parameters are written ``%(name)s`` as for any other statement.
+    """
+
+    def __init__(self, name: str, sql: str) -> None:
+        names: list[str] = []
+
+        def positional(match: re.Match[str]) -> str:
+            if match.group(1) not in names:
+                names.append(match.group(1))
+            return f"${names.index(match.group(1)) + 1}"
+
+        self.name = name
+        self.prepare_sql = f"PREPARE {name} AS " + _NAMED.sub(positional, sql)
+        self.execute_sql = f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
+
+    def execute(self, cur: Cursor, params: dict[str, Any]) -> None:
+        # Prepared on first use per connection (a PREPARE outlives a rolled-back transaction).
+        done = _prepared.setdefault(cur.connection, set())
+        if self.name not in done:
+            cur.execute(self.prepare_sql)
+            done.add(self.name)
+        cur.execute(self.execute_sql, params)
+
+
+_prepared: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+_NAMED = re.compile(r"%\((\w+)\)s")
 
 
 def _prepare_connection(connection: Any) -> None:

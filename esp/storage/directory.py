@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg2.errors
 
 from esp.addresses import Address, InvalidAddress, normalize_domain, parse_address
-from esp.storage.db import Cursor, Database
+from esp.storage.db import Cursor, Database, Prepared
 from esp.storage.maildir import Maildir, folder_directory, user_directory
 
 # RFC 6154 special-use mailboxes every new user gets, with INBOX.
@@ -398,6 +398,29 @@ def _reaches(cur: Cursor, start: Address, goal: Address) -> bool:
 # -- recipient resolution --------------------------------------------------------------------
 
 
+_lookup = Prepared(
+    "esp_lookup_address",
+    f"""
+    SELECT (SELECT coalesce(array_agg(a.destination ORDER BY a.destination), '{{}}')
+            FROM aliases a WHERE a.domain_id = d.id AND a.localpart = %(local)s::text),
+           {_USER_COLUMNS}
+    FROM domains d LEFT JOIN users u ON u.domain_id = d.id AND u.localpart = %(local)s::text
+    WHERE d.name = %(domain)s::text
+    """,
+)
+
+
+def _lookup_txn(cur: Cursor, address: Address) -> tuple[bool, User | None, list[str]]:
+    """One round trip for the common case: is the domain hosted, the user, the alias targets."""
+    _lookup.execute(cur, {"local": address.localpart, "domain": address.domain})
+    row = cur.fetchone()
+    if row is None:
+        return False, None, []
+    targets = list(row[0])
+    user = _user(row[1:]) if row[1] is not None else None
+    return True, user, targets
+
+
 def resolve_recipient_txn(
     cur: Cursor, address: Address, delimiter: str = "+", use_catch_all: bool = True
 ) -> Resolution:
@@ -408,7 +431,14 @@ def resolve_recipient_txn(
     domain's catch-all.  Alias chains are followed to :data:`MAX_ALIAS_DEPTH`; loops end where
     an address repeats.
     """
-    if not _is_hosted(cur, address.domain):
+    memo: dict[Address, tuple[bool, User | None, list[str]]] = {}
+
+    def lookup(a: Address) -> tuple[bool, User | None, list[str]]:
+        if a not in memo:
+            memo[a] = _lookup_txn(cur, a)
+        return memo[a]
+
+    if not lookup(address)[0]:
         raise NotHosted(f"{address.domain} is not a domain hosted here")
     users: dict[int, User] = {}
     external: dict[str, None] = {}
@@ -418,11 +448,12 @@ def resolve_recipient_txn(
         if current in seen or len(seen) >= MAX_EXPANSION or depth > MAX_ALIAS_DEPTH:
             return True  # a loop or a runaway chain: this branch adds nothing more
         seen.add(current)
-        if not _is_hosted(cur, current.domain):
+        hosted, _, _ = lookup(current)
+        if not hosted:
             external[str(current)] = None
             return True
         for candidate in _candidates(current, delimiter):
-            targets = _alias_targets(cur, candidate)
+            _, user, targets = lookup(candidate)
             if targets:
                 for target in targets:
                     try:
@@ -430,17 +461,15 @@ def resolve_recipient_txn(
                     except InvalidAddress:
                         continue
                     if destination == candidate:
-                        user = find_user_txn(cur, candidate)
                         if user is not None:
                             users[user.id] = user
                         continue
                     expand(destination, depth + 1)
                 return True
-            user = find_user_txn(cur, candidate)
             if user is not None:
                 users[user.id] = user
                 return True
-        catch_all = _alias_targets(cur, Address("", current.domain)) if use_catch_all else []
+        catch_all = lookup(Address("", current.domain))[2] if use_catch_all else []
         for target in catch_all:
             try:
                 expand(parse_address(target), depth + 1)

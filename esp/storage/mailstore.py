@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from esp.storage.db import Cursor
+from esp.storage.db import Cursor, Prepared
 
 # Sent with pg_notify at commit, so IDLE sessions on any node learn of new mail.
 MAILBOX_CHANNEL = "esp_mailbox"
@@ -36,9 +36,10 @@ class Mailbox:
 
 @dataclass(frozen=True)
 class NewMessage:
-    """One message for one mailbox, its file already written to the mailbox's folder."""
+    """One message for one mailbox (given by id, or by name), its file already written to the
+    mailbox's folder."""
 
-    mailbox_id: int
+    mailbox_id: int | None
     user_id: int
     filename: str
     size: int
@@ -59,6 +60,7 @@ class NewMessage:
     flagged: bool = False
     draft: bool = False
     enforce_quota: bool = False
+    mailbox: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,64 +110,70 @@ def quota_room_txn(cur: Cursor, user_id: int, size: int) -> bool:
     return bool(row and row[0])
 
 
+# One statement (one round trip) per stored message: quota, UID allocation, counters, the row
+# and the notification.  The mailbox row lock taken by the UPDATE serialises UID allocation per
+# mailbox until commit; nothing happens unless the user update (the quota check) matched.
+_ADD_MESSAGE = """
+WITH usr AS (
+    UPDATE users SET used_bytes = used_bytes + %(size)s, used_messages = used_messages + 1
+    WHERE id = %(user_id)s
+      AND (NOT %(enforce)s OR (
+          (quota_bytes IS NULL OR used_bytes + %(size)s <= quota_bytes)
+          AND (quota_messages IS NULL OR used_messages + 1 <= quota_messages)))
+    RETURNING id
+), mb AS (
+    UPDATE mailboxes
+    SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1,
+        message_count = message_count + 1, unseen_count = unseen_count + %(unseen)s,
+        total_bytes = total_bytes + %(size)s
+    WHERE user_id = %(user_id)s AND (id = %(mailbox_id)s OR name = %(mailbox)s)
+      AND EXISTS (SELECT 1 FROM usr)
+    RETURNING id, uidnext - 1 AS uid, highestmodseq AS modseq
+), ins AS (
+    INSERT INTO messages (
+        mailbox_id, uid, modseq, filename, size, internal_date, seen, flagged, draft,
+        keywords, envelope_from, envelope_to, message_id, in_reply_to, subject,
+        from_header, to_header, cc_header, bcc_header, sent_date, headers)
+    SELECT mb.id, mb.uid, mb.modseq, %(filename)s, %(size)s, %(internal_date)s, %(seen)s,
+           %(flagged)s, %(draft)s, %(keywords)s, %(envelope_from)s, %(envelope_to)s,
+           %(message_id)s, %(in_reply_to)s, %(subject)s, %(from_header)s, %(to_header)s,
+           %(cc_header)s, %(bcc_header)s, %(sent_date)s, %(headers)s
+    FROM mb
+    RETURNING mailbox_id, uid, modseq
+)
+SELECT ins.mailbox_id, ins.uid, ins.modseq,
+       pg_notify('""" + MAILBOX_CHANNEL + """',
+                 ins.mailbox_id || ':' || ins.uid || ':' || ins.modseq)
+FROM ins
+"""
+_add_message = Prepared("esp_add_message", _ADD_MESSAGE)
+
+
 def add_messages_txn(cur: Cursor, messages: Sequence[NewMessage]) -> list[StoredMessage]:
     """Index messages whose files are in place: UID, row, counters, quota; notify at commit."""
     stored = []
     for m in messages:
-        if m.enforce_quota:
-            cur.execute(
-                """
-                UPDATE users SET used_bytes = used_bytes + %s, used_messages = used_messages + 1
-                WHERE id = %s
-                  AND (quota_bytes IS NULL OR used_bytes + %s <= quota_bytes)
-                  AND (quota_messages IS NULL OR used_messages + 1 <= quota_messages)
-                RETURNING id
-                """,
-                (m.size, m.user_id, m.size),
-            )
-            if cur.fetchone() is None:
-                raise QuotaExceeded(f"user {m.user_id} has no room for {m.size} bytes")
-        else:
-            cur.execute(
-                "UPDATE users SET used_bytes = used_bytes + %s, used_messages = used_messages + 1 "
-                "WHERE id = %s",
-                (m.size, m.user_id),
-            )
-        # The row lock taken here serialises UID allocation per mailbox until commit.
-        cur.execute(
-            """
-            UPDATE mailboxes
-            SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1,
-                message_count = message_count + 1,
-                unseen_count = unseen_count + %s,
-                total_bytes = total_bytes + %s
-            WHERE id = %s AND user_id = %s
-            RETURNING uidnext - 1, highestmodseq
-            """,
-            (0 if m.seen else 1, m.size, m.mailbox_id, m.user_id),
+        _add_message.execute(
+            cur,
+            {
+                "user_id": m.user_id, "mailbox_id": m.mailbox_id, "mailbox": m.mailbox,
+                "size": m.size, "enforce": m.enforce_quota, "unseen": 0 if m.seen else 1,
+                "filename": m.filename, "internal_date": m.internal_date, "seen": m.seen,
+                "flagged": m.flagged, "draft": m.draft, "keywords": list(m.keywords),
+                "envelope_from": m.envelope_from, "envelope_to": list(m.envelope_to),
+                "message_id": m.message_id, "in_reply_to": m.in_reply_to, "subject": m.subject,
+                "from_header": m.from_header, "to_header": m.to_header,
+                "cc_header": m.cc_header, "bcc_header": m.bcc_header,
+                "sent_date": m.sent_date, "headers": m.headers,
+            },
         )
         row = cur.fetchone()
         if row is None:
-            raise MailboxNotFound(f"mailbox {m.mailbox_id} of user {m.user_id} is gone")
-        uid, modseq = row
-        cur.execute(
-            """
-            INSERT INTO messages (
-                mailbox_id, uid, modseq, filename, size, internal_date, seen, flagged, draft,
-                keywords, envelope_from, envelope_to, message_id, in_reply_to, subject,
-                from_header, to_header, cc_header, bcc_header, sent_date, headers)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-                    %s, %s, %s)
-            """,
-            (
-                m.mailbox_id, uid, modseq, m.filename, m.size, m.internal_date, m.seen,
-                m.flagged, m.draft, list(m.keywords), m.envelope_from, list(m.envelope_to),
-                m.message_id, m.in_reply_to, m.subject, m.from_header, m.to_header,
-                m.cc_header, m.bcc_header, m.sent_date, m.headers,
-            ),
-        )
-        cur.execute(
-            "SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{m.mailbox_id}:{uid}:{modseq}")
-        )
-        stored.append(StoredMessage(m.mailbox_id, m.user_id, uid, modseq, m.filename, m.size))
+            if m.enforce_quota and not quota_room_txn(cur, m.user_id, m.size):
+                raise QuotaExceeded(f"user {m.user_id} has no room for {m.size} bytes")
+            raise MailboxNotFound(
+                f"mailbox {m.mailbox_id or m.mailbox!r} of user {m.user_id} does not exist"
+            )
+        mailbox_id, uid, modseq, _ = row
+        stored.append(StoredMessage(mailbox_id, m.user_id, uid, modseq, m.filename, m.size))
     return stored

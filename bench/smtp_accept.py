@@ -1,0 +1,309 @@
+"""SMTP acceptance benchmark: messages/s accepted *and durable* (Maildir file + index row), with
+server CPU and memory, for ESP and, in the same run, for Postfix delivering into a Maildir.
+
+    python bench/smtp_accept.py [--sessions 10] [--messages 5000] [--size 2048]
+
+The load comes from Postfix's ``smtp-source`` (Debian package ``postfix``) when installed, else
+from a small built-in client.  ESP runs with fsync on and its own PostgreSQL cluster (also fsync
+on); sender authentication is off on both sides (Postfix does none by default), so the figures
+compare the bare accept-and-store path.  Only ratios from one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import smtplib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from esp.addresses import parse_address  # noqa: E402
+from esp.auth import PasswordHasher  # noqa: E402
+from esp.config import Argon2Config  # noqa: E402
+from esp.storage import directory  # noqa: E402
+from esp.storage.cluster import EmbeddedCluster  # noqa: E402
+from esp.storage.db import connect, run_sync  # noqa: E402
+from esp.storage.migrations import apply_migrations_txn, load_migrations  # noqa: E402
+
+BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    name: str
+    messages: int
+    seconds: float
+    cpu_seconds: float
+    rss_mib: float
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    def line(self) -> str:
+        return (
+            f"{self.name:<28} {self.rate:8.0f} msg/s  {self.seconds:6.1f} s  "
+            f"CPU {self.cpu_seconds / self.messages * 1000:5.2f} ms/msg  RSS {self.rss_mib:6.0f} MiB"
+        )
+
+
+# -- process accounting ----------------------------------------------------------------------
+
+
+def tree_pids(names: tuple[str, ...]) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if any(n == comm or n in cmdline for n in names):
+            pids.append(int(entry.name))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLK_TCK
+
+
+def rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+def drive(port: int, sessions: int, messages: int, size: int, recipient: str) -> float:
+    """Send the load; return the seconds it took (all 250s received)."""
+    started = time.monotonic()
+    if shutil.which("smtp-source"):
+        subprocess.run(
+            ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+             "-M", "client.test", "-f", "sender@client.test", "-t", recipient, "-d",
+             f"127.0.0.1:{port}"],
+            check=True, timeout=3600,
+        )
+    else:
+        body = ("Subject: bench\r\n\r\n" + "x" * 76 + "\r\n") * max(1, size // 80)
+        per_session = [messages // sessions + (1 if i < messages % sessions else 0)
+                       for i in range(sessions)]
+
+        def session(count: int) -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
+                for _ in range(count):
+                    client.sendmail("sender@client.test", [recipient], body)
+
+        threads = [threading.Thread(target=session, args=(n,)) for n in per_session]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return time.monotonic() - started
+
+
+def count_files(directory: Path) -> int:
+    return sum(1 for _ in directory.iterdir()) if directory.exists() else 0
+
+
+# -- ESP -------------------------------------------------------------------------------------
+
+
+def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
+    work.mkdir(parents=True)
+    os.chmod(work, 0o711)  # noqa: S103 (the cluster's account must reach it when run as root)
+    cluster = EmbeddedCluster(work / "pg")
+    cluster.start()
+    try:
+        conn = connect(cluster.dsn)
+        run_sync(conn, apply_migrations_txn, load_migrations())
+        run_sync(conn, directory.add_domain_txn, "example.test")
+        hashed = PasswordHasher(Argon2Config(time_cost=1, memory_cost_kib=8192,
+                                             parallelism=1)).hash("bench password")
+        run_sync(conn, directory.add_user_txn, parse_address("alice@example.test"), hashed,
+                 work / "var" / "maildir")
+        conn.close()
+        config = work / "esp.yaml"
+        config.write_text(
+            f"server:\n  hostname: mx.example.test\n  workers: {workers}\n"
+            "  dns: {nameservers: ['127.0.0.1:9']}\n"
+            "  smtp:\n    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+            "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+            "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+            "    connection_rate_per_ip: 0\n    connections_per_ip: 0\n"
+            f"storage:\n  data_dir: {work / 'var'}\n  database:\n    dsn: '{cluster.dsn}'\n"
+            "    pool_max: 20\n"
+            "security:\n  mailauth: {enabled: false}\n"
+        )
+        log = open(work / "esp.log", "w+b")  # noqa: SIM115
+        process = subprocess.Popen(
+            [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "esp", "--config",
+             str(config)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        port = 0
+        deadline = time.monotonic() + 60
+        while not port:
+            text = (work / "esp.log").read_text()
+            match = re.search(r"smtp-mx-0 listening on 127\.0\.0\.1:(\d+)", text)
+            if match and "ready: host" in text:
+                port = int(match.group(1))
+            elif process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"ESP did not start:\n{text}")
+            else:
+                time.sleep(0.1)  # a benchmark harness, not a test: polling the log is fine
+        names = (f"--config {config}", "postgres")
+        pids = tree_pids(names)
+        esp_pids = tree_pids((f"--config {config}",))
+        before, esp_before = cpu_seconds(pids), cpu_seconds(esp_pids)
+        profiler = None
+        if os.environ.get("ESP_BENCH_PROFILE"):
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "-o", os.environ["ESP_BENCH_PROFILE"], "-f", "raw",
+                 "-p", str(process.pid), "-d", "8", "-r", "200", "--gil"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        seconds = drive(port, args.sessions, args.messages, args.size, "alice@example.test")
+        if profiler is not None:
+            profiler.wait()
+        pids = tree_pids(names)
+        used = cpu_seconds(pids) - before
+        esp_used = cpu_seconds(tree_pids((f"--config {config}",))) - esp_before
+        print(f"  of which ESP processes {esp_used / args.messages * 1000:.2f} ms/msg, "
+              f"PostgreSQL {(used - esp_used) / args.messages * 1000:.2f} ms/msg")
+        memory = rss_mib(tree_pids((f"--config {config}",)))
+        stored = count_files(work / "var" / "maildir" / "example.test" / "alice" / "new")
+        process.terminate()
+        process.wait(timeout=60)
+        if stored != args.messages:
+            raise SystemExit(f"ESP stored {stored} of {args.messages} messages")
+        label = f"ESP ({workers} worker{'s' if workers > 1 else ''})"
+        return Result(label, stored, seconds, used, memory)
+    finally:
+        cluster.stop()
+
+
+# -- Postfix ---------------------------------------------------------------------------------
+
+
+def run_postfix(work: Path, args: argparse.Namespace, port: int) -> Result | None:
+    if not shutil.which("postfix") or os.geteuid() != 0:
+        print("Postfix not installed (or not root): no anchor this run")
+        return None
+    base = work / "maildir"
+    base.mkdir(parents=True)
+    shutil.chown(base, "postfix", "postfix")
+    maps = Path("/etc/postfix/esp_bench_vmailbox")
+    maps.write_text("alice@example.test example.test/alice/\n")
+    subprocess.run(["postmap", str(maps)], check=True)
+    settings = {
+        "inet_interfaces": "127.0.0.1", "inet_protocols": "ipv4", "mydestination": "",
+        "virtual_mailbox_domains": "example.test", "virtual_mailbox_maps": f"hash:{maps}",
+        "virtual_mailbox_base": str(base), "virtual_uid_maps": "static:" + _uid("postfix"),
+        "virtual_gid_maps": "static:" + _gid("postfix"), "maillog_file": str(work / "maillog"),
+        "smtpd_peername_lookup": "no", "smtp_dns_support_level": "disabled",
+        "smtp_host_lookup": "native", "compatibility_level": "3.6",
+        "smtpd_client_connection_count_limit": "0", "smtpd_client_connection_rate_limit": "0",
+        "default_process_limit": "100",
+    }
+    subprocess.run(["postconf", "-e", *[f"{k}={v}" for k, v in settings.items()]], check=True)
+    master = Path("/etc/postfix/master.cf")
+    lines = [line for line in master.read_text().splitlines()
+             if not re.match(r"^(smtp|127\.0\.0\.1:\d+)\s+inet", line)]
+    lines.insert(0, f"127.0.0.1:{port} inet n - y - - smtpd")
+    master.write_text("\n".join(lines) + "\n")
+    if not Path("/var/spool/postfix/etc").exists():
+        subprocess.run(["/usr/lib/postfix/configure-instance.sh", "-"], check=False)
+    subprocess.run(["postfix", "stop"], capture_output=True)
+    subprocess.run(["postfix", "start"], check=True, capture_output=True)
+    try:
+        time.sleep(1)  # master spawns its listeners (benchmark harness, not a test)
+        names = ("master", "smtpd", "cleanup", "qmgr", "virtual", "trivial-rewrite", "pickup")
+        pids = tree_pids(names)
+        before = cpu_seconds(pids)
+        started = time.monotonic()
+        drive(port, args.sessions, args.messages, args.size, "alice@example.test")
+        target = base / "example.test" / "alice" / "new"
+        while count_files(target) < args.messages:  # delivered into Maildir, not just queued
+            if time.monotonic() - started > 3600:
+                raise SystemExit("Postfix did not deliver everything")
+            time.sleep(0.05)
+        seconds = time.monotonic() - started
+        pids = tree_pids(names)
+        used = cpu_seconds(pids) - before
+        memory = rss_mib(pids)
+    finally:
+        subprocess.run(["postfix", "stop"], capture_output=True)
+    return Result("Postfix 3 (virtual Maildir)", args.messages, seconds, used, memory)
+
+
+def _uid(name: str) -> str:
+    import pwd
+
+    return str(pwd.getpwnam(name).pw_uid)
+
+
+def _gid(name: str) -> str:
+    import grp
+
+    return str(grp.getgrnam(name).gr_gid)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, os.cpu_count() or 1])
+    parser.add_argument("--no-anchor", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="esp-bench-"))
+    os.chmod(work, 0o711)  # noqa: S103
+    print(f"{args.sessions} sessions, {args.messages} messages of {args.size} bytes, "
+          f"{os.cpu_count()} cores; load from "
+          f"{'smtp-source' if shutil.which('smtp-source') else 'built-in client'}")
+    results = []
+    try:
+        for workers in dict.fromkeys(args.workers):
+            results.append(run_esp(work / f"esp-{workers}", args, workers))
+            print(results[-1].line(), flush=True)
+        if not args.no_anchor:
+            anchor = run_postfix(work / "postfix", args, 2525)
+            if anchor is not None:
+                print(anchor.line())
+                for r in results:
+                    print(f"{r.name} / Postfix: {r.rate / anchor.rate:.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
