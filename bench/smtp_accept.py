@@ -54,7 +54,8 @@ class Result:
     def line(self) -> str:
         return (
             f"{self.name:<28} {self.rate:8.0f} msg/s  {self.seconds:6.1f} s  "
-            f"CPU {self.cpu_seconds / self.messages * 1000:5.2f} ms/msg  RSS {self.rss_mib:6.0f} MiB"
+            f"CPU {self.cpu_seconds / self.messages * 1000:5.2f} ms/msg  "
+            f"RSS {self.rss_mib:6.0f} MiB"
         )
 
 
@@ -76,14 +77,15 @@ def tree_pids(names: tuple[str, ...]) -> list[int]:
     return pids
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], which: tuple[int, ...] = (11, 12)) -> float:
+    """utime + stime of the processes (fields 14 and 15 of /proc/PID/stat)."""
     total = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
+        total += sum(int(fields[i]) for i in which)
     return total / CLK_TCK
 
 
@@ -160,10 +162,10 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
             "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
             "    connection_rate_per_ip: 0\n    connections_per_ip: 0\n"
             f"storage:\n  data_dir: {work / 'var'}\n  database:\n    dsn: '{cluster.dsn}'\n"
-            "    pool_max: 20\n"
+            f"    pool_max: {os.environ.get('ESP_BENCH_POOL', '10')}\n"
             "security:\n  mailauth: {enabled: false}\n"
         )
-        log = open(work / "esp.log", "w+b")  # noqa: SIM115
+        log = open(work / "esp.log", "w+b")
         process = subprocess.Popen(
             [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "esp", "--config",
              str(config)],
@@ -180,11 +182,19 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
                 raise SystemExit(f"ESP did not start:\n{text}")
             else:
                 time.sleep(0.1)  # a benchmark harness, not a test: polling the log is fine
-        names = (f"--config {config}", "postgres")
+        ours = (f"--config {config}", "esp.worker")
+        names = (*ours, "postgres")
         pids = tree_pids(names)
-        esp_pids = tree_pids((f"--config {config}",))
+        esp_pids = tree_pids(ours)
         before, esp_before = cpu_seconds(pids), cpu_seconds(esp_pids)
+        esp_sys_before = cpu_seconds(esp_pids, (12,))
         profiler = None
+        if os.environ.get("ESP_BENCH_STRACE"):
+            profiler = subprocess.Popen(
+                ["timeout", "-s", "INT", "5", "strace", "-f", "-c", "-o",
+                 os.environ["ESP_BENCH_STRACE"], "-p", str(process.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
         if os.environ.get("ESP_BENCH_PROFILE"):
             profiler = subprocess.Popen(
                 ["py-spy", "record", "-o", os.environ["ESP_BENCH_PROFILE"], "-f", "raw",
@@ -196,10 +206,12 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
             profiler.wait()
         pids = tree_pids(names)
         used = cpu_seconds(pids) - before
-        esp_used = cpu_seconds(tree_pids((f"--config {config}",))) - esp_before
-        print(f"  of which ESP processes {esp_used / args.messages * 1000:.2f} ms/msg, "
+        esp_used = cpu_seconds(tree_pids(ours)) - esp_before
+        esp_sys = cpu_seconds(tree_pids(ours), (12,)) - esp_sys_before
+        print(f"  of which ESP processes {esp_used / args.messages * 1000:.2f} ms/msg "
+              f"({esp_sys / args.messages * 1000:.2f} in the kernel), "
               f"PostgreSQL {(used - esp_used) / args.messages * 1000:.2f} ms/msg")
-        memory = rss_mib(tree_pids((f"--config {config}",)))
+        memory = rss_mib(tree_pids(ours))
         stored = count_files(work / "var" / "maildir" / "example.test" / "alice" / "new")
         process.terminate()
         process.wait(timeout=60)
@@ -221,6 +233,8 @@ def run_postfix(work: Path, args: argparse.Namespace, port: int) -> Result | Non
     base = work / "maildir"
     base.mkdir(parents=True)
     shutil.chown(base, "postfix", "postfix")
+    # The bench owns this machine's Postfix configuration: main.cf is written afresh.
+    Path("/etc/postfix/main.cf").write_text("")
     maps = Path("/etc/postfix/esp_bench_vmailbox")
     maps.write_text("alice@example.test example.test/alice/\n")
     subprocess.run(["postmap", str(maps)], check=True)
@@ -228,7 +242,8 @@ def run_postfix(work: Path, args: argparse.Namespace, port: int) -> Result | Non
         "inet_interfaces": "127.0.0.1", "inet_protocols": "ipv4", "mydestination": "",
         "virtual_mailbox_domains": "example.test", "virtual_mailbox_maps": f"hash:{maps}",
         "virtual_mailbox_base": str(base), "virtual_uid_maps": "static:" + _uid("postfix"),
-        "virtual_gid_maps": "static:" + _gid("postfix"), "maillog_file": str(work / "maillog"),
+        "virtual_gid_maps": "static:" + _gid("postfix"),
+        "maillog_file": "/var/log/postfix-esp-bench.log",
         "smtpd_peername_lookup": "no", "smtp_dns_support_level": "disabled",
         "smtp_host_lookup": "native", "compatibility_level": "3.6",
         "smtpd_client_connection_count_limit": "0", "smtpd_client_connection_rate_limit": "0",
@@ -243,7 +258,9 @@ def run_postfix(work: Path, args: argparse.Namespace, port: int) -> Result | Non
     if not Path("/var/spool/postfix/etc").exists():
         subprocess.run(["/usr/lib/postfix/configure-instance.sh", "-"], check=False)
     subprocess.run(["postfix", "stop"], capture_output=True)
-    subprocess.run(["postfix", "start"], check=True, capture_output=True)
+    started_postfix = subprocess.run(["postfix", "start"], capture_output=True, text=True)
+    if started_postfix.returncode != 0:
+        raise SystemExit(f"postfix start failed: {started_postfix.stderr}")
     try:
         time.sleep(1)  # master spawns its listeners (benchmark harness, not a test)
         names = ("master", "smtpd", "cleanup", "qmgr", "virtual", "trivial-rewrite", "pickup")

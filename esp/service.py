@@ -9,7 +9,7 @@ stops them in reverse order, so SIGTERM closes the pool before the cluster is sh
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg2.extensions
@@ -34,6 +34,7 @@ from esp.storage.db import Database
 from esp.storage.directory import DirectoryStore
 from esp.storage.migrations import apply_migrations_txn, load_migrations
 from esp.tls import CertificateStore
+from esp.workers import WorkerPool, worker_count
 
 
 class OrderedMultiService(MultiService):
@@ -330,8 +331,13 @@ def makeService(
     config: Config,
     reactor: Any = None,
     exit_on_start_failure: bool = False,
+    adopted: Mapping[str, tuple[int, int]] | None = None,
 ) -> ESPService:
-    """Build the whole service tree from a configuration; nothing is started or opened."""
+    """Build the whole service tree from a configuration; nothing is started or opened.
+
+    ``adopted`` is for worker processes: listening sockets inherited from the parent, by
+    listener name, instead of binding the configured endpoints.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -406,8 +412,12 @@ def makeService(
         events=events,
         reactor=reactor,
         is_ready=lambda: root.ready.called,
+        adopted=adopted,
     )
     children.extend(listeners)
+    workers = worker_count(config.server.workers)
+    if adopted is None and workers > 1:
+        children.append(WorkerPool(config, dsn, listeners, workers - 1, reactor))
     children.append(ReadyAnnouncement(config, database_description, listeners))
     for child in children:
         child.setServiceParent(root)

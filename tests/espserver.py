@@ -101,10 +101,12 @@ def connection(dsn: str) -> Iterator[psycopg2.extensions.connection]:
         conn.close()
 
 
-def write_config(directory: Path, dsn: str, dns: str, extra: str = "") -> Path:
+def write_config(
+    directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1
+) -> Path:
     config = directory / "esp.yaml"
     config.write_text(
-        f"server:\n  hostname: {HOSTNAME}\n"
+        f"server:\n  hostname: {HOSTNAME}\n  workers: {workers}\n"
         f"  dns: {{nameservers: ['{dns}'], timeout: 5}}\n"
         "  smtp:\n"
         "    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
@@ -123,9 +125,11 @@ def write_config(directory: Path, dsn: str, dns: str, extra: str = "") -> Path:
 _LISTENING = re.compile(r"smtp-(\w+)-0 listening on 127\.0\.0\.1:(\d+)")
 
 
-def start_esp(directory: Path, dsn: str, dns: str, extra: str = "") -> EspServer:
+def start_esp(
+    directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1
+) -> EspServer:
     """ESP with its DNS pointed at the test DNS server (``test_dns.nameserver``)."""
-    config = write_config(directory, dsn, dns, extra)
+    config = write_config(directory, dsn, dns, extra, workers)
     process = start_twistd("esp", "--config", str(config))
     process.wait_for("ready: host")
     ports = {m.group(1): int(m.group(2)) for m in _LISTENING.finditer(process.log)}

@@ -49,8 +49,9 @@ class Server:
     lines: list[str] = field(default_factory=list)
     _partial: bytes = b""
 
-    def wait_for(self, text: str, timeout: float = 60) -> str:
-        """Read the log until a line contains ``text``; fail if the process exits first."""
+    def wait_for(self, text: str, timeout: float = 60, count: int = 1) -> str:
+        """Read the log until ``count`` lines contain ``text`` (returns the last); fail if the
+        process exits first."""
         deadline = time.monotonic() + timeout
         assert self.process.stdout is not None
         fd = self.process.stdout.fileno()
@@ -58,9 +59,9 @@ class Server:
         selector.register(fd, selectors.EVENT_READ)
         try:
             while True:
-                for line in self.lines:
-                    if text in line:
-                        return line
+                matching = [line for line in self.lines if text in line]
+                if len(matching) >= count:
+                    return matching[count - 1]
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(f"no {text!r} in the log:\n" + self.log)

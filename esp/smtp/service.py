@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
@@ -69,12 +69,19 @@ class ListenerService(Service):
     log = Logger()
 
     def __init__(
-        self, name: str, description: str, reactor: Any, build_factory: Callable[[], Any]
+        self,
+        name: str,
+        description: str,
+        reactor: Any,
+        build_factory: Callable[[], Any],
+        adopt: tuple[int, int] | None = None,
     ) -> None:
         self.setName(name)
         self.description = description
         self._reactor = reactor
         self._build_factory = build_factory
+        # In a worker process: (file descriptor, address family) of the parent's socket.
+        self._adopt = adopt
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -87,6 +94,10 @@ class ListenerService(Service):
             self._bind()
 
     def _bind(self) -> None:
+        if self._adopt is not None:
+            fd, family = self._adopt
+            self.port = self._reactor.adoptStreamPort(fd, family, self._build_factory())
+            return
         endpoint = endpoints.serverFromString(self._reactor, self.description)
         d = endpoint.listen(self._build_factory())
         failures: list[Any] = []
@@ -124,6 +135,7 @@ def smtp_listeners(
     events: EventBus,
     reactor: Any,
     is_ready: Callable[[], bool],
+    adopted: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[ListenerService]:
     limits = ConnectionLimits(
         reactor.seconds,
@@ -156,7 +168,7 @@ def smtp_listeners(
             return factory
 
         for index, description in enumerate(section.listen):
-            services.append(
-                ListenerService(f"smtp-{listener.value}-{index}", description, reactor, build)
-            )
+            name = f"smtp-{listener.value}-{index}"
+            adopt = adopted.get(name) if adopted is not None else None
+            services.append(ListenerService(name, description, reactor, build, adopt))
     return services
