@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -24,12 +25,15 @@ from esp.message import MessageSummary, summarize
 from esp.storage.db import Cursor, Database, DatabaseUnavailable
 from esp.storage.maildir import Maildir, MaildirError, StoredFile
 from esp.storage.mailstore import (
+    ADD_MESSAGE,
     MailboxNotFound,
     NewMessage,
     QuotaExceeded,
     StoredMessage,
+    add_message_params,
     add_messages_txn,
 )
+from esp.storage.pgasync import AsyncDatabase
 from esp.storage.queue import enqueue_txn
 
 
@@ -68,8 +72,10 @@ class LocalDelivery:
         disk_pool: ThreadPool,
         events: EventBus,
         reactor: Any,
+        fast: AsyncDatabase | None = None,
     ) -> None:
         self._db = db
+        self._fast = fast
         self._root = maildir_root
         self._spool = Maildir(spool_dir)
         self._disk_pool = disk_pool
@@ -94,12 +100,18 @@ class LocalDelivery:
         summary = summarize(message)
         received = datetime.now(UTC)
         try:
-            # Files and rows in one trip to a pool thread: the transaction starts with its first
-            # statement, after the files are durable.
-            stored, queued = await self._db.run(
-                "deliver_message", self._deliver_txn, message, summary, received, sender,
-                local, remote, sender_user_id, enforce_quota,
-            )
+            queued: list[int] = []
+            if self._fast is not None and len(local) == 1 and not remote:
+                stored = await self._deliver_one(
+                    message, summary, received, sender, local[0], enforce_quota
+                )
+            else:
+                # Files and rows in one trip to a pool thread: the transaction starts with its
+                # first statement, after the files are durable.
+                stored, queued = await self._db.run(
+                    "deliver_message", self._deliver_txn, message, summary, received, sender,
+                    local, remote, sender_user_id, enforce_quota,
+                )
         except QuotaExceeded as e:
             raise MailboxFull(str(e)) from e
         except (MaildirError, OSError) as e:
@@ -127,6 +139,36 @@ class LocalDelivery:
                 )
             )
         return DeliveryResult(tuple(stored), tuple(queued))
+
+    async def _deliver_one(
+        self,
+        message: bytes,
+        summary: MessageSummary,
+        received: datetime,
+        sender: str,
+        recipient: LocalRecipient,
+        enforce_quota: bool,
+    ) -> list[StoredMessage]:
+        """The common case, one local recipient: the file in a disk thread, then one statement
+        (its own transaction) on the reactor."""
+        assert self._fast is not None
+        files, _ = await deferToThreadPool(
+            self._reactor, self._disk_pool, self._write_files, message, [recipient], False
+        )
+        record = _new_message(recipient, files[0], summary, sender, received, enforce_quota)
+        try:
+            rows = await self._fast.fetch(ADD_MESSAGE, add_message_params(record))
+            if not rows:
+                raise MailboxNotFound(f"no mailbox {recipient.mailbox} for {recipient.address}")
+        except BaseException:
+            # Not recorded means not delivered: take the file back so a retry cannot duplicate.
+            await deferToThreadPool(
+                self._reactor, self._disk_pool, _remove, [f.path for f in files]
+            )
+            raise
+        mailbox_id, uid, modseq, _ = rows[0]
+        return [StoredMessage(mailbox_id, recipient.user_id, uid, modseq, files[0].name,
+                              files[0].size)]
 
     def _deliver_txn(
         self,

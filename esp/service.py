@@ -33,6 +33,7 @@ from esp.storage.cluster import EmbeddedCluster
 from esp.storage.db import Database
 from esp.storage.directory import DirectoryStore
 from esp.storage.migrations import apply_migrations_txn, load_migrations
+from esp.storage.pgasync import AsyncDatabase
 from esp.tls import CertificateStore
 from esp.workers import WorkerPool, worker_count
 
@@ -188,9 +189,10 @@ class DatabaseService(Service):
 
     log = Logger()
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, fast: AsyncDatabase | None = None) -> None:
         self.setName("database")
         self.db = db
+        self._fast = fast
 
     def startService(self) -> Deferred[None]:
         super().startService()
@@ -206,6 +208,8 @@ class DatabaseService(Service):
 
     def stopService(self) -> None:
         super().stopService()
+        if self._fast is not None:
+            self._fast.close()
         self.db.close()
 
 
@@ -372,15 +376,16 @@ def makeService(
         min_connections=config.storage.database.pool_min,
         max_connections=config.storage.database.pool_max,
     )
-    children.append(DatabaseService(db))
+    fast = AsyncDatabase(dsn, reactor, size=4)
+    children.append(DatabaseService(db, fast))
 
     events = EventBus()
-    directory = DirectoryStore(db, config.maildir_root)
+    directory = DirectoryStore(db, config.maildir_root, fast)
     checker = DirectoryChecker(
         directory, PasswordHasher(config.security.auth.argon2), reactor, hashing.pool
     )
     delivery = LocalDelivery(
-        db, config.maildir_root, config.data_dir / "spool", disk.pool, events, reactor
+        db, config.maildir_root, config.data_dir / "spool", disk.pool, events, reactor, fast
     )
     children.append(SpoolService(delivery))
     mailauth = None

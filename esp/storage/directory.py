@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg2.errors
 
 from esp.addresses import Address, InvalidAddress, normalize_domain, parse_address
 from esp.storage.db import Cursor, Database, Prepared
 from esp.storage.maildir import Maildir, folder_directory, user_directory
+from esp.storage.pgasync import AsyncDatabase
 
 # RFC 6154 special-use mailboxes every new user gets, with INBOX.
 DEFAULT_MAILBOXES: Sequence[tuple[str, str | None]] = (
@@ -412,8 +414,15 @@ _lookup = Prepared(
 
 def _lookup_txn(cur: Cursor, address: Address) -> tuple[bool, User | None, list[str]]:
     """One round trip for the common case: is the domain hosted, the user, the alias targets."""
-    _lookup.execute(cur, {"local": address.localpart, "domain": address.domain})
-    row = cur.fetchone()
+    _lookup.execute(cur, _lookup_params(address))
+    return _lookup_result(cur.fetchone())
+
+
+def _lookup_params(address: Address) -> dict[str, object]:
+    return {"local": address.localpart, "domain": address.domain}
+
+
+def _lookup_result(row: Sequence[Any] | None) -> tuple[bool, User | None, list[str]]:
     if row is None:
         return False, None, []
     targets = list(row[0])
@@ -507,9 +516,12 @@ def may_send_as_txn(cur: Cursor, user_id: int, address: Address) -> bool:
 class DirectoryStore:
     """Directory operations for services, each a named transaction on the pool."""
 
-    def __init__(self, db: Database, maildir_root: Path) -> None:
+    def __init__(
+        self, db: Database, maildir_root: Path, fast: AsyncDatabase | None = None
+    ) -> None:
         self._db = db
         self._maildir_root = maildir_root
+        self._fast = fast
 
     async def find_user(self, address: Address) -> User | None:
         return await self._db.run("find_user", find_user_txn, address)
@@ -518,6 +530,15 @@ class DirectoryStore:
         await self._db.run("record_login", record_login_txn, user_id, new_hash)
 
     async def resolve_recipient(self, address: Address) -> Resolution:
+        if self._fast is not None:
+            # The common case, a plain user, in one statement on the reactor; aliases,
+            # +details and catch-alls take the full resolution below.
+            rows = await self._fast.fetch(_lookup, _lookup_params(address))
+            hosted, user, targets = _lookup_result(rows[0] if rows else None)
+            if not hosted:
+                raise NotHosted(f"{address.domain} is not a domain hosted here")
+            if user is not None and not targets:
+                return Resolution((user,), ())
         return await self._db.run("resolve_recipient", resolve_recipient_txn, address)
 
     async def may_send_as(self, user_id: int, address: Address) -> bool:

@@ -28,6 +28,8 @@ _SUBDIRS = ("cur", "new", "tmp")
 TMP_MAX_AGE = 36 * 3600
 _MAX_DIRNAME = 200
 _counter = itertools.count(1)
+# Maildirs this process has seen complete; a removed one is noticed when a delivery fails.
+_known_maildirs: set[Path] = set()
 
 
 class MaildirError(Exception):
@@ -47,15 +49,26 @@ def _hostname() -> str:
     return socket.gethostname().replace("/", r"\057").replace(":", r"\072")
 
 
+# Fixed per process (and renewed in a forked child): every system call in the delivery path
+# costs a GIL hand-off between the disk thread and the reactor, so none is spent on these.
+_process: tuple[int, str, str] = (0, "", "")
+
+
+def _process_identity() -> tuple[int, str, str]:
+    global _process
+    pid = os.getpid()
+    if _process[0] != pid:
+        _process = (pid, secrets.token_hex(4), _hostname())
+    return _process
+
+
 def unique_name() -> str:
     """A file name no other delivery on any host can produce: time.M<usec>P<pid>Q<n>R<rand>.host."""
     now = time.time()
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
-    return (
-        f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(8)}."
-        f"{_hostname()}"
-    )
+    pid, random_part, host = _process_identity()
+    return f"{seconds}.M{micros}P{pid}Q{next(_counter)}R{random_part}.{host}"
 
 
 def _safe_component(text: str, keep_inner_dots: bool = False) -> str:
@@ -119,7 +132,10 @@ class Maildir:
         Every directory made here, and the directory holding it, is fsync'd, so a crash cannot
         lose a folder that a committed message row already points into.
         """
+        if self.path in _known_maildirs:
+            return
         if all((self.path / sub).is_dir() for sub in _SUBDIRS):
+            _known_maildirs.add(self.path)
             return
         missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -128,6 +144,7 @@ class Maildir:
         for directory in (self.path, *missing):
             _fsync_directory(directory)
             _fsync_directory(directory.parent)
+        _known_maildirs.add(self.path)
 
     def deliver(self, data: bytes | Iterable[bytes]) -> StoredFile:
         """Write a message durably into ``new/`` and return its file name."""

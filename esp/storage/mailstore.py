@@ -146,27 +146,28 @@ SELECT ins.mailbox_id, ins.uid, ins.modseq,
                  ins.mailbox_id || ':' || ins.uid || ':' || ins.modseq)
 FROM ins
 """
-_add_message = Prepared("esp_add_message", _ADD_MESSAGE)
+ADD_MESSAGE = Prepared("esp_add_message", _ADD_MESSAGE)
+
+
+def add_message_params(m: NewMessage) -> dict[str, object]:
+    return {
+        "user_id": m.user_id, "mailbox_id": m.mailbox_id, "mailbox": m.mailbox,
+        "size": m.size, "enforce": m.enforce_quota, "unseen": 0 if m.seen else 1,
+        "filename": m.filename, "internal_date": m.internal_date, "seen": m.seen,
+        "flagged": m.flagged, "draft": m.draft, "keywords": list(m.keywords),
+        "envelope_from": m.envelope_from, "envelope_to": list(m.envelope_to),
+        "message_id": m.message_id, "in_reply_to": m.in_reply_to, "subject": m.subject,
+        "from_header": m.from_header, "to_header": m.to_header,
+        "cc_header": m.cc_header, "bcc_header": m.bcc_header,
+        "sent_date": m.sent_date, "headers": m.headers,
+    }
 
 
 def add_messages_txn(cur: Cursor, messages: Sequence[NewMessage]) -> list[StoredMessage]:
     """Index messages whose files are in place: UID, row, counters, quota; notify at commit."""
     stored = []
     for m in messages:
-        _add_message.execute(
-            cur,
-            {
-                "user_id": m.user_id, "mailbox_id": m.mailbox_id, "mailbox": m.mailbox,
-                "size": m.size, "enforce": m.enforce_quota, "unseen": 0 if m.seen else 1,
-                "filename": m.filename, "internal_date": m.internal_date, "seen": m.seen,
-                "flagged": m.flagged, "draft": m.draft, "keywords": list(m.keywords),
-                "envelope_from": m.envelope_from, "envelope_to": list(m.envelope_to),
-                "message_id": m.message_id, "in_reply_to": m.in_reply_to, "subject": m.subject,
-                "from_header": m.from_header, "to_header": m.to_header,
-                "cc_header": m.cc_header, "bcc_header": m.bcc_header,
-                "sent_date": m.sent_date, "headers": m.headers,
-            },
-        )
+        ADD_MESSAGE.execute(cur, add_message_params(m))
         row = cur.fetchone()
         if row is None:
             if m.enforce_quota and not quota_room_txn(cur, m.user_id, m.size):
