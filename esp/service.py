@@ -348,7 +348,7 @@ def makeService(
         reactor = default_reactor
     blocking = ThreadPoolService("esp-blocking", max_threads=4)
     hashing = ThreadPoolService("esp-password-hashing", max_threads=2)
-    disk = ThreadPoolService("esp-disk", max_threads=8)
+    disk = ThreadPoolService("esp-disk", max_threads=4)
     dns_pool = ThreadPoolService("esp-dns", max_threads=8)
     certificates = CertificateService(
         CertificateStore(config.security.tls, config.server.hostname, config.data_dir)

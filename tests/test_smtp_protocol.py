@@ -421,3 +421,42 @@ def test_plaintext_auth_on_loopback_only_when_configured() -> None:
     assert b"AUTH PLAIN LOGIN" in h.output()
     assert replies_to(h, b"AUTH PLAIN " + plain(b"alice@example.test", b"right password")
                       + b"\r\n")[0].startswith(b"235")
+
+
+def connect_with(limits: ConnectionLimits, clock: task.Clock) -> tuple[Any, TLSStringTransport]:
+    protocol = ESMTPServer(
+        SMTPSettings("mx.example.test", Listener.MX, 100_000, 10), RecordingPolicy(), None,
+        object(), limits, EventBus(), clock,
+    )
+    transport = TLSStringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_concurrent_connections_per_address_are_limited() -> None:
+    clock = task.Clock()
+    limits = ConnectionLimits(clock.seconds, max_per_ip=2, rate_per_minute=0,
+                              auth_failures_per_ip=0)
+    first, _ = connect_with(limits, clock)
+    second, _ = connect_with(limits, clock)
+    _, refused = connect_with(limits, clock)
+    assert refused.value().startswith(b"421 4.7.0")
+    assert refused.disconnecting
+    first.connectionLost(None)  # a slot is free again
+    _, admitted = connect_with(limits, clock)
+    assert admitted.value().startswith(b"220 ")
+
+
+def test_connection_rate_per_address_is_limited() -> None:
+    clock = task.Clock()
+    limits = ConnectionLimits(clock.seconds, max_per_ip=0, rate_per_minute=3,
+                              auth_failures_per_ip=0)
+    for _ in range(3):
+        protocol, transport = connect_with(limits, clock)
+        assert transport.value().startswith(b"220 ")
+        protocol.connectionLost(None)
+    _, refused = connect_with(limits, clock)
+    assert refused.value().startswith(b"421 4.7.0")
+    clock.advance(61)  # the window has passed
+    _, admitted = connect_with(limits, clock)
+    assert admitted.value().startswith(b"220 ")
