@@ -1,0 +1,67 @@
+"""Events from the SMTP service, observed in-process on the event bus: message.received for each
+stored copy and user.login for a successful AUTH."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import reactor, threads
+
+from esp.addresses import parse_address
+from esp.auth import PasswordHasher
+from esp.config import load_config
+from esp.events import Event
+from esp.service import makeService
+from esp.storage import directory
+from esp.storage.db import run_sync
+from tests.dnszone import DNSServer
+from tests.espserver import FAST_HASHING, connection, write_config
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivery_and_login_are_announced(
+    scratch: Path, database_dsn: str, test_dns: DNSServer
+) -> None:
+    config = load_config(write_config(scratch, database_dsn, test_dns.nameserver), environ={})
+    with connection(database_dsn) as conn:
+        run_sync(conn, directory.add_domain_txn, "example.test")
+        for name in ("alice", "bob"):
+            run_sync(conn, directory.add_user_txn, parse_address(f"{name}@example.test"),
+                     PasswordHasher(FAST_HASHING).hash("a long password"),
+                     config.maildir_root)
+    service = makeService(config, reactor)
+    seen: list[Event] = []
+    service.events.subscribe("#", seen.append)
+    service.startService()
+    try:
+        await service.ready
+        ports = {listener.name: listener.port.getHost().port for listener in service.listeners}
+        cafile = str(config.data_dir / "tls" / "selfsigned.crt")
+
+        def submit() -> None:
+            context = ssl.create_default_context(cafile=cafile)
+            context.check_hostname = False
+            with smtplib.SMTP_SSL("127.0.0.1", ports["smtp-submissions-0"], context=context,
+                                  timeout=30) as client:
+                client.login("alice@example.test", "a long password")
+                client.sendmail("alice@example.test", ["bob@example.test"],
+                                "Subject: hi\r\nMessage-ID: <e1@example.test>\r\n\r\nhello\r\n")
+
+        await threads.deferToThread(submit)
+    finally:
+        await service.stopService()
+    logins = [e for e in seen if e.type == "user.login"]
+    assert [(e.payload["user"], e.payload["protocol"], e.payload["success"]) for e in logins] == [
+        ("alice@example.test", "smtp", True)
+    ]
+    assert logins[0].payload["client_ip"] == "127.0.0.1"
+    received = [e for e in seen if e.type == "message.received"]
+    assert len(received) == 1
+    payload = received[0].payload
+    assert payload["user"] == "bob@example.test" and payload["mailbox"] == "INBOX"
+    assert payload["uid"] == 1 and payload["sender"] == "alice@example.test"
+    assert payload["message_id"] == "<e1@example.test>"
+    assert received[0].domain == "example.test"
