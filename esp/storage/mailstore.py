@@ -8,9 +8,10 @@ when it is counted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
+from esp.message import MessageSummary
 from esp.storage.db import Cursor, Prepared
 
 # Sent with pg_notify at commit, so IDLE sessions on any node learn of new mail.
@@ -46,15 +47,7 @@ class NewMessage:
     internal_date: datetime
     envelope_from: str | None
     envelope_to: Sequence[str]
-    message_id: str | None
-    in_reply_to: str | None
-    subject: str | None
-    from_header: str | None
-    to_header: str | None
-    cc_header: str | None
-    bcc_header: str | None
-    sent_date: datetime | None
-    headers: str
+    summary: MessageSummary  # the header fields indexed for search
     keywords: Sequence[str] = ()
     seen: bool = False
     flagged: bool = False
@@ -71,7 +64,6 @@ class StoredMessage:
     modseq: int
     filename: str
     size: int
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def get_mailbox_txn(cur: Cursor, user_id: int, name: str) -> Mailbox:
@@ -150,16 +142,19 @@ ADD_MESSAGE = Prepared("esp_add_message", _ADD_MESSAGE)
 
 
 def add_message_params(m: NewMessage) -> dict[str, object]:
+    summary = m.summary
     return {
         "user_id": m.user_id, "mailbox_id": m.mailbox_id, "mailbox": m.mailbox,
         "size": m.size, "enforce": m.enforce_quota, "unseen": 0 if m.seen else 1,
         "filename": m.filename, "internal_date": m.internal_date, "seen": m.seen,
         "flagged": m.flagged, "draft": m.draft, "keywords": list(m.keywords),
         "envelope_from": m.envelope_from, "envelope_to": list(m.envelope_to),
-        "message_id": m.message_id, "in_reply_to": m.in_reply_to, "subject": m.subject,
-        "from_header": m.from_header, "to_header": m.to_header,
-        "cc_header": m.cc_header, "bcc_header": m.bcc_header,
-        "sent_date": m.sent_date, "headers": m.headers,
+        "message_id": summary.message_id, "in_reply_to": summary.in_reply_to,
+        "subject": summary.subject, "from_header": summary.from_header,
+        "to_header": summary.to_header, "cc_header": summary.cc_header,
+        "bcc_header": summary.bcc_header, "sent_date": summary.sent_date,
+        # PostgreSQL text cannot hold NUL.
+        "headers": summary.header_text.replace("\x00", ""),
     }
 
 
