@@ -182,7 +182,7 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
                 raise SystemExit(f"ESP did not start:\n{text}")
             else:
                 time.sleep(0.1)  # a benchmark harness, not a test: polling the log is fine
-        ours = (f"--config {config}", "esp.worker", "esp.storage.diskwriter")
+        ours = (f"--config {config}", "esp.worker")
         names = (*ours, "postgres")
         pids = tree_pids(names)
         esp_pids = tree_pids(ours)
