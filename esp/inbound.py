@@ -30,6 +30,7 @@ from esp.storage.directory import (
     UnknownRecipient,
     User,
 )
+from esp.storage.mailstore import find_special_use_txn
 
 
 @dataclass(frozen=True)
@@ -137,15 +138,12 @@ class InboundPolicy:
                 users.setdefault(user.id, (user, item.address))
             for address in route.external:
                 remote[address] = None
-        folder, mailbox = "", "INBOX"
+        quarantine = False
         if session.listener is Listener.MX and self._mailauth is not None:
             message, quarantine = await self._authenticate(envelope, message)
-            if quarantine:
-                folder, mailbox = ".Junk", "Junk"
         local = [
-            LocalRecipient(
-                user_id=user.id, address=user.address, maildir=user.maildir,
-                folder=folder, mailbox=mailbox,
+            await self._quarantined(user) if quarantine else LocalRecipient(
+                user_id=user.id, address=user.address, maildir=user.maildir
             )
             for user, _original in users.values()
         ]
@@ -170,6 +168,20 @@ class InboundPolicy:
         ids += [f"q{q}" for q in result.queued]
         return " ".join(ids)
 
+
+    async def _quarantined(self, user: User) -> LocalRecipient:
+        """Where quarantined mail goes for ``user``: their \\Junk mailbox (RFC 6154), whatever
+        it is called now, or INBOX when they have none."""
+        try:
+            junk = await self._db.run("find_junk", find_special_use_txn, user.id, "\\Junk")
+        except DatabaseUnavailable:
+            raise temporary_failure() from None
+        if junk is None:
+            return LocalRecipient(user_id=user.id, address=user.address, maildir=user.maildir)
+        return LocalRecipient(
+            user_id=user.id, address=user.address, maildir=user.maildir,
+            folder=junk.folder, mailbox=junk.name,
+        )
 
     async def _authenticate(self, envelope: Envelope, message: bytes) -> tuple[bytes, bool]:
         """Check DKIM and DMARC, apply the policy, add Authentication-Results; (message,

@@ -12,7 +12,7 @@ import dkim
 import pytest
 
 from tests.dnszone import SELECTOR, DNSServer
-from tests.espserver import EspServer, start_esp
+from tests.espserver import EspServer, connection, start_esp
 
 REPORT_ONLY = (
     "  mailauth: {enforce_dmarc: false, reject_spf_fail: false}\n"
@@ -170,3 +170,18 @@ def test_forged_results_with_our_name_are_removed(enforcing: EspServer) -> None:
     assert data.count(b"Authentication-Results: mx.example.test;") == 1
     assert b"bank.test" not in data
     assert b"Authentication-Results: other.test; spf=pass" in data
+
+
+def test_quarantine_follows_the_junk_mailbox_when_renamed(enforcing: EspServer) -> None:
+    enforcing.add_user("fay@example.test", "fay's long password")
+    with connection(enforcing.dsn) as conn, conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE mailboxes SET name = 'Spam' FROM users "
+            "WHERE users.id = mailboxes.user_id AND users.localpart = 'fay' "
+            "AND mailboxes.special_use = '\\Junk'"
+        )
+    sender = "alice@dmarc-quarantine.test"
+    with smtplib.SMTP("127.0.0.1", enforcing.ports["mx"], timeout=30) as client:
+        client.sendmail(sender, ["fay@example.test"], build(sender, "to spam"))
+    assert len(enforcing.messages("fay@example.test", "Spam")) == 1
+    assert enforcing.messages("fay@example.test", "INBOX") == []

@@ -66,18 +66,6 @@ class StoredMessage:
     size: int
 
 
-def get_mailbox_txn(cur: Cursor, user_id: int, name: str) -> Mailbox:
-    cur.execute(
-        "SELECT id, user_id, name, folder, special_use FROM mailboxes "
-        "WHERE user_id = %s AND name = %s",
-        (user_id, name),
-    )
-    row = cur.fetchone()
-    if row is None:
-        raise MailboxNotFound(f"no mailbox {name!r}")
-    return Mailbox(*row)
-
-
 def find_special_use_txn(cur: Cursor, user_id: int, special_use: str) -> Mailbox | None:
     cur.execute(
         "SELECT id, user_id, name, folder, special_use FROM mailboxes "
