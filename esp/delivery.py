@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -160,6 +161,12 @@ class LocalDelivery:
             rows = await self._fast.fetch(ADD_MESSAGE, add_message_params(record))
             if not rows:
                 raise MailboxNotFound(f"no mailbox {recipient.mailbox} for {recipient.address}")
+        except DatabaseUnavailable:
+            # The connection failed after the statement may have reached the server: the row
+            # may exist.  A file without a row can be re-indexed; a row without its file is a
+            # lost message.  Keep the file.
+            self.log.warn("delivery outcome unknown; keeping {path}", path=str(files[0].path))
+            raise
         except BaseException:
             # Not recorded means not delivered: take the file back so a retry cannot duplicate.
             await deferToThreadPool(
@@ -194,11 +201,21 @@ class LocalDelivery:
                 queued = enqueue_txn(
                     cur, spooled.name, sender, remote, spooled.size, sender_user_id
                 )
-            # Committed here, not by the pool, so a failed commit still removes the files.
-            cur.connection.commit()
         except BaseException:
             # Not recorded means not delivered: take the files back so a retry cannot
             # duplicate.
+            _remove([f.path for f in files] + ([spooled.path] if spooled else []))
+            raise
+        # Committed here, not by the pool, to know the outcome: a commit refused by the server
+        # rolled everything back (remove the files); a connection lost during the commit leaves
+        # the outcome unknown (keep them: a row without its file would be a lost message).
+        try:
+            cur.connection.commit()
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            self.log.warn("delivery outcome unknown; keeping {paths}",
+                          paths=[str(f.path) for f in files])
+            raise
+        except BaseException:
             _remove([f.path for f in files] + ([spooled.path] if spooled else []))
             raise
         return stored, queued

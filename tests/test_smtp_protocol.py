@@ -460,3 +460,57 @@ def test_connection_rate_per_address_is_limited() -> None:
     clock.advance(61)  # the window has passed
     _, admitted = connect_with(limits, clock)
     assert admitted.value().startswith(b"220 ")
+
+
+@pytest.mark.parametrize("command", [b"BDAT \xc2\xb2", b"MAIL FROM:<a@remote.test> SIZE=\xc2\xb2"])
+def test_non_ascii_digits_are_a_syntax_error_not_a_crash(command: bytes) -> None:
+    h = ours()
+    h.send(b"EHLO c.test\r\n")
+    replies = replies_to(h, command + b"\r\nNOOP\r\n")
+    assert replies[0].startswith(b"501")
+    assert replies[1].startswith(b"250")
+    assert not h.transport.disconnecting
+
+
+def test_data_may_not_follow_bdat() -> None:
+    h = ours()
+    h.send(b"EHLO c.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.test>\r\n")
+    replies = replies_to(h, b"BDAT 5\r\nhelloDATA\r\n")
+    assert replies[0].startswith(b"250")
+    assert replies[1].startswith(b"503 5.5.1")
+    assert h.messages == []
+
+
+def test_auth_with_an_empty_initial_response() -> None:
+    h = submission()
+    # RFC 4954 §4: "=" is an empty initial response; LOGIN then asks for the user name.
+    assert replies_to(h, b"AUTH LOGIN =\r\n") == [b"334 VXNlcm5hbWU6"]
+    h = submission()
+    assert replies_to(h, b"AUTH PLAIN =\r\n")[0].startswith(b"501")
+
+
+def test_a_client_that_does_not_read_replies_stops_being_read() -> None:
+    h = ours()
+    h.protocol.pauseProducing()  # what the transport does when its write buffer is full
+    h.transport.clear()
+    h.send(b"NOOP\r\n" * 100)
+    assert h.output() == b""  # nothing processed (nor buffered as replies) while paused
+    assert h.transport.producerState == "producing"  # a little input is still read...
+    h.send(b"NOOP\r\n" * 200_000)
+    assert h.transport.producerState == "paused"  # ...but not an unbounded amount
+    h.protocol.resumeProducing()
+    assert h.output().count(b"250 2.0.0 OK") > 100
+
+
+def test_limit_tables_forget_addresses_once_their_window_has_passed() -> None:
+    clock = task.Clock()
+    limits = ConnectionLimits(clock.seconds, max_per_ip=0, rate_per_minute=100,
+                              auth_failures_per_ip=10)
+    for n in range(2000):
+        assert limits.admit(f"2001:db8::{n:x}") is None
+        limits.release(f"2001:db8::{n:x}")
+    clock.advance(601)
+    limits.admit("192.0.2.1")  # any later activity sweeps what has expired
+    limits._rate.sweep()
+    assert len(limits._rate) == 1
+    assert len(limits.auth_failures) == 0

@@ -87,6 +87,6 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 
 def parse_size(value: str | None) -> int:
-    if value is None or not value.isdigit() or len(value) > 20:
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
         raise _syntax("SIZE needs a number")
     return int(value)

@@ -13,26 +13,40 @@ class SlidingCounter:
     def __init__(self, window: float, now: Callable[[], float]) -> None:
         self._window = window
         self._now = now
-        self._events: dict[str, deque[float]] = defaultdict(deque)
+        self._events: dict[str, deque[float]] = {}
+        self._adds = 0
 
     def add(self, key: str) -> int:
         events = self._trim(key)
         events.append(self._now())
+        self._events[key] = events
+        self._adds += 1
+        if self._adds % 1024 == 0:
+            self.sweep()
         return len(events)
 
     def count(self, key: str) -> int:
         return len(self._trim(key))
 
     def _trim(self, key: str) -> deque[float]:
-        events = self._events[key]
+        events = self._events.get(key)
+        if events is None:
+            return deque()
         cutoff = self._now() - self._window
         while events and events[0] <= cutoff:
             events.popleft()
         if not events:
             # Forget idle keys so the table does not grow with every address ever seen.
             del self._events[key]
-            events = self._events[key]
         return events
+
+    def sweep(self) -> None:
+        """Drop every key whose events have all left the window."""
+        for key in list(self._events):
+            self._trim(key)
+
+    def __len__(self) -> int:
+        return len(self._events)
 
 
 class ConnectionLimits:

@@ -100,6 +100,7 @@ class ESMTPServer(smtp.ESMTP):
         self._tls = settings.listener is Listener.SUBMISSIONS
         self._user: str | None = None
         self._bdat_refusal: Refusal | None = None
+        self._output_paused = False
         self.callLater = clock.callLater  # type: ignore[method-assign]  # idle timer on our clock
         self._reset_session()
 
@@ -115,6 +116,9 @@ class ESMTPServer(smtp.ESMTP):
             self.transport.loseConnection()
             return
         self._admitted = True
+        # Our replies are a stream the client must read: when the transport's buffer fills,
+        # we stop reading its commands (pauseProducing) until it drains.
+        self.transport.registerProducer(self, True)
         self._reply(220, None, f"{self.settings.hostname} ESMTP ESP")
         self.setTimeout(self.timeout)
 
@@ -133,12 +137,12 @@ class ESMTPServer(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         self._buffer += data
-        if self._busy and len(self._buffer) > MAX_BUFFERED:
-            self.transport.pauseProducing()
+        if len(self._buffer) > MAX_BUFFERED:
+            self._update_reading()
         self._process()
 
     def _process(self) -> None:
-        while not self._busy and not self.transport.disconnecting:
+        while not self._busy and not self._output_paused and not self.transport.disconnecting:
             if self._state == "data":
                 if not self._consume_data():
                     return
@@ -181,28 +185,58 @@ class ESMTPServer(smtp.ESMTP):
         if handler is None:
             self._error(500, "5.5.2", "Command not recognized")
             return
-        result = handler(arg.strip(" "))
+        try:
+            result = handler(arg.strip(" "))
+        except Exception:
+            # A bug must cost this command, not the session (or the reactor).
+            self.log.failure("SMTP command {verb} failed", verb=verb.upper())
+            self._reply(451, "4.3.0", "Local error in processing, try again later")
+            return
         if isinstance(result, Deferred):
-            self._wait(result)
+            self._wait(result, reset_on_error=verb.upper() in ("MAIL", "DATA", "BDAT"))
 
-    def _wait(self, d: Deferred[Any]) -> None:
+    def _wait(self, d: Deferred[Any], reset_on_error: bool = True) -> None:
         """Hold further input until ``d`` fires (one command at a time)."""
         self._busy = True
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("SMTP session {session} failed", failure, session=self.session_id)
+            self._reply(451, "4.3.0", "Local error in processing, try again later")
+            if reset_on_error:
+                self._reset_transaction()
 
         def done(result: object) -> None:
             self._busy = False
             if self.transport.disconnecting:
                 return
-            self.transport.resumeProducing()
+            self._update_reading()
             self._process()
 
-        d.addErrback(self._internal_error)
+        d.addErrback(failed)
         d.addBoth(done)
 
-    def _internal_error(self, failure: Failure) -> None:
-        self.log.failure("SMTP session {session} failed", failure, session=self.session_id)
-        self._reply(451, "4.3.0", "Local error in processing, try again later")
-        self._reset_transaction()
+    # -- flow control: a client that does not read our replies stops being read ---------------
+
+    def pauseProducing(self) -> None:
+        self._output_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._output_paused = False
+        self._update_reading()
+        self._process()
+
+    def stopProducing(self) -> None:
+        self._output_paused = True
+
+    def _update_reading(self) -> None:
+        # Stop reading only once a fair amount is waiting: a TLS transport pauses us during its
+        # handshake, and it must go on reading to finish that handshake.
+        waiting = self._busy or self._output_paused
+        if waiting and len(self._buffer) > MAX_BUFFERED:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
 
     def _run(self, coroutine: Awaitable[None]) -> Deferred[None]:
         return Deferred.fromCoroutine(coroutine)  # type: ignore[arg-type]
@@ -363,14 +397,17 @@ class ESMTPServer(smtp.ESMTP):
             return
         mechanism, _, initial = arg.partition(" ")
         mechanism = mechanism.upper()
+        empty_initial = initial == "="  # RFC 4954 §4: "=" is an initial response of zero length
         if mechanism == "PLAIN":
-            if initial:
+            if empty_initial:
+                self._auth_plain(b"")
+            elif initial:
                 self._auth_plain(initial.encode())
             else:
                 self._auth_step = self._auth_plain
                 self._reply(334, None, "")
         elif mechanism == "LOGIN":
-            if initial:
+            if initial and not empty_initial:
                 self._auth_login_user(initial.encode())
             else:
                 self._auth_step = self._auth_login_user
@@ -380,6 +417,8 @@ class ESMTPServer(smtp.ESMTP):
 
     def _decode_auth(self, line: bytes) -> bytes | None:
         self._auth_step = None
+        if line == b"":
+            return b""
         if line == b"*":
             self._error(501, "5.0.0", "Authentication cancelled")
             return None
@@ -419,6 +458,11 @@ class ESMTPServer(smtp.ESMTP):
             await self._auth_failed(username)
             return
         except AuthenticationBusy:
+            self._reply(454, "4.7.0", "Temporary authentication failure, try again later")
+            return
+        except Exception:
+            # RFC 4954 §6: a server-side problem during AUTH is 454, and the session goes on.
+            self.log.failure("authentication failed in the backend")
             self._reply(454, "4.7.0", "Temporary authentication failure, try again later")
             return
         self._user = avatar.decode("utf-8")
@@ -548,6 +592,8 @@ class ESMTPServer(smtp.ESMTP):
             self._error(503, "5.5.1", "Need MAIL command first")
         elif not self._accepted:
             self._error(554, "5.5.1", "No valid recipients")
+        elif self._data:
+            self._error(503, "5.5.1", "DATA may not follow BDAT in one transaction")
         else:
             self._state = "data"
             # The stream starts just after the DATA line's CRLF, which can begin the terminator.
@@ -583,7 +629,7 @@ class ESMTPServer(smtp.ESMTP):
 
     def cmd_BDAT(self, arg: str) -> None:
         parts = arg.split()
-        if not parts or not parts[0].isdigit() or len(parts) > 2 or (
+        if not parts or not (parts[0].isascii() and parts[0].isdigit()) or len(parts) > 2 or (
             len(parts) == 2 and parts[1].upper() != "LAST"
         ):
             self._error(501, "5.5.4", "Syntax: BDAT size [LAST]")

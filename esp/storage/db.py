@@ -49,7 +49,8 @@ class Prepared:
 
         self.name = name
         self.prepare_sql = f"PREPARE {name} AS " + _NAMED.sub(positional, sql)
-        self.execute_sql = f"EXECUTE {name}(" + ", ".join(f"%({n})s" for n in names) + ")"
+        arguments = ", ".join(f"%({n})s" for n in names)
+        self.execute_sql = f"EXECUTE {name}({arguments})" if names else f"EXECUTE {name}"
 
     def execute(self, cur: Cursor, params: dict[str, Any]) -> None:
         # Prepared on first use per connection (a PREPARE outlives a rolled-back transaction).

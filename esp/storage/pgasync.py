@@ -12,6 +12,7 @@ themselves; this is why this module exists.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from typing import Any
 
@@ -39,11 +40,15 @@ class _Connection:
         self._waiting: Deferred[None] | None = None
         self.prepared: set[str] = set()
         self.connection = psycopg2.connect(dsn, async_=1)
+        # The reactor watches a duplicate of the socket that we own: libpq closes its own
+        # descriptor when the server drops the connection, and unregistering a closed
+        # descriptor would fail.
+        self._fd = os.dup(self.connection.fileno())
 
     # -- IReadDescriptor / IWriteDescriptor ------------------------------------------------------
 
     def fileno(self) -> int:
-        return int(self.connection.fileno())
+        return self._fd
 
     def logPrefix(self) -> str:
         return "postgresql"
@@ -96,6 +101,9 @@ class _Connection:
     def close(self) -> None:
         self._reactor.removeReader(self)
         self._reactor.removeWriter(self)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if not self.connection.closed:
             self.connection.close()
 
@@ -115,7 +123,10 @@ class AsyncDatabase:
         self._closed = False
 
     async def _connect(self) -> _Connection:
-        connection = _Connection(self._dsn, self._reactor)
+        try:
+            connection = _Connection(self._dsn, self._reactor)
+        except psycopg2.Error as e:
+            raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {str(e).strip()}") from e
         try:
             await connection.wait()
             cursor = connection.connection.cursor()
@@ -148,15 +159,24 @@ class AsyncDatabase:
             if connection is not None:
                 connection.close()
             if self._waiters and not self._closed:
-                # A broken connection was dropped: the next caller opens a new one.
-                waiter = self._waiters.popleft()
-                self._open += 1
-                Deferred.fromCoroutine(self._connect()).chainDeferred(waiter)
+                # A broken connection was dropped: open a new one for the next caller.
+                Deferred.fromCoroutine(self._replace(self._waiters.popleft()))
             return
         if self._waiters:
             self._waiters.popleft().callback(connection)
         else:
             self._idle.append(connection)
+
+    async def _replace(self, waiter: Deferred[_Connection]) -> None:
+        self._open += 1
+        try:
+            connection = await self._connect()
+        except DatabaseUnavailable as e:
+            # The slot is free again, and this caller learns why; the next one tries anew.
+            self._open -= 1
+            waiter.errback(e)
+            return
+        waiter.callback(connection)
 
     async def fetch(self, statement: Prepared, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run one prepared statement in its own transaction; return its rows."""
