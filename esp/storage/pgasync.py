@@ -130,7 +130,9 @@ class AsyncDatabase:
         try:
             await connection.wait()
             cursor = connection.connection.cursor()
-            cursor.execute("SET TIME ZONE 'UTC'")
+            # Bounded: a statement stuck behind a lock or a dead peer must not hold an SMTP
+            # session (and a connection of this small pool) for ever.
+            cursor.execute("SET TIME ZONE 'UTC'; SET statement_timeout = '60s'")
             await connection.wait()
         except psycopg2.Error as e:
             connection.close()
