@@ -34,12 +34,6 @@ from esp.storage.mailstore import find_special_use_txn
 
 
 @dataclass(frozen=True)
-class _Route:
-    users: tuple[User, ...]
-    external: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class MailAuthPolicy:
     """Sender authentication on the MX, and what to do with its results."""
 
@@ -101,7 +95,7 @@ class InboundPolicy:
         except NotHosted:
             if session.user is None:
                 raise Refusal(554, "5.7.1", f"<{address}>: Relay access denied") from None
-            return Accepted(str(address), _Route((), (str(address),)))
+            return Accepted(str(address), Resolution((), (str(address),)))
         except UnknownRecipient:
             raise Refusal(
                 550, "5.1.1", f"<{address}>: Recipient address rejected: no such user here"
@@ -109,7 +103,7 @@ class InboundPolicy:
         except DatabaseUnavailable:
             raise temporary_failure() from None
         await self._check_quota(resolution, size or 0)
-        return Accepted(str(address), _Route(resolution.users, resolution.external))
+        return Accepted(str(address), resolution)
 
     async def _check_quota(self, resolution: Resolution, size: int) -> None:
         # The user rows just read carry the usage: no second round trip per recipient.
@@ -133,7 +127,8 @@ class InboundPolicy:
         users: dict[int, tuple[User, str]] = {}
         remote: dict[str, None] = {}
         for item in accepted:
-            route: Any = item.resolution
+            route = item.resolution
+            assert isinstance(route, Resolution)  # what check_recipient handed out
             for user in route.users:
                 users.setdefault(user.id, (user, item.address))
             for address in route.external:

@@ -543,15 +543,3 @@ class DirectoryStore:
 
     async def may_send_as(self, user_id: int, address: Address) -> bool:
         return await self._db.run("may_send_as", may_send_as_txn, user_id, address)
-
-    async def is_hosted(self, domain: str) -> bool:
-        return await self._db.run("is_hosted", _is_hosted, domain)
-
-    async def add_domain(self, name: str) -> Domain:
-        return await self._db.run("add_domain", add_domain_txn, name)
-
-    async def add_user(self, address: Address, password_hash: str, **kwargs: object) -> User:
-        return await self._db.run(
-            "add_user", add_user_txn, address, password_hash, self._maildir_root,
-            **kwargs,  # type: ignore[arg-type]
-        )
