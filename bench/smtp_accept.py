@@ -182,11 +182,12 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
                 raise SystemExit(f"ESP did not start:\n{text}")
             else:
                 time.sleep(0.1)  # a benchmark harness, not a test: polling the log is fine
-        ours = (f"--config {config}", "esp.worker")
+        ours = (f"--config {config}", "esp.worker", "esp.storage.diskwriter")
         names = (*ours, "postgres")
         pids = tree_pids(names)
         esp_pids = tree_pids(ours)
         before, esp_before = cpu_seconds(pids), cpu_seconds(esp_pids)
+        writer_before = cpu_seconds(tree_pids(("esp.storage.diskwriter",)))
         esp_sys_before = cpu_seconds(esp_pids, (12,))
         profiler = None
         if os.environ.get("ESP_BENCH_STRACE"):
@@ -208,8 +209,10 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
         used = cpu_seconds(pids) - before
         esp_used = cpu_seconds(tree_pids(ours)) - esp_before
         esp_sys = cpu_seconds(tree_pids(ours), (12,)) - esp_sys_before
+        writer = cpu_seconds(tree_pids(("esp.storage.diskwriter",))) - writer_before
         print(f"  of which ESP processes {esp_used / args.messages * 1000:.2f} ms/msg "
-              f"({esp_sys / args.messages * 1000:.2f} in the kernel), "
+              f"({esp_sys / args.messages * 1000:.2f} in the kernel; Maildir writers "
+              f"{writer / args.messages * 1000:.2f}), "
               f"PostgreSQL {(used - esp_used) / args.messages * 1000:.2f} ms/msg")
         memory = rss_mib(tree_pids(ours))
         stored = count_files(work / "var" / "maildir" / "example.test" / "alice" / "new")
@@ -301,6 +304,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--workers", type=int, nargs="*", default=[1, os.cpu_count() or 1])
     parser.add_argument("--no-anchor", action="store_true")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the data behind (see bench/README.md: deleting many files "
+                             "slows file creation for minutes on some filesystems)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="esp-bench-"))
     os.chmod(work, 0o711)  # noqa: S103
@@ -319,7 +325,10 @@ def main() -> None:
                 for r in results:
                     print(f"{r.name} / Postfix: {r.rate / anchor.rate:.2f}x")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,8 @@ class MaildirConfig(Section):
 
 class StorageConfig(Section):
     data_dir: Path = Path(DEFAULT_DATA_DIR)
+    # Seconds a found recipient (a plain user) is remembered; 0 asks the database every time.
+    directory_cache_seconds: Annotated[float, Field(ge=0, le=300)] = 1.0
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     maildir: MaildirConfig = Field(default_factory=MaildirConfig)
 

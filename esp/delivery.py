@@ -5,11 +5,15 @@ fsync of the directory) in a disk thread; then one PostgreSQL transaction record
 row, quota) and queues any remote recipients; only after the commit does the caller answer 250.
 If the transaction fails, the files are removed again and the caller answers 4xx, so a retry by
 the client cannot create a duplicate.
+
+Local deliveries are group-committed (:mod:`esp.batching`): the messages of every session that
+arrive while the previous batch is being written share one trip to the disk thread (one fsync per
+directory), and then one statement, one transaction and one WAL flush in PostgreSQL.  Each
+message still gets its own answer: one that fails (a mailbox gone, a quota) fails alone.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,22 +21,35 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from esp.batching import Batcher
 from esp.events import MESSAGE_RECEIVED, Event, EventBus
 from esp.message import MessageSummary, summarize
 from esp.storage.db import Cursor, Database, DatabaseUnavailable
-from esp.storage.maildir import Maildir, MaildirError, StoredFile
+from esp.storage.diskwriter import DiskWriter
+from esp.storage.maildir import (
+    Job,
+    Maildir,
+    MaildirError,
+    StoredFile,
+    deliver_unsynced,
+    fsync_directory,
+    remove_files,
+)
 from esp.storage.mailstore import (
-    ADD_MESSAGE,
+    STORE_MESSAGES,
+    JobOutcome,
     MailboxNotFound,
     NewMessage,
     QuotaExceeded,
     StoredMessage,
-    add_message_params,
     add_messages_txn,
+    store_outcomes,
+    store_params,
 )
 from esp.storage.pgasync import AsyncDatabase
 from esp.storage.queue import enqueue_txn
@@ -56,6 +73,11 @@ class LocalRecipient:
     keywords: tuple[str, ...] = ()
 
 
+# Jobs per batch: PostgreSQL keeps 64 subtransactions per transaction in shared memory (each
+# job of a batch is one); past that, every snapshot gets slower.
+BATCH_LIMIT = 32
+
+
 @dataclass(frozen=True)
 class DeliveryResult:
     stored: tuple[StoredMessage, ...]
@@ -73,7 +95,7 @@ class LocalDelivery:
         disk_pool: ThreadPool,
         events: EventBus,
         reactor: Any,
-        fast: AsyncDatabase | None = None,
+        fast: AsyncDatabase,
     ) -> None:
         self._db = db
         self._fast = fast
@@ -82,10 +104,20 @@ class LocalDelivery:
         self._disk_pool = disk_pool
         self._events = events
         self._reactor = reactor
+        self._writer = DiskWriter(reactor, maildir_root)
+        self._files: Batcher[Job, list[StoredFile]] = Batcher(self._writer.write, BATCH_LIMIT)
+        self._rows: Batcher[list[NewMessage], list[StoredMessage]] = Batcher(
+            self._store_batch, BATCH_LIMIT
+        )
 
     def prepare(self) -> None:
-        """Create the spool; blocking, at start-up."""
+        """Create the spool and start the Maildir writer; blocking, at start-up."""
         self._spool.create()
+        self._writer.start()
+
+    def close(self) -> Deferred[None]:
+        """Stop the Maildir writer once it has written what it was given."""
+        return self._writer.stop()
 
     async def deliver(
         self,
@@ -102,9 +134,9 @@ class LocalDelivery:
         received = datetime.now(UTC)
         try:
             queued: list[int] = []
-            if self._fast is not None and len(local) == 1 and not remote:
-                stored = await self._deliver_one(
-                    message, summary, received, sender, local[0], enforce_quota
+            if not remote:
+                stored = await self._deliver_local(
+                    message, summary, received, sender, local, enforce_quota
                 )
             else:
                 # Files and rows in one trip to a pool thread: the transaction starts with its
@@ -141,41 +173,56 @@ class LocalDelivery:
             )
         return DeliveryResult(tuple(stored), tuple(queued))
 
-    async def _deliver_one(
+    async def _deliver_local(
         self,
         message: bytes,
         summary: MessageSummary,
         received: datetime,
         sender: str,
-        recipient: LocalRecipient,
+        local: Sequence[LocalRecipient],
         enforce_quota: bool,
     ) -> list[StoredMessage]:
-        """The common case, one local recipient: the file in a disk thread, then one statement
-        (its own transaction) on the reactor."""
-        assert self._fast is not None
-        files, _ = await deferToThreadPool(
-            self._reactor, self._disk_pool, self._write_files, message, [recipient], False
+        """The common case, local recipients only: files, then rows, each group-committed."""
+        if not local:
+            return []
+        files = await self._files.submit(
+            (message, tuple((r.maildir, r.folder) for r in local))
         )
-        record = _new_message(recipient, files[0], summary, sender, received, enforce_quota)
+        records = [
+            _new_message(recipient, stored, summary, sender, received, enforce_quota)
+            for recipient, stored in zip(local, files, strict=True)
+        ]
         try:
-            rows = await self._fast.fetch(ADD_MESSAGE, add_message_params(record))
-            if not rows:
-                raise MailboxNotFound(f"no mailbox {recipient.mailbox} for {recipient.address}")
+            return await self._rows.submit(records)
         except DatabaseUnavailable:
-            # The connection failed after the statement may have reached the server: the row
+            # The connection failed after the statement may have reached the server: the rows
             # may exist.  A file without a row can be re-indexed; a row without its file is a
-            # lost message.  Keep the file.
-            self.log.warn("delivery outcome unknown; keeping {path}", path=str(files[0].path))
+            # lost message.  Keep the files.
+            self.log.warn("delivery outcome unknown; keeping {paths}",
+                          paths=[str(f.path) for f in files])
             raise
         except BaseException:
-            # Not recorded means not delivered: take the file back so a retry cannot duplicate.
+            # Not recorded means not delivered: take the files back so a retry cannot duplicate.
             await deferToThreadPool(
-                self._reactor, self._disk_pool, _remove, [f.path for f in files]
+                self._reactor, self._disk_pool, remove_files, [f.path for f in files]
             )
             raise
-        mailbox_id, uid, modseq, _ = rows[0]
-        return [StoredMessage(mailbox_id, recipient.user_id, uid, modseq, files[0].name,
-                              files[0].size)]
+
+    async def _store_batch(
+        self, jobs: list[list[NewMessage]]
+    ) -> list[JobOutcome | BaseException]:
+        try:
+            rows = await self._fast.fetch(STORE_MESSAGES, store_params(jobs))
+        except DatabaseUnavailable as e:
+            return [e] * len(jobs)
+        except Exception as e:
+            if len(jobs) == 1:
+                return [e]
+            # Whatever it was, one job must not hold back the others: each on its own.
+            self.log.warn("a batch of {count} deliveries failed ({error}); storing each alone",
+                          count=len(jobs), error=str(e))
+            return [(await self._store_batch([job]))[0] for job in jobs]
+        return list(store_outcomes(jobs, rows))
 
     def _deliver_txn(
         self,
@@ -204,7 +251,7 @@ class LocalDelivery:
         except BaseException:
             # Not recorded means not delivered: take the files back so a retry cannot
             # duplicate.
-            _remove([f.path for f in files] + ([spooled.path] if spooled else []))
+            remove_files([f.path for f in files] + ([spooled.path] if spooled else []))
             raise
         # Committed here, not by the pool, to know the outcome: a commit refused by the server
         # rolled everything back (remove the files); a connection lost during the commit leaves
@@ -216,52 +263,22 @@ class LocalDelivery:
                           paths=[str(f.path) for f in files])
             raise
         except BaseException:
-            _remove([f.path for f in files] + ([spooled.path] if spooled else []))
+            remove_files([f.path for f in files] + ([spooled.path] if spooled else []))
             raise
         return stored, queued
 
     def _write_files(
         self, message: bytes, local: Sequence[LocalRecipient], spool: bool
     ) -> tuple[list[StoredFile], StoredFile | None]:
-        written: list[StoredFile] = []
-        first: StoredFile | None = None
+        written = deliver_unsynced(self._root, message, [(r.maildir, r.folder) for r in local])
         try:
-            for recipient in local:
-                box = Maildir(self._root / recipient.maildir).folder(recipient.folder)
-                if first is None:
-                    box.create()
-                    first = box.deliver(message)
-                    written.append(first)
-                else:
-                    written.append(_link_or_copy(first, box, message))
+            for directory in {f.path.parent for f in written}:
+                fsync_directory(directory)
             spooled = self._spool.deliver(message) if spool else None
         except BaseException:
-            _remove([f.path for f in written])
+            remove_files([f.path for f in written])
             raise
         return written, spooled
-
-def _link_or_copy(original: StoredFile, box: Maildir, message: bytes) -> StoredFile:
-    """The same bytes for another mailbox: a hard link when the filesystem allows it."""
-    box.create()
-    target = box.path / "new" / original.name
-    try:
-        os.link(original.path, target)
-    except OSError:
-        return box.deliver(message)
-    fd = os.open(box.path / "new", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return StoredFile(original.name, target, original.size)
-
-
-def _remove(paths: Sequence[Path]) -> None:
-    for path in paths:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def _new_message(

@@ -159,6 +159,8 @@ class InboundPolicy:
             raise Refusal(552, "5.2.2", "Mailbox full") from None
         except DeliveryFailed:
             raise temporary_failure() from None
+        for stored in result.stored:
+            self._directory.count_stored(stored.user_id, stored.size)
         ids = [f"{m.mailbox_id}.{m.uid}" for m in result.stored]
         ids += [f"q{q}" for q in result.queued]
         return " ".join(ids)

@@ -62,6 +62,9 @@ def _unfolded_fields(block: bytes) -> list[tuple[str, str]]:
 
 def decode_field(value: str) -> str:
     """RFC 2047 encoded words decoded; anything undecodable left as it came."""
+    if "=?" not in value and value.isascii():
+        # No encoded word (the common case): nothing to decode, and nothing to replace.
+        return value.replace("\x00", "")[:_MAX_FIELD]
     try:
         decoded = str(email.header.make_header(email.header.decode_header(value)))
     except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):

@@ -242,6 +242,10 @@ class SpoolService(Service):
         super().startService()
         self._delivery.prepare()
 
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._delivery.close()
+
 
 class ReadyAnnouncement(Service):
     """The last child: says that ESP is up and where its pieces are."""
@@ -380,7 +384,9 @@ def makeService(
     children.append(DatabaseService(db, fast))
 
     events = EventBus()
-    directory = DirectoryStore(db, config.maildir_root, fast)
+    directory = DirectoryStore(
+        db, config.maildir_root, fast, config.storage.directory_cache_seconds
+    )
     checker = DirectoryChecker(
         directory, PasswordHasher(config.security.auth.argon2), reactor, hashing.pool
     )

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,3 +109,14 @@ def start_twistd(*args: str, env: dict[str, str] | None = None, cwd: Path | None
         env={**os.environ, **(env or {})},
     )
     return Server(process)
+
+
+async def until(condition: Callable[[], bool], limit: float = 60) -> None:
+    """Let the reactor run until ``condition`` holds (waiting for a state, not a duration)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + limit
+    while not condition():
+        assert reactor.seconds() < deadline, "the condition never held"
+        await deferLater(reactor, 0.01)

@@ -7,8 +7,9 @@ here already normalised by :mod:`esp.addresses`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -516,12 +517,26 @@ def may_send_as_txn(cur: Cursor, user_id: int, address: Address) -> bool:
 class DirectoryStore:
     """Directory operations for services, each a named transaction on the pool."""
 
+    # Most recipients cached at once; past that the cache starts afresh.
+    CACHE_SIZE = 10_000
+
     def __init__(
-        self, db: Database, maildir_root: Path, fast: AsyncDatabase | None = None
+        self,
+        db: Database,
+        maildir_root: Path,
+        fast: AsyncDatabase | None = None,
+        cache_seconds: float = 0.0,
     ) -> None:
         self._db = db
         self._maildir_root = maildir_root
         self._fast = fast
+        # Plain-user recipients found in the last ``cache_seconds``: a busy MX asks for the
+        # same few addresses hundreds of times a second.  Only positive answers are kept, so
+        # a new user or alias is found at once; a removed one, or a quota just filled, is
+        # noticed within ``cache_seconds`` (the store still refuses a vanished mailbox).
+        self._cache_seconds = cache_seconds
+        self._cache: dict[Address, tuple[float, Resolution]] = {}
+        self._cached_for: dict[int, set[Address]] = {}  # user id → its cached addresses
 
     async def find_user(self, address: Address) -> User | None:
         return await self._db.run("find_user", find_user_txn, address)
@@ -531,6 +546,10 @@ class DirectoryStore:
 
     async def resolve_recipient(self, address: Address) -> Resolution:
         if self._fast is not None:
+            now = time.monotonic()
+            cached = self._cache.get(address)
+            if cached is not None and cached[0] > now:
+                return cached[1]
             # The common case, a plain user, in one statement on the reactor; aliases,
             # +details and catch-alls take the full resolution below.
             rows = await self._fast.fetch(_lookup, _lookup_params(address))
@@ -538,8 +557,31 @@ class DirectoryStore:
             if not hosted:
                 raise NotHosted(f"{address.domain} is not a domain hosted here")
             if user is not None and not targets:
-                return Resolution((user,), ())
+                resolution = Resolution((user,), ())
+                if self._cache_seconds > 0:
+                    if len(self._cache) >= self.CACHE_SIZE:
+                        self._cache.clear()
+                        self._cached_for.clear()
+                    self._cache[address] = (now + self._cache_seconds, resolution)
+                    self._cached_for.setdefault(user.id, set()).add(address)
+                return resolution
         return await self._db.run("resolve_recipient", resolve_recipient_txn, address)
+
+    def count_stored(self, user_id: int, size: int) -> None:
+        """A message of ``size`` bytes was stored for ``user_id``: the cached usage follows, so
+        the quota check of the next recipient sees it (deliveries by other processes show
+        when the cached answer expires)."""
+        for address in self._cached_for.get(user_id, ()):
+            entry = self._cache.get(address)
+            if entry is None:
+                continue
+            expires, resolution = entry
+            users = tuple(
+                replace(u, used_bytes=u.used_bytes + size, used_messages=u.used_messages + 1)
+                if u.id == user_id else u
+                for u in resolution.users
+            )
+            self._cache[address] = (expires, Resolution(users, resolution.external))
 
     async def may_send_as(self, user_id: int, address: Address) -> bool:
         return await self._db.run("may_send_as", may_send_as_txn, user_id, address)

@@ -18,7 +18,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -36,7 +37,8 @@ class MaildirError(Exception):
     """A Maildir operation failed (disk full, permissions...)."""
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make the entries of ``path`` (files created, renamed, removed) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -142,12 +144,18 @@ class Maildir:
         for sub in _SUBDIRS:
             (self.path / sub).mkdir(mode=0o700, exist_ok=True)
         for directory in (self.path, *missing):
-            _fsync_directory(directory)
-            _fsync_directory(directory.parent)
+            fsync_directory(directory)
+            fsync_directory(directory.parent)
         _known_maildirs.add(self.path)
 
-    def deliver(self, data: bytes | Iterable[bytes]) -> StoredFile:
-        """Write a message durably into ``new/`` and return its file name."""
+    def deliver(
+        self, data: bytes | Iterable[bytes], sync_directory: bool = True
+    ) -> StoredFile:
+        """Write a message durably into ``new/`` and return its file name.
+
+        With ``sync_directory`` false the caller fsyncs ``new/`` (once for many files) before
+        it counts the message as delivered.
+        """
         base = unique_name()
         tmp = self.path / "tmp" / base
         size = 0
@@ -170,12 +178,13 @@ class Maildir:
             name = f"{base},S={size}"
             final = self.path / "new" / name
             os.rename(tmp, final)
-            try:
-                _fsync_directory(self.path / "new")
-            except OSError:
-                # Not known to be durable, so not delivered: take it back before reporting.
-                final.unlink(missing_ok=True)
-                raise
+            if sync_directory:
+                try:
+                    fsync_directory(self.path / "new")
+                except OSError:
+                    # Not known to be durable, so not delivered: take it back first.
+                    final.unlink(missing_ok=True)
+                    raise
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise MaildirError(f"cannot deliver into {self.path}: {e.strerror}") from e
@@ -232,6 +241,85 @@ class Maildir:
         return removed
 
 
+# One delivery: the message, and the (Maildir relative to the root, Maildir++ folder) of each
+# mailbox that receives it.
+Job = tuple[bytes, Sequence[tuple[str, str]]]
+
+
+def deliver_many(
+    root: Path, jobs: Sequence[Job], executor: Executor | None = None
+) -> list[list[StoredFile] | MaildirError]:
+    """Deliver every job's files, then fsync each directory once for all of them.
+
+    Each job is all or nothing and fails on its own.  With an ``executor`` the jobs run in
+    parallel (their fsyncs overlap on the device).
+    """
+    results: list[list[StoredFile] | MaildirError]
+    if executor is None:
+        results = [_deliver_job(root, job) for job in jobs]
+    else:
+        results = list(executor.map(lambda job: _deliver_job(root, job), jobs))
+    directories: dict[Path, list[int]] = {}
+    for index, files in enumerate(results):
+        if isinstance(files, list):
+            for stored in files:
+                directories.setdefault(stored.path.parent, []).append(index)
+    for directory, indexes in directories.items():
+        try:
+            fsync_directory(directory)
+        except OSError as e:
+            # Not known to be durable, so not delivered: take those files back.
+            for index in indexes:
+                done = results[index]
+                if isinstance(done, list):
+                    remove_files([f.path for f in done])
+                    results[index] = MaildirError(f"cannot sync {directory}: {e.strerror}")
+    return results
+
+
+def _deliver_job(root: Path, job: Job) -> list[StoredFile] | MaildirError:
+    try:
+        return deliver_unsynced(root, *job)
+    except MaildirError as e:
+        return e
+    except OSError as e:
+        return MaildirError(f"cannot deliver: {e}")
+
+
+def deliver_unsynced(
+    root: Path, message: bytes, boxes: Sequence[tuple[str, str]]
+) -> list[StoredFile]:
+    """One file per mailbox (hard links where possible), each fsync'd; the caller fsyncs the
+    ``new/`` directories before counting them as delivered."""
+    written: list[StoredFile] = []
+    try:
+        for maildir, folder in boxes:
+            box = Maildir(root / maildir).folder(folder)
+            box.create()
+            if not written:
+                written.append(box.deliver(message, sync_directory=False))
+                continue
+            target = box.path / "new" / written[0].name
+            try:
+                os.link(written[0].path, target)
+            except OSError:
+                written.append(box.deliver(message, sync_directory=False))
+            else:
+                written.append(StoredFile(written[0].name, target, written[0].size))
+    except BaseException:
+        remove_files([f.path for f in written])
+        raise
+    return written
+
+
+def remove_files(paths: Iterable[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def retire(root: Path, relative: str) -> Path | None:
     """Move a removed user's Maildir aside to ``<root>/.removed/`` so a new account with the same
     address starts empty; return where it went (None if there was nothing)."""
@@ -242,6 +330,6 @@ def retire(root: Path, relative: str) -> Path | None:
     target = root / ".removed" / f"{relative}.{stamp}"
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.rename(source, target)
-    _fsync_directory(source.parent)
-    _fsync_directory(target.parent)
+    fsync_directory(source.parent)
+    fsync_directory(target.parent)
     return target

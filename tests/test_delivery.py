@@ -1,0 +1,235 @@
+"""Local delivery with group commit, against a real PostgreSQL and real Maildirs: concurrent
+messages share flushes, yet each is stored once, gets its own UID and fails on its own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.python.threadpool import ThreadPool
+
+from esp.addresses import parse_address
+from esp.delivery import (
+    DeliveryFailed,
+    DeliveryResult,
+    LocalDelivery,
+    LocalRecipient,
+    MailboxFull,
+)
+from esp.events import EventBus
+from esp.message import summarize
+from esp.storage import directory
+from esp.storage.db import Database, Prepared, connect, run_sync
+from esp.storage.mailstore import MailboxNotFound, NewMessage, QuotaExceeded
+from esp.storage.pgasync import AsyncDatabase
+from tests.helpers import until
+
+
+class CountingDatabase(AsyncDatabase):
+    """The real reactor-driven pool, counting the statements it runs."""
+
+    statements = 0
+
+    async def fetch(self, statement: Prepared, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        self.statements += 1
+        return await super().fetch(statement, params)
+
+
+@dataclass
+class Setup:
+    delivery: LocalDelivery
+    fast: CountingDatabase
+    maildir_root: Path
+    dsn: str
+    users: dict[str, LocalRecipient]
+
+    def rows(self, address: str, mailbox: str = "INBOX") -> list[tuple[int, str, int]]:
+        with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT m.uid, m.filename, m.size FROM messages m JOIN mailboxes b "
+                "ON b.id = m.mailbox_id JOIN users u ON u.id = b.user_id "
+                "WHERE u.localpart || '@example.test' = %s AND b.name = %s ORDER BY m.uid",
+                (address, mailbox),
+            )
+            return list(cur.fetchall())
+
+    def usage(self, address: str) -> tuple[int, int]:
+        with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT used_bytes, used_messages FROM users "
+                        "WHERE localpart || '@example.test' = %s", (address,))
+            row = cur.fetchone()
+            assert row is not None
+            return row[0], row[1]
+
+    def files(self, address: str, folder: str = "") -> list[str]:
+        new = self.maildir_root / self.users[address].maildir / folder / "new"
+        return sorted(p.name for p in new.iterdir()) if new.exists() else []
+
+
+@pytest.fixture
+def disk_pool() -> Iterator[ThreadPool]:
+    pool = ThreadPool(1, 2, "test-disk")
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def setup(database_dsn: str, scratch: Path, disk_pool: ThreadPool) -> AsyncIterator[Setup]:
+    root = scratch / "maildir"
+    conn = connect(database_dsn)
+    run_sync(conn, directory.add_domain_txn, "example.test")
+    users = {}
+    for name, quota in (("alice", None), ("bob", 10), ("carol", None)):
+        user = run_sync(conn, directory.add_user_txn, parse_address(f"{name}@example.test"),
+                        "x", root, quota_bytes=quota)
+        users[user.address] = LocalRecipient(user.id, user.address, user.maildir)
+    conn.close()
+    db = Database(database_dsn, reactor)
+    db.open()
+    fast = CountingDatabase(database_dsn, reactor, size=2)
+    delivery = LocalDelivery(db, root, scratch / "spool", disk_pool, EventBus(), reactor, fast)
+    delivery.prepare()
+    yield Setup(delivery, fast, root, database_dsn, users)
+    await delivery.close()
+    fast.close()
+    db.close()
+
+
+def deliver(setup: Setup, *args: Any, **kwargs: Any) -> Deferred[DeliveryResult]:
+    return Deferred.fromCoroutine(setup.delivery.deliver(*args, **kwargs))
+
+
+def message(n: int) -> bytes:
+    return (f"From: a@client.test\r\nSubject: message {n}\r\n"
+            f"Message-ID: <{n}@client.test>\r\n\r\nbody {n}\r\n").encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_deliveries_share_commits_and_each_is_stored_once(
+    setup: Setup,
+) -> None:
+    alice = setup.users["alice@example.test"]
+    # Hold alice's INBOX row so that the first statement waits while the others arrive.
+    locker = psycopg2.connect(setup.dsn)
+    with locker.cursor() as cur:
+        cur.execute("SELECT 1 FROM mailboxes WHERE user_id = %s AND name = 'INBOX' FOR UPDATE",
+                    (alice.user_id,))
+    pending = [deliver(setup, message(n), "a@client.test", [alice]) for n in range(12)]
+    await until(lambda: setup.delivery._rows.pending == 11)
+    assert not any(d.called for d in pending)  # nothing acknowledged before its commit
+    locker.commit()
+    locker.close()
+    results = await DeferredList(pending, fireOnOneErrback=True)
+    uids = sorted(result.stored[0].uid for _, result in results)
+    assert uids == list(range(1, 13))
+    rows = setup.rows("alice@example.test")
+    assert [uid for uid, _, _ in rows] == uids
+    assert sorted(name for _, name, _ in rows) == setup.files("alice@example.test")
+    for _uid, name, size in rows:
+        body = (setup.maildir_root / alice.maildir / "new" / name).read_bytes()
+        assert len(body) == size
+        assert body == message(int(body.rsplit(b" ", 1)[1]))
+    assert setup.usage("alice@example.test") == (sum(size for *_, size in rows), 12)
+    # The first message went alone; the eleven that arrived meanwhile shared one statement.
+    assert setup.fast.statements == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_message_fails_alone_and_leaves_nothing_behind(setup: Setup) -> None:
+    alice = setup.users["alice@example.test"]
+    bob = setup.users["bob@example.test"]
+    carol = setup.users["carol@example.test"]
+    gone = replace(alice, folder=".Gone", mailbox="Gone")  # no such mailbox in the index
+    first = deliver(setup, message(0), "a@client.test", [alice])
+    batch = [
+        deliver(setup, message(1), "a@client.test", [alice]),
+        deliver(setup, message(2), "a@client.test", [gone]),
+        deliver(setup, message(3), "a@client.test", [bob], enforce_quota=True),
+        deliver(setup, message(4), "a@client.test", [carol, alice]),
+        # All or nothing: carol would fit, bob would not.
+        deliver(setup, message(5), "a@client.test", [carol, bob], enforce_quota=True),
+    ]
+    await first
+    outcomes = await DeferredList(batch, consumeErrors=True)
+    assert outcomes[0][0] and outcomes[3][0]
+    assert not outcomes[1][0] and outcomes[1][1].check(DeliveryFailed)
+    assert not outcomes[2][0] and outcomes[2][1].check(MailboxFull)
+    assert not outcomes[4][0] and outcomes[4][1].check(MailboxFull)
+    assert [uid for uid, _, _ in setup.rows("alice@example.test")] == [1, 2, 3]
+    assert [uid for uid, _, _ in setup.rows("carol@example.test")] == [1]
+    assert setup.rows("bob@example.test") == []
+    assert setup.usage("bob@example.test") == (0, 0)
+    assert len(setup.files("carol@example.test")) == 1
+    assert setup.files("bob@example.test") == []
+    assert setup.files("alice@example.test", ".Gone") == []
+    assert len(setup.files("alice@example.test")) == 3
+
+
+def record(recipient: LocalRecipient, n: int, size: int = 100, **kw: Any) -> NewMessage:
+    return NewMessage(
+        mailbox_id=None, mailbox=kw.pop("mailbox", "INBOX"), user_id=recipient.user_id,
+        filename=f"f{n}", size=size, internal_date=_now(), envelope_from="a@client.test",
+        envelope_to=(recipient.address,), summary=summarize(message(n)), **kw,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_statement_stores_a_batch_and_each_job_is_all_or_nothing(
+    setup: Setup,
+) -> None:
+    alice = setup.users["alice@example.test"]
+    bob = setup.users["bob@example.test"]
+    carol = setup.users["carol@example.test"]
+    outcomes = await setup.delivery._store_batch([
+        [record(alice, 1)],
+        [record(alice, 2, mailbox="Gone")],
+        [record(bob, 3, enforce_quota=True)],  # bob's quota is 10 bytes
+        [record(carol, 4), record(alice, 4)],
+        [record(carol, 5), record(bob, 5, enforce_quota=True)],
+        [record(bob, 6, size=5, enforce_quota=True)],
+    ])
+    assert setup.fast.statements == 1
+    assert isinstance(outcomes[1], MailboxNotFound)
+    assert isinstance(outcomes[2], QuotaExceeded)
+    assert isinstance(outcomes[4], QuotaExceeded)
+    stored = [o for o in outcomes if isinstance(o, list)]
+    assert [[(m.user_id, m.uid, m.filename) for m in job] for job in stored] == [
+        [(alice.user_id, 1, "f1")],
+        [(carol.user_id, 1, "f4"), (alice.user_id, 2, "f4")],
+        [(bob.user_id, 1, "f6")],
+    ]
+    assert [name for _, name, _ in setup.rows("carol@example.test")] == ["f4"]
+    assert setup.usage("bob@example.test") == (5, 1)
+    assert setup.usage("carol@example.test") == (100, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_the_database_refuses_does_not_take_its_batch_with_it(
+    setup: Setup,
+) -> None:
+    alice = setup.users["alice@example.test"]
+
+    # A negative size breaks a CHECK constraint: the whole statement fails, then each job is
+    # tried on its own.
+    outcomes = await setup.delivery._store_batch([[record(alice, 1)], [record(alice, 2, -1)],
+                                                  [record(alice, 3)]])
+    assert isinstance(outcomes[1], psycopg2.errors.CheckViolation)
+    assert [m.uid for m in outcomes[0]] == [1]  # type: ignore[union-attr]
+    assert [m.uid for m in outcomes[2]] == [2]  # type: ignore[union-attr]
+    assert [(uid, name) for uid, name, _ in setup.rows("alice@example.test")] == [
+        (1, "f1"), (2, "f3")
+    ]
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)

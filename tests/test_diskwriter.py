@@ -1,0 +1,76 @@
+"""The Maildir writer process: durable files for batches of jobs, each job on its own; a helper
+that dies is replaced, and the deliveries it held fail instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+
+from esp.storage.diskwriter import DiskWriter
+from esp.storage.maildir import MaildirError
+from tests.helpers import until
+
+
+@pytest_twisted.async_yield_fixture
+async def writer(scratch: Path) -> AsyncIterator[DiskWriter]:
+    w = DiskWriter(reactor, scratch / "maildir")
+    w.start()
+    yield w
+    await w.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_job_of_a_batch_is_written_or_refused_on_its_own(
+    writer: DiskWriter, scratch: Path
+) -> None:
+    results = await writer.write([
+        (b"one\r\n", (("d/alice", ""),)),
+        (b"two\r\n", (("d/alice", "no-dot"),)),  # not a Maildir++ folder name
+        (b"three\r\n", (("d/alice", ""), ("d/bob", ".Archive"))),
+    ])
+    assert isinstance(results[1], MaildirError)
+    first, third = results[0], results[2]
+    assert isinstance(first, list) and isinstance(third, list)
+    assert first[0].path.read_bytes() == b"one\r\n"
+    assert first[0].path.parent == scratch / "maildir" / "d" / "alice" / "new"
+    assert [f.path.read_bytes() for f in third] == [b"three\r\n", b"three\r\n"]
+    assert third[1].path.parent == scratch / "maildir" / "d" / "bob" / ".Archive" / "new"
+    assert third[0].size == 7
+    assert sorted(os.listdir(scratch / "maildir" / "d" / "alice" / "tmp")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_helper_that_dies_is_replaced(writer: DiskWriter) -> None:
+    assert writer.transport is not None
+    first_pid = writer.transport.pid
+    assert first_pid is not None
+    os.kill(first_pid, signal.SIGKILL)
+    await until(lambda: not writer.running)
+    [files] = await writer.write([(b"after\r\n", (("d/carol", ""),))])
+    assert isinstance(files, list)
+    assert files[0].path.read_bytes() == b"after\r\n"
+    assert writer.transport.pid not in (None, first_pid)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_in_flight_when_the_helper_dies_fails(writer: DiskWriter) -> None:
+    assert writer.transport is not None
+    pid = writer.transport.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # the batch is sent but cannot be answered
+    pending = writer.write([(b"lost\r\n", (("d/dave", ""),))])
+    waiting = Deferred.fromCoroutine(pending)
+    assert not waiting.called
+    os.kill(pid, signal.SIGKILL)
+    try:
+        await waiting
+    except MaildirError as e:
+        assert "exited" in str(e)
+    else:
+        raise AssertionError("a batch whose helper died was reported written")
