@@ -20,7 +20,8 @@ R = TypeVar("R")
 
 
 class Batcher(Generic[T, R]):
-    """Runs ``process`` on batches of submitted items, one batch at a time, in order.
+    """Runs ``process`` on batches of submitted items, at most ``concurrency`` batches at a
+    time, in order of submission.
 
     ``process`` returns one result per item, an exception instance for an item that failed
     on its own; an exception raised by ``process`` fails every item of the batch.
@@ -32,11 +33,13 @@ class Batcher(Generic[T, R]):
         self,
         process: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
         limit: int = 32,
+        concurrency: int = 1,
     ) -> None:
         self._process = process
         self._limit = limit
+        self._concurrency = concurrency
         self._queue: deque[tuple[T, Deferred[R]]] = deque()
-        self._running = False
+        self._running = 0
 
     @property
     def pending(self) -> int:
@@ -46,8 +49,8 @@ class Batcher(Generic[T, R]):
         """The item's result, once the batch that carried it is done."""
         waiter: Deferred[R] = Deferred()
         self._queue.append((item, waiter))
-        if not self._running:
-            self._running = True
+        if self._running < self._concurrency:
+            self._running += 1
             Deferred.fromCoroutine(self._drain())
         return waiter
 
@@ -73,4 +76,4 @@ class Batcher(Generic[T, R]):
                     else:
                         waiter.callback(result)
         finally:
-            self._running = False
+            self._running -= 1

@@ -30,7 +30,7 @@ from esp.batching import Batcher
 from esp.events import MESSAGE_RECEIVED, Event, EventBus
 from esp.message import MessageSummary, summarize
 from esp.storage.db import Cursor, Database, DatabaseUnavailable
-from esp.storage.diskwriter import DiskWriter
+from esp.storage.diskwriter import BATCHES_AT_ONCE, DiskWriter
 from esp.storage.maildir import (
     Job,
     Maildir,
@@ -105,7 +105,9 @@ class LocalDelivery:
         self._events = events
         self._reactor = reactor
         self._writer = DiskWriter(reactor, maildir_root)
-        self._files: Batcher[Job, list[StoredFile]] = Batcher(self._writer.write, BATCH_LIMIT)
+        self._files: Batcher[Job, list[StoredFile]] = Batcher(
+            self._writer.write, BATCH_LIMIT, BATCHES_AT_ONCE
+        )
         self._rows: Batcher[list[NewMessage], list[StoredMessage]] = Batcher(
             self._store_batch, BATCH_LIMIT
         )

@@ -19,6 +19,7 @@ import marshal
 import os
 import struct
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,8 +34,9 @@ from twisted.python.failure import Failure
 from esp.storage.maildir import Job, MaildirError, StoredFile, deliver_many
 
 _LENGTH = struct.Struct(">I")
-# Jobs of one batch written at once in the helper.
+# Jobs written at once in the helper, and batches in progress at once.
 PARALLEL_JOBS = 8
+BATCHES_AT_ONCE = 2
 # A helper that dies within this many seconds of its start, several times in a row, is in a
 # crash loop: it is started again at most this often (doubling up to 32 times that).
 RESTART_INTERVAL = 1.0
@@ -80,8 +82,22 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
 
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
-    """Answer batches until the parent closes our stdin."""
-    with ThreadPoolExecutor(PARALLEL_JOBS, thread_name_prefix="maildir") as executor:
+    """Answer batches until the parent closes our stdin; up to BATCHES_AT_ONCE at a time."""
+    lock = threading.Lock()
+
+    def answer(batch_id: int, root: str, jobs: Sequence[Job]) -> None:
+        results = deliver_many(Path(root), jobs, files if len(jobs) > 1 else None)
+        reply = _frame((batch_id, tuple(
+            (True, tuple((f.name, str(f.path), f.size) for f in result))
+            if isinstance(result, list) else (False, str(result))
+            for result in results
+        )))
+        with lock:
+            replies.write(reply)
+            replies.flush()
+
+    with ThreadPoolExecutor(PARALLEL_JOBS, thread_name_prefix="maildir") as files, \
+            ThreadPoolExecutor(BATCHES_AT_ONCE, thread_name_prefix="batch") as batches:
         while True:
             header = _read_exactly(requests, _LENGTH.size)
             if header is None:
@@ -89,15 +105,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             body = _read_exactly(requests, _LENGTH.unpack(header)[0])
             if body is None:
                 return
-            batch_id, root, jobs = marshal.loads(body)  # noqa: S302 (our parent, our pipe)
-            results = deliver_many(Path(root), jobs, executor if len(jobs) > 1 else None)
-            answer = [
-                (True, tuple((f.name, str(f.path), f.size) for f in files))
-                if isinstance(files, list) else (False, str(files))
-                for files in results
-            ]
-            replies.write(_frame((batch_id, tuple(answer))))
-            replies.flush()
+            batches.submit(answer, *marshal.loads(body))  # noqa: S302 (our parent, our pipe)
 
 
 def main() -> None:
