@@ -113,6 +113,8 @@ class IMAPConfig(Section):
     listen: Listen = ("tcp:2143:interface=127.0.0.1",)
     # Implicit TLS (RFC 8314), as for SMTP submissions.
     listen_tls: Listen = ("tcp:2993:interface=127.0.0.1",)
+    # Seconds of silence before the server logs a client out (RFC 3501 §5.4: at least 30 min).
+    idle_timeout: Annotated[int, Field(ge=1800, le=86400)] = 1800
 
 
 class APIConfig(Section):

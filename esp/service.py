@@ -26,12 +26,14 @@ from esp.config import Config
 from esp.delivery import LocalDelivery
 from esp.dns import Resolver
 from esp.events import EventBus
+from esp.imap.service import imap_listeners
 from esp.inbound import InboundPolicy, MailAuthPolicy
 from esp.mailauth import MailAuthenticator
 from esp.smtp.service import ListenerService, smtp_listeners
 from esp.storage.cluster import EmbeddedCluster
 from esp.storage.db import Database
 from esp.storage.directory import DirectoryStore
+from esp.storage.mailboxes import MailboxStore
 from esp.storage.migrations import apply_migrations_txn, load_migrations
 from esp.storage.pgasync import AsyncDatabase
 from esp.tls import CertificateStore
@@ -419,6 +421,20 @@ def makeService(
         allow_plaintext_auth=config.security.auth.allow_plaintext_on_loopback,
         policy=policy,
         checker=checker,
+        certificates=certificates.store,
+        events=events,
+        reactor=reactor,
+        is_ready=lambda: root.ready.called,
+        adopted=adopted,
+    )
+    listeners += imap_listeners(
+        config.server.imap,
+        hostname=config.server.hostname,
+        allow_plaintext_auth=config.security.auth.allow_plaintext_on_loopback,
+        max_message_size=config.server.smtp.max_message_size,
+        store=MailboxStore(db, config.maildir_root, disk.pool, reactor),
+        checker=checker,
+        directory=directory,
         certificates=certificates.store,
         events=events,
         reactor=reactor,

@@ -114,6 +114,9 @@ def write_config(
         "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
         "    max_message_size: 1048576\n"
         "    connection_rate_per_ip: 0\n"
+        "  imap:\n"
+        "    listen: 'tcp:0:interface=127.0.0.1'\n"
+        "    listen_tls: 'tcp:0:interface=127.0.0.1'\n"
         f"storage:\n  data_dir: {directory / 'var'}\n  database:\n    dsn: '{dsn}'\n"
         "security:\n  auth:\n"
         "    argon2: {time_cost: 1, memory_cost_kib: 8192, parallelism: 1}\n"
@@ -122,7 +125,7 @@ def write_config(
     return config
 
 
-_LISTENING = re.compile(r"smtp-(\w+)-0 listening on 127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(r"(?:smtp-(\w+)|(imaps?))-0 listening on 127\.0\.0\.1:(\d+)")
 
 
 def start_esp(
@@ -132,6 +135,6 @@ def start_esp(
     config = write_config(directory, dsn, dns, extra, workers)
     process = start_twistd("esp", "--config", str(config))
     process.wait_for("ready: host")
-    ports = {m.group(1): int(m.group(2)) for m in _LISTENING.finditer(process.log)}
-    assert set(ports) == {"mx", "submission", "submissions"}, process.log
+    ports = {m.group(1) or m.group(2): int(m.group(3)) for m in _LISTENING.finditer(process.log)}
+    assert set(ports) == {"mx", "submission", "submissions", "imap", "imaps"}, process.log
     return EspServer(process, dsn, directory / "var", ports)

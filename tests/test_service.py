@@ -17,6 +17,7 @@ EPHEMERAL = (
     "    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
     "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
     "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+    "  imap: {listen: 'tcp:0:interface=127.0.0.1', listen_tls: 'tcp:0:interface=127.0.0.1'}\n"
 )
 # twistd ends by re-raising the signal it was stopped with, as service managers expect.
 STOPPED = (0, -signal.SIGTERM)

@@ -1,0 +1,742 @@
+"""The IMAP4rev1 server protocol (RFC 3501), one class for 143 (STARTTLS) and 993 (implicit TLS).
+
+It subclasses Twisted's :class:`twisted.mail.imap4.IMAP4Server` for its states, greeting,
+timeout and TLS plumbing, and replaces the input side and the mailbox model, where the base
+class falls short (see the module docstring of :mod:`esp.imap.wire` and ``docs/imap.md``):
+commands are assembled whole within limits, run one at a time in order, and a selected mailbox
+is a :class:`Selected` session view holding the sequence-number ↔ UID map and the MODSEQ the
+client has seen, so untagged EXISTS / EXPUNGE / FETCH responses are sent only where RFC 3501
+§7 allows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITLSTransport
+from twisted.logger import Logger
+from twisted.mail import imap4
+from twisted.python.failure import Failure
+
+from esp import __version__
+from esp.addresses import InvalidAddress, parse_address
+from esp.auth import AuthenticationBusy
+from esp.events import USER_LOGIN, Event, EventBus
+from esp.imap.fetch import FetchError, FetchItem, parse_fetch, render_fetch
+from esp.imap.wire import Assembler, Atom, CommandError, Limits, Pending, astring, tokenize
+from esp.storage.db import DatabaseUnavailable
+from esp.storage.directory import User
+from esp.storage.mailboxes import MailboxInfo, MailboxStore, MessageRow, Snapshot
+
+DELIMITER = "/"
+# Names longer than this (in UTF-8 bytes) are refused.
+MAX_NAME = 512
+
+
+@dataclass(frozen=True)
+class IMAPSettings:
+    hostname: str
+    implicit_tls: bool
+    allow_plaintext_auth: bool
+    idle_timeout: int = 1800
+    max_message_size: int = 25 * 1024 * 1024
+    max_errors: int = 20
+
+
+class No(Exception):
+    """A tagged NO answer (with an optional response code in the text)."""
+
+
+class Bad(Exception):
+    """A tagged BAD answer: the arguments do not make sense."""
+
+
+@dataclass
+class Selected:
+    """The client's view of its selected mailbox."""
+
+    info: MailboxInfo
+    readonly: bool
+    uids: list[int]
+    modseq: int
+    flags: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+    def seq_of(self, uid: int) -> int | None:
+        i = bisect.bisect_left(self.uids, uid)
+        return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
+
+    def uids_of(self, spec: str, uid: bool) -> list[int]:
+        """The UIDs a sequence set names (RFC 3501 §9 sequence-set), in ascending order."""
+        if not self.uids and not uid:
+            if spec in ("*", "1:*", "*:1"):
+                return []
+        largest = (self.uids[-1] if self.uids else 0) if uid else len(self.uids)
+        chosen: set[int] = set()
+        for part in spec.split(","):
+            low, sep, high = part.partition(":")
+            a = _number(low, largest)
+            b = _number(high, largest) if sep else a
+            if a > b:
+                a, b = b, a
+            if uid:
+                lo = bisect.bisect_left(self.uids, a)
+                hi = bisect.bisect_right(self.uids, b)
+                chosen.update(self.uids[lo:hi])
+            else:
+                if a < 1 or b > len(self.uids):
+                    raise Bad("invalid message sequence number")
+                chosen.update(self.uids[a - 1:b])
+        return sorted(chosen)
+
+
+_NUMBER = re.compile(r"^[1-9][0-9]{0,9}$")
+
+
+def _number(text: str, largest: int) -> int:
+    if text == "*":
+        return largest
+    if not _NUMBER.match(text) or int(text) > 0xFFFFFFFF:
+        raise Bad(f"invalid sequence set element {text!r}")
+    return int(text)
+
+
+Handler = Callable[["IMAPServer", bytes, list[Any], bool], Awaitable[None] | None]
+_COMMANDS: dict[bytes, tuple[frozenset[str], Handler]] = {}
+_UID_COMMANDS = frozenset({b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE",
+                           b"SORT"})
+ANY = frozenset({"unauth", "auth", "select"})
+AUTHED = frozenset({"auth", "select"})
+SELECTED = frozenset({"select"})
+
+
+def command(name: str, states: frozenset[str]) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _COMMANDS[name.encode()] = (states, fn)
+        return fn
+    return register
+
+
+class IMAPServer(imap4.IMAP4Server):
+    log = Logger()
+    transport: Any
+
+    def __init__(
+        self,
+        settings: IMAPSettings,
+        store: MailboxStore,
+        checker: Any,
+        directory: Any,
+        context_factory: Any,
+        events: EventBus,
+        clock: Any,
+    ) -> None:
+        imap4.IMAP4Server.__init__(self, contextFactory=context_factory)
+        self.settings = settings
+        self.timeOut = settings.idle_timeout
+        self._store = store
+        self._checker = checker
+        self._directory = directory
+        self._events = events
+        self._clock = clock
+        self._assembler = Assembler(Limits(append=settings.max_message_size))
+        self._tls = settings.implicit_tls
+        self._user: User | None = None
+        self._selected: Selected | None = None
+        self._busy = False
+        self._mode = "command"  # or "idle", "authenticate"
+        self._idle_tag = b""
+        self._auth_tag = b""
+        self._errors = 0
+        self._peer_ip = ""
+
+    # -- connection -------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.timeOut)
+        self.canStartTLS = (
+            self.ctx is not None and ITLSTransport(self.transport, None) is not None
+        )
+        peer = self.transport.getPeer()
+        self._peer_ip = getattr(peer, "host", "")
+        self._send(b"* OK [CAPABILITY " + b" ".join(self._capabilities()) + b"] "
+                   + self.settings.hostname.encode() + b" ESP IMAP4rev1 ready")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.setTimeout(None)
+        self._selected = None
+        self.state = "logout"
+
+    def timeoutConnection(self) -> None:
+        self._send(b"* BYE Autologout; idle for too long")
+        self.transport.loseConnection()
+
+    @property
+    def _is_loopback(self) -> bool:
+        return self._peer_ip.startswith("127.") or self._peer_ip == "::1"
+
+    def _login_allowed(self) -> bool:
+        return self._tls or (self.settings.allow_plaintext_auth and self._is_loopback)
+
+    def _capabilities(self) -> list[bytes]:
+        caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"IDLE", b"NAMESPACE",
+                b"UNSELECT", b"CHILDREN", b"SPECIAL-USE"]
+        if self.state == "unauth":
+            if not self._tls and self.canStartTLS:
+                caps.append(b"STARTTLS")
+            caps.append(b"AUTH=PLAIN" if self._login_allowed() else b"LOGINDISABLED")
+        return caps
+
+    # -- input ------------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self._assembler.feed(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        while not self._busy and self.transport is not None and self.state != "logout":
+            try:
+                if self._mode == "idle":
+                    line = self._assembler.next_line()
+                    if line is None:
+                        return
+                    self._idle_line(line)
+                    continue
+                if self._mode == "authenticate":
+                    line = self._assembler.next_line()
+                    if line is None:
+                        return
+                    self._run(self._auth_continue(line))
+                    continue
+                ready = self._assembler.next_command()
+            except CommandError as e:
+                self._bad(e.tag, str(e))
+                continue
+            if ready is None:
+                return
+            pending, continuation = ready
+            if continuation:
+                self._send(b"+ Ready for literal data")
+                continue
+            self._dispatch(pending)
+
+    def _bad(self, tag: bytes | None, text: str) -> None:
+        self._errors += 1
+        self._send((tag or b"*") + b" BAD " + text.encode())
+        if self._errors >= self.settings.max_errors:
+            self._send(b"* BYE Too many errors")
+            self.state = "logout"
+            self.transport.loseConnection()
+
+    def _dispatch(self, pending: Pending) -> None:
+        tag = pending.tag
+        try:
+            args = tokenize(pending)
+        except CommandError as e:
+            self._bad(tag, str(e))
+            return
+        name = pending.name
+        uid = False
+        if name == b"UID":
+            if not args or not isinstance(args[0], Atom) or \
+                    args[0].upper().encode() not in _UID_COMMANDS:
+                self._bad(tag, "UID needs FETCH, STORE, SEARCH, COPY, MOVE or EXPUNGE")
+                return
+            name, args, uid = args[0].upper().encode(), args[1:], True
+        entry = _COMMANDS.get(name)
+        if entry is None:
+            self._bad(tag, f"unknown command {name.decode('ascii', 'replace')}")
+            return
+        states, handler = entry
+        if self.state not in states:
+            self._bad(tag, f"{name.decode()} is not allowed now")
+            return
+        self._run(self._guarded(tag, handler, args, uid))
+
+    async def _guarded(self, tag: bytes, handler: Handler, args: list[Any], uid: bool) -> None:
+        try:
+            result = handler(self, tag, args, uid)
+            if result is not None:
+                await result
+        except (Bad, FetchError) as e:
+            self._bad(tag, str(e))
+        except No as e:
+            self._send(tag + b" NO " + str(e).encode())
+        except DatabaseUnavailable:
+            self._send(tag + b" NO [UNAVAILABLE] Temporary failure, try again later")
+        except (IndexError, TypeError, ValueError, AttributeError) as e:
+            # Arguments of the wrong shape that no check caught: BAD, and a trace for us.
+            self.log.warn("invalid arguments: {error!r}", error=e)
+            self._bad(tag, "invalid arguments")
+
+    def _run(self, work: Awaitable[None]) -> None:
+        self._busy = True
+        d: Deferred[None] = Deferred.fromCoroutine(work)  # type: ignore[arg-type]
+
+        def done(result: object) -> None:
+            self._busy = False
+            if isinstance(result, Failure):
+                self.log.failure("IMAP command failed", result)
+                self._send(b"* BYE Internal error")
+                self.transport.loseConnection()
+                return
+            if self.transport is not None:
+                self._pump()
+
+        d.addBoth(done)
+
+    def _send(self, line: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(line + b"\r\n")
+
+    def _ok(self, tag: bytes, text: str) -> None:
+        self._send(tag + b" OK " + text.encode())
+
+    # -- IDLE and AUTHENTICATE lines ---------------------------------------------------------------
+
+    def _idle_line(self, line: bytes) -> None:
+        self._mode = "command"
+        if line.upper() != b"DONE":
+            self._bad(self._idle_tag, "expected DONE")
+            return
+        self._run(self._end_idle())
+
+    async def _end_idle(self) -> None:
+        await self._sync(expunges=True)
+        self._ok(self._idle_tag, "IDLE terminated")
+
+    async def _auth_continue(self, line: bytes) -> None:
+        self._mode = "command"
+        if line == b"*":
+            self._bad(self._auth_tag, "AUTHENTICATE cancelled")
+            return
+        await self._auth_plain(self._auth_tag, line)
+
+    async def _auth_plain(self, tag: bytes, encoded: bytes) -> None:
+        try:
+            decoded = base64.b64decode(encoded, validate=True) if encoded != b"=" else b""
+        except (binascii.Error, ValueError):
+            self._bad(tag, "invalid base64")
+            return
+        parts = decoded.split(b"\0")
+        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+            self._bad(tag, "invalid PLAIN response")
+            return
+        await self._login(tag, parts[1], parts[2])
+
+    async def _login(self, tag: bytes, username: bytes, password: bytes) -> None:
+        try:
+            avatar = await self._checker.requestAvatarId(UsernamePassword(username, password))
+        except UnauthorizedLogin:
+            pause: Deferred[None] = Deferred()
+            self._clock.callLater(1, pause.callback, None)
+            await pause
+            self._send(tag + b" NO [AUTHENTICATIONFAILED] Invalid credentials")
+            self._announce_login(username.decode("utf-8", "replace"), False)
+            return
+        except AuthenticationBusy:
+            self._send(tag + b" NO [UNAVAILABLE] Temporary failure, try again later")
+            return
+        address = avatar.decode("utf-8")
+        try:
+            user = await self._directory.find_user(parse_address(address))
+        except InvalidAddress:
+            user = None
+        if user is None:
+            self._send(tag + b" NO [AUTHENTICATIONFAILED] Invalid credentials")
+            return
+        self._user = user
+        self.state = "auth"
+        self._send(tag + b" OK [CAPABILITY " + b" ".join(self._capabilities())
+                   + b"] Logged in")
+        self._announce_login(user.address, True)
+
+    def _announce_login(self, user: str, success: bool) -> None:
+        self._events.publish(Event(
+            USER_LOGIN,
+            {"user": user, "protocol": "imap", "client_ip": self._peer_ip, "success": success},
+            domain=user.rpartition("@")[2] or None,
+            actor=user if success else None,
+        ))
+
+    # -- untagged updates -------------------------------------------------------------------------
+
+    async def _sync(self, expunges: bool) -> None:
+        """Tell the client what changed in its mailbox since it last heard (RFC 3501 §7)."""
+        selected = self._selected
+        if selected is None:
+            return
+        highest, changed, gone = await self._store.changes(selected.info.id, selected.modseq)
+        if selected is not self._selected:
+            return
+        if gone and not expunges:
+            return  # held back until a command that allows EXPUNGE responses
+        for uid in gone:
+            seq = selected.seq_of(uid)
+            if seq is not None:
+                del selected.uids[seq - 1]
+                selected.flags.pop(uid, None)
+                self._send(b"* %d EXPUNGE" % seq)
+        new = [row for row in changed if row.uid > (selected.uids[-1] if selected.uids else 0)]
+        if new:
+            selected.uids.extend(row.uid for row in new)
+            self._send(b"* %d EXISTS" % len(selected.uids))
+        for row in changed:
+            if row in new:
+                continue
+            seq = selected.seq_of(row.uid)
+            if seq is not None and selected.flags.get(row.uid) != row.flags:
+                selected.flags[row.uid] = row.flags
+                self._send(b"* %d FETCH (FLAGS (%s) UID %d)"
+                           % (seq, " ".join(row.flags).encode(), row.uid))
+        selected.modseq = highest
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+
+def decode_name(value: object) -> str:
+    """A mailbox name from the client (modified UTF-7, RFC 3501 §5.1.3), checked."""
+    if not isinstance(value, bytes | str):
+        raise Bad("mailbox name expected")
+    raw = value.encode() if isinstance(value, str) else value
+    try:
+        name = raw.decode("imap4-utf-7")
+        canonical = name.encode("imap4-utf-7") == raw
+    except (UnicodeError, ValueError):
+        canonical = False
+    if not canonical or any(c >= 0x80 or c < 0x20 for c in raw):
+        # Only the one encoding RFC 3501 §5.1.3 allows: it must come back unchanged.
+        raise Bad("invalid mailbox name (modified UTF-7)")
+    if name.upper() == "INBOX":
+        return "INBOX"
+    if name.upper().startswith("INBOX/"):
+        name = "INBOX" + name[5:]
+    return name
+
+
+def check_name(name: str) -> str:
+    parts = name.split(DELIMITER)
+    if (not name or len(name.encode()) > MAX_NAME or name.startswith(DELIMITER)
+            or any(p in ("", ".", "..") for p in parts)
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+            or any(c in name for c in "*%")):
+        raise No("[CANNOT] Invalid mailbox name")
+    return name
+
+
+def encode_name(name: str) -> bytes:
+    return astring(name.encode("imap4-utf-7"))
+
+
+def _pattern(reference: str, pattern: str) -> re.Pattern[str]:
+    full = reference + pattern if reference and not pattern.startswith(DELIMITER) else pattern
+    regex = "".join(
+        ".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in full
+    )
+    if full.upper().startswith("INBOX"):
+        return re.compile("(?i:INBOX)" + regex[5:] + "$")
+    return re.compile(regex + "$")
+
+
+# -- commands: any state --------------------------------------------------------------------------
+
+
+@command("CAPABILITY", ANY)
+def _capability(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    self._send(b"* CAPABILITY " + b" ".join(self._capabilities()))
+    self._ok(tag, "CAPABILITY completed")
+
+
+@command("NOOP", ANY)
+async def _noop(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    await self._sync(expunges=True)
+    self._ok(tag, "NOOP completed")
+
+
+@command("LOGOUT", ANY)
+def _logout(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    self._send(b"* BYE Logging out")
+    self._ok(tag, "LOGOUT completed")
+    self.state = "logout"
+    self.transport.loseConnection()
+
+
+@command("ID", ANY)
+def _id(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    self._send(b'* ID ("name" "ESP" "version" "' + __version__.encode() + b'")')
+    self._ok(tag, "ID completed")
+
+
+@command("STARTTLS", frozenset({"unauth"}))
+def _starttls(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if self._tls or not self.canStartTLS:
+        raise Bad("TLS is already active" if self._tls else "STARTTLS is not available")
+    self._ok(tag, "Begin TLS negotiation now")
+    # RFC 3501 §6.2.1: nothing the client pipelined behind STARTTLS is kept.
+    self._assembler = Assembler(self._assembler.limits)
+    self.transport.startTLS(self.ctx)
+    self._tls = True
+
+
+@command("LOGIN", frozenset({"unauth"}))
+async def _login(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if len(args) != 2 or isinstance(args[0], list) or isinstance(args[1], list):
+        raise Bad("LOGIN needs a user name and a password")
+    if not self._login_allowed():
+        raise No("[PRIVACYREQUIRED] Use STARTTLS first")
+    user, password = (a.encode() if isinstance(a, str) else a for a in args)
+    await self._login(tag, user, password)
+
+
+@command("AUTHENTICATE", frozenset({"unauth"}))
+async def _authenticate(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if not args or not isinstance(args[0], Atom) or len(args) > 2:
+        raise Bad("AUTHENTICATE needs a mechanism")
+    if args[0].upper() != "PLAIN":
+        raise No("Unsupported authentication mechanism")
+    if not self._login_allowed():
+        raise No("[PRIVACYREQUIRED] Use STARTTLS first")
+    if len(args) == 2:
+        initial = args[1].encode() if isinstance(args[1], str) else args[1]
+        await self._auth_plain(tag, initial)
+        return
+    self._auth_tag = tag
+    self._mode = "authenticate"
+    self._send(b"+ ")
+
+
+# -- commands: authenticated ----------------------------------------------------------------------
+
+
+@command("NAMESPACE", AUTHED)
+def _namespace(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    self._send(b'* NAMESPACE (("" "/")) NIL NIL')
+    self._ok(tag, "NAMESPACE completed")
+
+
+async def _select(self: IMAPServer, tag: bytes, args: list[Any], readonly: bool) -> None:
+    if len(args) != 1:
+        raise Bad("SELECT needs a mailbox name")
+    name = decode_name(args[0])
+    assert self._user is not None
+    self._selected = None
+    self.state = "auth"
+    snapshot: Snapshot | None = await self._store.select(self._user.id, name)
+    if snapshot is None:
+        raise No("[NONEXISTENT] No such mailbox")
+    info = snapshot.mailbox
+    selected = Selected(info, readonly, list(snapshot.uids), info.highestmodseq)
+    flags = " ".join(("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft",
+                      *snapshot.keywords))
+    self._send(f"* FLAGS ({flags})".encode())
+    permanent = "" if readonly else f"{flags} \\*"
+    self._send(f"* OK [PERMANENTFLAGS ({permanent})] Flags permitted".encode())
+    self._send(b"* %d EXISTS" % len(selected.uids))
+    self._send(b"* 0 RECENT")
+    if snapshot.first_unseen_uid is not None:
+        seq = selected.seq_of(snapshot.first_unseen_uid)
+        if seq is not None:
+            self._send(b"* OK [UNSEEN %d] First unseen" % seq)
+    self._send(b"* OK [UIDVALIDITY %d] UIDs valid" % info.uidvalidity)
+    self._send(b"* OK [UIDNEXT %d] Predicted next UID" % info.uidnext)
+    self._selected = selected
+    self.state = "select"
+    self._ok(tag, f"[READ-{'ONLY' if readonly else 'WRITE'}] "
+                  f"{'EXAMINE' if readonly else 'SELECT'} completed")
+
+
+@command("SELECT", AUTHED)
+async def _select_cmd(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    await _select(self, tag, args, readonly=False)
+
+
+@command("EXAMINE", AUTHED)
+async def _examine(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    await _select(self, tag, args, readonly=True)
+
+
+async def _list(self: IMAPServer, tag: bytes, args: list[Any], subscribed: bool) -> None:
+    if len(args) != 2:
+        raise Bad("LIST needs a reference and a pattern")
+    reference, pattern = decode_name(args[0]) if args[0] else "", decode_name(args[1])
+    verb = b"LSUB" if subscribed else b"LIST"
+    if pattern == "":
+        self._send(b'* ' + verb + b' (\\Noselect) "/" ""')
+        self._ok(tag, f"{verb.decode()} completed")
+        return
+    assert self._user is not None
+    matcher = _pattern(reference, pattern)
+    for box in await self._store.mailboxes(self._user.id):
+        if not matcher.match(box.name) or (subscribed and not box.subscribed):
+            continue
+        attributes = ["\\HasChildren" if box.has_children else "\\HasNoChildren"]
+        if box.special_use:
+            attributes.append(box.special_use)
+        self._send(b"* " + verb + b" (" + " ".join(attributes).encode() + b') "/" '
+                   + encode_name(box.name))
+    self._ok(tag, f"{verb.decode()} completed")
+
+
+@command("LIST", AUTHED)
+async def _list_cmd(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    await _list(self, tag, args, subscribed=False)
+
+
+@command("LSUB", AUTHED)
+async def _lsub(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    await _list(self, tag, args, subscribed=True)
+
+
+@command("STATUS", AUTHED)
+async def _status(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
+        raise Bad("STATUS needs a mailbox and a list of items")
+    name = decode_name(args[0])
+    assert self._user is not None
+    info = await self._store.info(self._user.id, name)
+    if info is None:
+        raise No("[NONEXISTENT] No such mailbox")
+    values = {"MESSAGES": info.messages, "RECENT": 0, "UIDNEXT": info.uidnext,
+              "UIDVALIDITY": info.uidvalidity, "UNSEEN": info.unseen, "SIZE": info.size}
+    out = []
+    for item in args[1]:
+        key = str(item).upper()
+        if key not in values:
+            raise Bad(f"unknown STATUS item {key}")
+        out.append(f"{key} {values[key]}")
+    self._send(b"* STATUS " + encode_name(info.name) + b" (" + " ".join(out).encode() + b")")
+    self._ok(tag, "STATUS completed")
+
+
+@command("IDLE", AUTHED)
+async def _idle(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if args:
+        raise Bad("IDLE takes no arguments")
+    self._idle_tag = tag
+    self._mode = "idle"
+    self._send(b"+ idling")
+    await self._sync(expunges=True)
+
+
+# -- commands: selected ---------------------------------------------------------------------------
+
+
+@command("CHECK", SELECTED)
+async def _check(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    await self._sync(expunges=True)
+    self._ok(tag, "CHECK completed")
+
+
+@command("CLOSE", SELECTED)
+async def _close(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    selected = self._selected
+    assert selected is not None and self._user is not None
+    self._selected = None
+    self.state = "auth"
+    if not selected.readonly:
+        await self._store.expunge(self._user.maildir, selected.info.id, self._user.id)
+    self._ok(tag, "CLOSE completed")
+
+
+@command("UNSELECT", SELECTED)
+def _unselect(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    self._selected = None
+    self.state = "auth"
+    self._ok(tag, "UNSELECT completed")
+
+
+@command("EXPUNGE", SELECTED)
+async def _expunge(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    selected = self._selected
+    assert selected is not None and self._user is not None
+    if selected.readonly:
+        raise No("[READ-ONLY] Mailbox is read-only")
+    only = None
+    if uid:
+        if len(args) != 1 or not isinstance(args[0], str):
+            raise Bad("UID EXPUNGE needs a UID set")
+        only = selected.uids_of(args[0], uid=True)
+    await self._store.expunge(self._user.maildir, selected.info.id, self._user.id, only)
+    await self._sync(expunges=True)
+    self._ok(tag, "EXPUNGE completed")
+
+
+@command("FETCH", SELECTED)
+async def _fetch(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    selected = self._selected
+    assert selected is not None and self._user is not None
+    if len(args) != 2 or not isinstance(args[0], str):
+        raise Bad("FETCH needs a sequence set and items")
+    items = parse_fetch(args[1])
+    if uid and not any(i.name == "UID" for i in items):
+        items.insert(0, FetchItem("UID"))
+    uids = selected.uids_of(args[0], uid)
+    await self._sync(expunges=False)
+    rows = await self._store.rows(selected.info.id, uids) if uids else []
+    needs_body = any(i.needs_body for i in items)
+    sets_seen = not selected.readonly and any(i.sets_seen for i in items)
+    if sets_seen:
+        unseen = [r.uid for r in rows if "\\Seen" not in r.flags]
+        if unseen:
+            changed = {r.uid: r for r in
+                       await self._store.store(selected.info.id, unseen, "+", ["\\Seen"])}
+            rows = [changed.get(r.uid, r) for r in rows]
+    for row in rows:
+        seq = selected.seq_of(row.uid)
+        if seq is None:
+            continue
+        body = (await self._store.read(self._user.maildir, selected.info.id, row.filename)
+                if needs_body else None)
+        selected.flags[row.uid] = row.flags
+        self.transport.write(b"* %d FETCH (" % seq + render_fetch(items, row, body) + b")\r\n")
+    self._ok(tag, f"{'UID ' if uid else ''}FETCH completed")
+
+
+@command("STORE", SELECTED)
+async def _store(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    selected = self._selected
+    assert selected is not None
+    if len(args) != 3 or not isinstance(args[0], str) or not isinstance(args[1], str):
+        raise Bad("STORE needs a sequence set, an item and flags")
+    if selected.readonly:
+        raise No("[READ-ONLY] Mailbox is read-only")
+    item = args[1].upper()
+    match = re.fullmatch(r"([+-]?)FLAGS(\.SILENT)?", item)
+    if match is None:
+        raise Bad(f"unknown STORE item {item}")
+    mode = match.group(1) or "="
+    silent = bool(match.group(2))
+    flags = args[2] if isinstance(args[2], list) else [args[2]]
+    for flag in flags:
+        if not isinstance(flag, Atom) or (flag.startswith("\\") and flag.lower() not in
+                                          ("\\seen", "\\answered", "\\flagged", "\\deleted",
+                                           "\\draft")):
+            raise Bad(f"invalid flag {flag!r}")
+    uids = selected.uids_of(args[0], uid)
+    await self._sync(expunges=False)
+    if uids:
+        await self._store.store(selected.info.id, uids, mode, [str(f) for f in flags])
+    if not silent and uids:
+        for row in await self._store.rows(selected.info.id, uids):
+            seq = selected.seq_of(row.uid)
+            if seq is None:
+                continue
+            selected.flags[row.uid] = row.flags
+            uid_part = b" UID %d" % row.uid if uid else b""
+            self._send(b"* %d FETCH (FLAGS (%s)%s)" % (seq, " ".join(row.flags).encode(),
+                                                      uid_part))
+    self._ok(tag, f"{'UID ' if uid else ''}STORE completed")
+
+
+def rows_by_uid(rows: Sequence[MessageRow]) -> dict[int, MessageRow]:
+    return {r.uid: r for r in rows}

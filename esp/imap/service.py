@@ -1,0 +1,99 @@
+"""The IMAP listeners: 143 (STARTTLS) and 993 (implicit TLS)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from esp.config import IMAPConfig
+from esp.events import EventBus
+from esp.imap.server import IMAPServer, IMAPSettings
+from esp.smtp.service import ListenerService
+from esp.storage.mailboxes import MailboxStore
+from esp.tls import CertificateStore
+
+
+class NotReady(Protocol):
+    """Answers while ESP is still starting."""
+
+    transport: Any
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"* BYE Service not yet available, try again later\r\n")
+        self.transport.loseConnection()
+
+
+class IMAPFactory(ServerFactory):
+    def __init__(
+        self,
+        settings: IMAPSettings,
+        store: MailboxStore,
+        checker: Any,
+        directory: Any,
+        certificates: CertificateStore,
+        events: EventBus,
+        clock: Any,
+        is_ready: Callable[[], bool],
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._checker = checker
+        self._directory = directory
+        self._certificates = certificates
+        self._events = events
+        self._clock = clock
+        self._is_ready = is_ready
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        if not self._is_ready():
+            protocol: Protocol = NotReady()
+        else:
+            protocol = IMAPServer(
+                self.settings, self._store, self._checker, self._directory,
+                None if self.settings.implicit_tls else self._certificates.context_factory(),
+                self._events, self._clock,
+            )
+        protocol.factory = self
+        return protocol
+
+
+def imap_listeners(
+    config: IMAPConfig,
+    hostname: str,
+    allow_plaintext_auth: bool,
+    max_message_size: int,
+    store: MailboxStore,
+    checker: Any,
+    directory: Any,
+    certificates: CertificateStore,
+    events: EventBus,
+    reactor: Any,
+    is_ready: Callable[[], bool],
+    adopted: Mapping[str, tuple[int, int]] | None = None,
+) -> list[ListenerService]:
+    services = []
+    for implicit_tls, descriptions, label in ((False, config.listen, "imap"),
+                                              (True, config.listen_tls, "imaps")):
+        settings = IMAPSettings(
+            hostname=hostname,
+            implicit_tls=implicit_tls,
+            allow_plaintext_auth=allow_plaintext_auth,
+            idle_timeout=config.idle_timeout,
+            max_message_size=max_message_size,
+        )
+
+        def build(settings: IMAPSettings = settings) -> Any:
+            factory = IMAPFactory(settings, store, checker, directory, certificates, events,
+                                  reactor, is_ready)
+            if settings.implicit_tls:
+                return TLSMemoryBIOFactory(certificates.context_factory(), False, factory)
+            return factory
+
+        for index, description in enumerate(descriptions):
+            name = f"{label}-{index}"
+            adopt = adopted.get(name) if adopted is not None else None
+            services.append(ListenerService(name, description, reactor, build, adopt))
+    return services

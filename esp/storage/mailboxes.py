@@ -1,0 +1,357 @@
+"""Mailboxes as a mail client sees them: listing, selecting, reading and changing messages.
+
+Transaction functions over the ``mailboxes``, ``messages`` and ``mailbox_expunges`` tables,
+for the IMAP server (and later the API).  Every change to a mailbox takes a new MODSEQ
+(RFC 7162) from ``mailboxes.highestmodseq`` under the mailbox's row lock, and is announced on
+:data:`esp.storage.mailstore.MAILBOX_CHANNEL` at commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from esp.storage.db import Cursor, Database
+from esp.storage.maildir import Maildir
+from esp.storage.mailstore import MAILBOX_CHANNEL
+
+# Flags stored as columns; anything else is a keyword.
+SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+_FLAG_COLUMNS = {"\\seen": "seen", "\\answered": "answered", "\\flagged": "flagged",
+                 "\\deleted": "deleted", "\\draft": "draft"}
+
+
+@dataclass(frozen=True)
+class MailboxInfo:
+    id: int
+    name: str
+    special_use: str | None
+    subscribed: bool
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    messages: int
+    unseen: int
+    size: int
+    has_children: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What SELECT needs: the mailbox and the UIDs of its messages in order."""
+
+    mailbox: MailboxInfo
+    uids: list[int]
+    first_unseen_uid: int | None
+    keywords: list[str]  # every keyword in use in the mailbox
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    uid: int
+    modseq: int
+    flags: tuple[str, ...]
+    internal_date: datetime
+    size: int
+    filename: str
+
+
+def flags_of(system_columns: Sequence[bool], keywords: Sequence[str]) -> tuple[str, ...]:
+    """The IMAP flags of a row: (seen, answered, flagged, deleted, draft) and keywords."""
+    system = [name for name, on in zip(SYSTEM_FLAGS, system_columns, strict=True) if on]
+    return (*system, *keywords)
+
+
+_INFO_COLUMNS = """
+    b.id, b.name, b.special_use, b.subscribed, b.uidvalidity, b.uidnext, b.highestmodseq,
+    b.message_count, b.unseen_count, b.total_bytes,
+    EXISTS (SELECT 1 FROM mailboxes c WHERE c.user_id = b.user_id
+            AND left(c.name, length(b.name) + 1) = b.name || '/')
+"""
+
+
+def list_mailboxes_txn(cur: Cursor, user_id: int) -> list[MailboxInfo]:
+    cur.execute(
+        f"SELECT {_INFO_COLUMNS} FROM mailboxes b WHERE b.user_id = %s ORDER BY b.name",
+        (user_id,),
+    )
+    return [MailboxInfo(*row) for row in cur.fetchall()]
+
+
+def mailbox_info_txn(cur: Cursor, user_id: int, name: str) -> MailboxInfo | None:
+    cur.execute(
+        f"SELECT {_INFO_COLUMNS} FROM mailboxes b WHERE b.user_id = %s AND b.name = %s",
+        (user_id, name),
+    )
+    row = cur.fetchone()
+    return MailboxInfo(*row) if row else None
+
+
+def select_txn(cur: Cursor, user_id: int, name: str) -> Snapshot | None:
+    """The mailbox and its UIDs, in one snapshot (REPEATABLE READ is not needed: the UIDs are
+    read after the counters, and any message added in between is announced by NOTIFY)."""
+    info = mailbox_info_txn(cur, user_id, name)
+    if info is None:
+        return None
+    cur.execute("SELECT uid FROM messages WHERE mailbox_id = %s ORDER BY uid", (info.id,))
+    uids = [row[0] for row in cur.fetchall()]
+    cur.execute(
+        "SELECT min(uid) FROM messages WHERE mailbox_id = %s AND NOT seen", (info.id,)
+    )
+    row = cur.fetchone()
+    cur.execute(
+        "SELECT DISTINCT unnest(keywords) FROM messages WHERE mailbox_id = %s ORDER BY 1",
+        (info.id,),
+    )
+    keywords = [r[0] for r in cur.fetchall()]
+    return Snapshot(info, uids, row[0] if row else None, keywords)
+
+
+def fetch_rows_txn(cur: Cursor, mailbox_id: int, uids: Sequence[int]) -> list[MessageRow]:
+    """The rows of the messages ``uids`` that still exist, in UID order."""
+    cur.execute(
+        """
+        SELECT uid, modseq, seen, answered, flagged, deleted, draft, keywords, internal_date,
+               size, filename
+        FROM messages WHERE mailbox_id = %s AND uid = ANY(%s) ORDER BY uid
+        """,
+        (mailbox_id, list(uids)),
+    )
+    return [
+        MessageRow(row[0], row[1], flags_of(row[2:7], row[7]), row[8], row[9], row[10])
+        for row in cur.fetchall()
+    ]
+
+
+def changes_since_txn(
+    cur: Cursor, mailbox_id: int, modseq: int
+) -> tuple[int, list[MessageRow], list[int]]:
+    """(highest MODSEQ, messages changed or added after ``modseq``, UIDs expunged after it)."""
+    cur.execute("SELECT highestmodseq FROM mailboxes WHERE id = %s", (mailbox_id,))
+    row = cur.fetchone()
+    if row is None:
+        return modseq, [], []
+    highest = row[0]
+    if highest == modseq:
+        return highest, [], []
+    cur.execute(
+        """
+        SELECT uid, modseq, seen, answered, flagged, deleted, draft, keywords, internal_date,
+               size, filename
+        FROM messages WHERE mailbox_id = %s AND modseq > %s ORDER BY uid
+        """,
+        (mailbox_id, modseq),
+    )
+    changed = [
+        MessageRow(r[0], r[1], flags_of(r[2:7], r[7]), r[8], r[9], r[10])
+        for r in cur.fetchall()
+    ]
+    cur.execute(
+        "SELECT uid FROM mailbox_expunges WHERE mailbox_id = %s AND modseq > %s ORDER BY uid",
+        (mailbox_id, modseq),
+    )
+    return highest, changed, [r[0] for r in cur.fetchall()]
+
+
+def store_flags_txn(
+    cur: Cursor, mailbox_id: int, uids: Sequence[int], mode: str, flags: Iterable[str],
+) -> list[MessageRow]:
+    """Set (``mode`` '='), add ('+') or remove ('-') flags; return the rows that changed."""
+    system: dict[str, bool] = {}
+    keywords: list[str] = []
+    for flag in flags:
+        column = _FLAG_COLUMNS.get(flag.lower())
+        if column is not None:
+            system[column] = True
+        elif not flag.startswith("\\"):
+            keywords.append(flag)
+    sets = []
+    params: list[object] = []
+    for column in _FLAG_COLUMNS.values():
+        if mode == "=":
+            sets.append(f"{column} = %s")
+            params.append(column in system)
+        elif column in system:
+            sets.append(f"{column} = %s")
+            params.append(mode == "+")
+    if mode == "=":
+        sets.append("keywords = %s")
+        params.append(sorted(set(keywords)))
+    elif keywords and mode == "+":
+        sets.append("keywords = ARRAY(SELECT DISTINCT k FROM unnest(keywords || %s::text[]) k "
+                    "ORDER BY k)")
+        params.append(keywords)
+    elif keywords:
+        sets.append("keywords = ARRAY(SELECT k FROM unnest(keywords) k "
+                    "WHERE k <> ALL(%s::text[]) ORDER BY k)")
+        params.append(keywords)
+    if not sets:
+        return []
+    cur.execute(
+        "UPDATE mailboxes SET highestmodseq = highestmodseq + 1 WHERE id = %s "
+        "RETURNING highestmodseq",
+        (mailbox_id,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        return []
+    modseq = row[0]
+    changed_condition = " OR ".join(f"({s.split(' = ', 1)[0]} IS DISTINCT FROM "
+                                    f"({s.split(' = ', 1)[1]}))" for s in sets)
+    cur.execute(
+        f"""
+        UPDATE messages SET {", ".join(sets)}, modseq = %s
+        WHERE mailbox_id = %s AND uid = ANY(%s) AND ({changed_condition})
+        RETURNING uid, modseq, seen, answered, flagged, deleted, draft, keywords,
+                  internal_date, size, filename
+        """,
+        (*params, modseq, mailbox_id, list(uids), *params),
+    )
+    rows = [
+        MessageRow(r[0], r[1], flags_of(r[2:7], r[7]), r[8], r[9], r[10])
+        for r in cur.fetchall()
+    ]
+    cur.execute(
+        """
+        UPDATE mailboxes SET unseen_count =
+            (SELECT count(*) FROM messages WHERE mailbox_id = %s AND NOT seen)
+        WHERE id = %s
+        """,
+        (mailbox_id, mailbox_id),
+    )
+    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{mailbox_id}:0:{modseq}"))
+    return sorted(rows, key=lambda r: r.uid)
+
+
+def expunge_txn(
+    cur: Cursor, mailbox_id: int, user_id: int, uids: Sequence[int] | None = None
+) -> list[tuple[int, str]]:
+    """Remove the messages flagged \\Deleted (only those among ``uids`` when given); return
+    their (UID, file name), for the caller to delete the files after the commit."""
+    cur.execute(
+        "UPDATE mailboxes SET highestmodseq = highestmodseq + 1 WHERE id = %s "
+        "RETURNING highestmodseq",
+        (mailbox_id,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        return []
+    modseq = row[0]
+    condition = "" if uids is None else " AND uid = ANY(%s)"
+    params: tuple[object, ...] = (mailbox_id,) if uids is None else (mailbox_id, list(uids))
+    cur.execute(
+        f"DELETE FROM messages WHERE mailbox_id = %s AND deleted{condition} "
+        "RETURNING uid, filename, size, seen",
+        params,
+    )
+    removed = sorted(cur.fetchall())
+    if not removed:
+        return []
+    cur.executemany(
+        "INSERT INTO mailbox_expunges (mailbox_id, uid, modseq) VALUES (%s, %s, %s) "
+        "ON CONFLICT (mailbox_id, uid) DO UPDATE SET modseq = EXCLUDED.modseq",
+        [(mailbox_id, uid, modseq) for uid, *_ in removed],
+    )
+    size = sum(r[2] for r in removed)
+    unseen = sum(1 for r in removed if not r[3])
+    cur.execute(
+        """
+        UPDATE mailboxes SET message_count = message_count - %s,
+               unseen_count = unseen_count - %s, total_bytes = total_bytes - %s
+        WHERE id = %s
+        """,
+        (len(removed), unseen, size, mailbox_id),
+    )
+    cur.execute(
+        """
+        UPDATE users SET used_bytes = greatest(used_bytes - %s, 0),
+               used_messages = greatest(used_messages - %s, 0)
+        WHERE id = %s
+        """,
+        (size, len(removed), user_id),
+    )
+    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{mailbox_id}:0:{modseq}"))
+    return [(uid, filename) for uid, filename, *_ in removed]
+
+
+def folder_of_txn(cur: Cursor, mailbox_id: int) -> str:
+    cur.execute("SELECT folder FROM mailboxes WHERE id = %s", (mailbox_id,))
+    row = cur.fetchone()
+    return row[0] if row else ""
+
+
+
+class MailboxStore:
+    """The mailbox operations for services: named transactions, and message files read or
+    removed in the disk pool."""
+
+    def __init__(self, db: Database, maildir_root: Path, disk_pool: ThreadPool,
+                 reactor: Any) -> None:
+        self._db = db
+        self._root = maildir_root
+        self._disk_pool = disk_pool
+        self._reactor = reactor
+
+    async def mailboxes(self, user_id: int) -> list[MailboxInfo]:
+        return await self._db.run("list_mailboxes", list_mailboxes_txn, user_id)
+
+    async def info(self, user_id: int, name: str) -> MailboxInfo | None:
+        return await self._db.run("mailbox_info", mailbox_info_txn, user_id, name)
+
+    async def select(self, user_id: int, name: str) -> Snapshot | None:
+        return await self._db.run("select_mailbox", select_txn, user_id, name)
+
+    async def rows(self, mailbox_id: int, uids: Sequence[int]) -> list[MessageRow]:
+        return await self._db.run("fetch_rows", fetch_rows_txn, mailbox_id, uids)
+
+    async def changes(
+        self, mailbox_id: int, modseq: int
+    ) -> tuple[int, list[MessageRow], list[int]]:
+        return await self._db.run("mailbox_changes", changes_since_txn, mailbox_id, modseq)
+
+    async def store(
+        self, mailbox_id: int, uids: Sequence[int], mode: str, flags: Iterable[str]
+    ) -> list[MessageRow]:
+        return await self._db.run("store_flags", store_flags_txn, mailbox_id, uids, mode, flags)
+
+    async def expunge(
+        self, maildir: str, mailbox_id: int, user_id: int, uids: Sequence[int] | None = None
+    ) -> list[int]:
+        """Remove the \\Deleted messages; their files go after the commit."""
+        removed, folder = await self._db.run(
+            "expunge", _expunge_with_folder_txn, mailbox_id, user_id, uids
+        )
+        if removed:
+            box = Maildir(self._root / maildir).folder(folder)
+            await deferToThreadPool(
+                self._reactor, self._disk_pool, _remove_messages, box, [f for _, f in removed]
+            )
+        return [uid for uid, _ in removed]
+
+    async def read(self, maildir: str, mailbox_id: int, filename: str) -> bytes:
+        folder = await self._folder(mailbox_id)
+        box = Maildir(self._root / maildir).folder(folder)
+        return await deferToThreadPool(self._reactor, self._disk_pool, box.read, filename)
+
+    async def _folder(self, mailbox_id: int) -> str:
+        return await self._db.run("mailbox_folder", folder_of_txn, mailbox_id)
+
+
+def _expunge_with_folder_txn(
+    cur: Cursor, mailbox_id: int, user_id: int, uids: Sequence[int] | None
+) -> tuple[list[tuple[int, str]], str]:
+    return expunge_txn(cur, mailbox_id, user_id, uids), folder_of_txn(cur, mailbox_id)
+
+
+def _remove_messages(box: Maildir, names: Sequence[str]) -> None:
+    for name in names:
+        try:
+            box.remove(name)
+        except FileNotFoundError:
+            pass

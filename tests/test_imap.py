@@ -1,0 +1,190 @@
+"""The IMAP server over real sockets with Python's imaplib: TLS and login rules, LIST, SELECT,
+FETCH, STORE, EXPUNGE, updates seen by a second session, and hostile input."""
+
+from __future__ import annotations
+
+import imaplib
+import re
+import smtplib
+import socket
+import ssl
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from tests.dnszone import DNSServer
+from tests.espserver import EspServer, start_esp
+
+PASSWORD = "alice's long password"
+
+
+@pytest.fixture(scope="module")
+def esp(module_scratch: Path, module_database_dsn: str, test_dns: DNSServer) -> Iterator[EspServer]:
+    server = start_esp(module_scratch, module_database_dsn, test_dns.nameserver)
+    server.add_user("alice@example.test", PASSWORD)
+    server.add_user("bob@example.test", "bob's long password")
+    yield server
+    server.process.stop()
+
+
+def deliver(esp: EspServer, subject: str, to: str = "alice@example.test", body: str = "hi") -> None:
+    message = EmailMessage()
+    message["From"] = "carol@remote.test"
+    message["To"] = to
+    message["Subject"] = subject
+    message["Message-ID"] = f"<{subject.replace(' ', '.')}@remote.test>"
+    message.set_content(body)
+    with smtplib.SMTP("127.0.0.1", esp.ports["mx"], timeout=30) as client:
+        client.send_message(message, "carol@remote.test", [to])
+
+
+def login(esp: EspServer, user: str = "alice@example.test",
+          password: str = PASSWORD) -> imaplib.IMAP4_SSL:
+    client = imaplib.IMAP4_SSL("127.0.0.1", esp.ports["imaps"], ssl_context=esp.client_tls(),
+                               timeout=30)
+    client.login(user, password)
+    return client
+
+
+def test_login_needs_tls_and_the_right_password(esp: EspServer) -> None:
+    plain = imaplib.IMAP4("127.0.0.1", esp.ports["imap"], timeout=30)
+    assert "LOGINDISABLED" in plain.capabilities and "STARTTLS" in plain.capabilities
+    with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+        plain.login("alice@example.test", PASSWORD)
+    plain.starttls(esp.client_tls())
+    assert "AUTH=PLAIN" in plain.capabilities and "STARTTLS" not in plain.capabilities
+    assert plain.login("alice@example.test", PASSWORD)[0] == "OK"
+    plain.logout()
+
+    tls = imaplib.IMAP4_SSL("127.0.0.1", esp.ports["imaps"], ssl_context=esp.client_tls(),
+                            timeout=30)
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        tls.login("alice@example.test", "wrong")
+    assert tls.authenticate("PLAIN", lambda _: b"\0bob@example.test\0bob's long password")[0] \
+        == "OK"
+    tls.logout()
+
+
+def test_list_shows_the_special_use_mailboxes(esp: EspServer) -> None:
+    client = login(esp)
+    status, lines = client.list()
+    assert status == "OK"
+    listed = {line.decode().rsplit(" ", 1)[1].strip('"'): line.decode() for line in lines}
+    assert set(listed) == {"INBOX", "Drafts", "Sent", "Junk", "Trash", "Archive"}
+    assert "\\Sent" in listed["Sent"] and "\\HasNoChildren" in listed["Sent"]
+    status, lines = client.list('""', "S%")
+    assert [line.decode() for line in lines] == ['(\\HasNoChildren \\Sent) "/" "Sent"']
+    status, lines = client.status("INBOX", "(MESSAGES UIDNEXT UNSEEN)")
+    assert status == "OK" and re.match(rb'"INBOX" \(MESSAGES \d+ UIDNEXT \d+ UNSEEN \d+\)',
+                                       lines[0])
+    client.logout()
+
+
+def test_select_fetch_store_expunge(esp: EspServer) -> None:
+    deliver(esp, "first message", body="the first body")
+    deliver(esp, "second message")
+    stored = esp.messages("alice@example.test")
+    client = login(esp)
+    status, data = client.select("INBOX")
+    assert status == "OK" and int(data[0]) == len(stored)
+    assert client.untagged_responses["UIDVALIDITY"][0].isdigit()
+    count = len(stored)
+
+    # BODY.PEEK[] is the file as stored, and leaves the message unseen.
+    status, data = client.fetch(str(count - 1), "(UID FLAGS RFC822.SIZE BODY.PEEK[])")
+    header, body = data[0]
+    uid, size, filename = stored[-2]
+    assert body == esp.message_file("alice@example.test", filename)
+    assert f"UID {uid}".encode() in header and f"RFC822.SIZE {size}".encode() in header
+    assert b"FLAGS ()" in header
+
+    # Sections, partial fetch, and BODY[] sets \Seen.
+    status, data = client.uid("FETCH", str(uid), "(BODY[HEADER.FIELDS (SUBJECT)] BODY[]<0.5>)")
+    assert data[0][1] == b"Subject: first message\r\n\r\n"
+    assert data[1][1] == body[:5]
+    status, data = client.uid("FETCH", str(uid), "(FLAGS)")
+    assert b"\\Seen" in data[0]
+
+    # ENVELOPE and BODYSTRUCTURE for a simple text message.
+    status, data = client.uid("FETCH", str(uid), "(ENVELOPE BODYSTRUCTURE)")
+    response = data[0] if isinstance(data[0], bytes) else b"".join(data[0])
+    assert b'"first message"' in response and b'"<first.message@remote.test>"' in response
+    assert b'("text" "plain"' in response.lower() or b'("TEXT" "PLAIN"' in response
+
+    # STORE answers with the new flags; EXPUNGE removes the row and the file.
+    status, data = client.store(str(count), "+FLAGS", "(\\Deleted $Important)")
+    assert b"\\Deleted" in data[0] and b"$Important" in data[0]
+    status, data = client.expunge()
+    assert status == "OK" and data == [str(count).encode()]
+    assert len(esp.messages("alice@example.test")) == count - 1
+    with pytest.raises(AssertionError):
+        esp.message_file("alice@example.test", stored[-1][2])
+    client.logout()
+
+
+def test_a_second_session_hears_of_changes(esp: EspServer) -> None:
+    deliver(esp, "for two sessions")
+    one, two = login(esp), login(esp)
+    one.select("INBOX")
+    status, data = two.select("INBOX")
+    count = int(data[0])
+    two.untagged_responses.clear()  # what SELECT said
+    deliver(esp, "arrives meanwhile")
+    one.store(str(count), "+FLAGS", "(\\Flagged)")
+    one.store("1", "+FLAGS", "(\\Deleted)")
+    one.expunge()
+    status, _ = two.noop()
+    assert status == "OK"
+    assert two.untagged_responses.get("EXPUNGE") == [b"1"]
+    assert two.untagged_responses.get("EXISTS") == [str(count).encode()]
+    fetches = [x for x in two.untagged_responses.get("FETCH", []) if b"\\Flagged" in x]
+    assert fetches and fetches[0].startswith(str(count - 1).encode() + b" ")
+    one.logout()
+    two.logout()
+
+
+def raw_session(esp: EspServer) -> ssl.SSLSocket:
+    sock = socket.create_connection(("127.0.0.1", esp.ports["imaps"]), timeout=30)
+    tls = esp.client_tls().wrap_socket(sock)
+    tls.recv(4096)
+    return tls
+
+
+def exchange(sock: ssl.SSLSocket, data: bytes, tag: bytes | None) -> bytes:
+    sock.sendall(data)
+    received = b""
+    while True:
+        received += sock.recv(65536)
+        if tag is None and received.endswith(b"\r\n"):
+            return received
+        if tag is not None and re.search(rb"(^|\r\n)" + tag + rb" (OK|NO|BAD)[^\r]*\r\n$",
+                                         received):
+            return received
+
+
+def test_hostile_input_gets_bad_and_the_session_survives(esp: EspServer) -> None:
+    sock = raw_session(esp)
+    assert b"a1 BAD" in exchange(sock, b"a1 SELECT INBOX\r\n", b"a1")  # not logged in
+    assert b"a2 BAD" in exchange(sock, b"a2 FROBNICATE\r\n", b"a2")
+    assert b"a3 BAD" in exchange(sock, b'a3 LOGIN "unterminated\r\n', b"a3")
+    # A literal larger than any command may carry is refused before it is sent.
+    assert b"a4 BAD" in exchange(sock, b"a4 LOGIN {99999999}\r\n", b"a4")
+    reply = exchange(sock, b'a5 LOGIN "alice@example.test" {%d}\r\n' % len(PASSWORD), None)
+    assert reply.startswith(b"+")
+    assert b"a5 OK" in exchange(sock, PASSWORD.encode() + b"\r\n", b"a5")
+    assert b"a6 OK" in exchange(sock, b"a6 SELECT INBOX\r\n", b"a6")
+    assert b"a7 BAD" in exchange(sock, b"a7 FETCH 0:x (FLAGS)\r\n", b"a7")
+    assert b"a8 BAD" in exchange(sock, b"a8 FETCH 1 (FLAGS\r\n", b"a8")
+    assert b"a9 BAD" in exchange(sock, b"a9 FETCH 1 (BODY[NOPE])\r\n", b"a9")
+    assert b"b1 BAD" in exchange(sock, b"b1 FETCH 999999 (FLAGS)\r\n", b"b1")
+    assert b"b2 NO" in exchange(sock, b'b2 SELECT "../../etc"\r\n', b"b2")
+    assert b"b3 BAD" in exchange(sock, b"b3 SELECT &Jjo\r\n", b"b3")  # broken modified UTF-7
+    # IDLE ends with DONE and nothing else.
+    assert exchange(sock, b"b4 IDLE\r\n", None).startswith(b"+")
+    assert b"b4 BAD" in exchange(sock, b"STOP\r\n", b"b4")
+    assert exchange(sock, b"b5 IDLE\r\n", None).startswith(b"+")
+    assert b"b5 OK" in exchange(sock, b"DONE\r\n", b"b5")
+    assert b"b6 OK" in exchange(sock, b"b6 NOOP\r\n", b"b6")
+    sock.close()
