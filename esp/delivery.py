@@ -71,6 +71,8 @@ class LocalRecipient:
     folder: str = ""  # Maildir++ folder; '' is INBOX
     mailbox: str = "INBOX"
     keywords: tuple[str, ...] = ()
+    # IMAP system flags the message starts with (APPEND): \Seen, \Answered, \Flagged...
+    flags: tuple[str, ...] = ()
 
 
 # Jobs per batch: PostgreSQL keeps 64 subtransactions per transaction in shared memory (each
@@ -130,10 +132,11 @@ class LocalDelivery:
         sender_user_id: int | None = None,
         enforce_quota: bool = False,
         event_payload: dict[str, object] | None = None,
+        internal_date: datetime | None = None,
     ) -> DeliveryResult:
         """Store ``message`` for every local recipient and queue it for the remote ones."""
         summary = summarize(message)
-        received = datetime.now(UTC)
+        received = internal_date or datetime.now(UTC)
         try:
             queued: list[int] = []
             if not remote:
@@ -291,6 +294,7 @@ def _new_message(
     received: datetime,
     enforce_quota: bool,
 ) -> NewMessage:
+    flags = {f.lower() for f in recipient.flags}
     return NewMessage(
         mailbox_id=None,
         mailbox=recipient.mailbox,
@@ -302,5 +306,10 @@ def _new_message(
         envelope_to=(recipient.address,),
         summary=summary,
         keywords=recipient.keywords,
+        seen="\\seen" in flags,
+        answered="\\answered" in flags,
+        flagged="\\flagged" in flags,
+        deleted="\\deleted" in flags,
+        draft="\\draft" in flags,
         enforce_quota=enforce_quota,
     )

@@ -433,6 +433,7 @@ def makeService(
         allow_plaintext_auth=config.security.auth.allow_plaintext_on_loopback,
         max_message_size=config.server.smtp.max_message_size,
         store=MailboxStore(db, config.maildir_root, disk.pool, reactor),
+        delivery=delivery,
         checker=checker,
         directory=directory,
         certificates=certificates.store,

@@ -32,7 +32,8 @@ BEGIN
             FOR m IN SELECT * FROM jsonb_to_recordset(j.records) AS r(
                     user_id bigint, mailbox_id bigint, mailbox text, enforce boolean,
                     filename text, size bigint, internal_date timestamptz, seen boolean,
-                    flagged boolean, draft boolean, keywords text[], envelope_from text,
+                    answered boolean, flagged boolean, deleted boolean, draft boolean,
+                    keywords text[], envelope_from text,
                     envelope_to text[], message_id text, in_reply_to text, subject text,
                     from_header text, to_header text, cc_header text, bcc_header text,
                     sent_date timestamptz, headers text) LOOP
@@ -60,12 +61,15 @@ BEGIN
                     RAISE EXCEPTION 'no such mailbox' USING ERRCODE = 'ES002';
                 END IF;
                 INSERT INTO messages (
-                    mailbox_id, uid, modseq, filename, size, internal_date, seen, flagged,
-                    draft, keywords, envelope_from, envelope_to, message_id, in_reply_to,
+                    mailbox_id, uid, modseq, filename, size, internal_date, seen, answered,
+                    flagged, deleted, draft, keywords, envelope_from, envelope_to, message_id,
+                    in_reply_to,
                     subject, from_header, to_header, cc_header, bcc_header, sent_date, headers)
                 VALUES (
                     stored_mailbox, stored_uid, stored_modseq, m.filename, m.size,
-                    m.internal_date, m.seen, m.flagged, m.draft, coalesce(m.keywords, '{}'),
+                    m.internal_date, coalesce(m.seen, false), coalesce(m.answered, false),
+                    coalesce(m.flagged, false), coalesce(m.deleted, false),
+                    coalesce(m.draft, false), coalesce(m.keywords, '{}'),
                     m.envelope_from, coalesce(m.envelope_to, '{}'), m.message_id,
                     m.in_reply_to, m.subject, m.from_header, m.to_header, m.cc_header,
                     m.bcc_header, m.sent_date, m.headers);

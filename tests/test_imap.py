@@ -188,3 +188,57 @@ def test_hostile_input_gets_bad_and_the_session_survives(esp: EspServer) -> None
     assert b"b5 OK" in exchange(sock, b"DONE\r\n", b"b5")
     assert b"b6 OK" in exchange(sock, b"b6 NOOP\r\n", b"b6")
     sock.close()
+
+
+def test_create_rename_subscribe_delete(esp: EspServer) -> None:
+    client = login(esp, "bob@example.test", "bob's long password")
+    assert client.create("Projects/2026")[0] == "OK"  # the parent is created too
+    names = [line.decode() for line in client.list('""', "Projects*")[1]]
+    assert names == ['(\\HasChildren) "/" "Projects"', '(\\HasNoChildren) "/" "Projects/2026"']
+    status, data = client.create("Projects")
+    assert status == "NO" and b"ALREADYEXISTS" in data[0]
+    status, data = client.create("Entw&APw-rfe")  # "Entwürfe" in modified UTF-7
+    assert status == "OK"
+    assert client.rename("Projects", "Archive/Projects")[0] == "OK"
+    names = [line.decode().rsplit(" ", 1)[1] for line in client.list('""', "*")[1]]
+    assert '"Archive/Projects/2026"' in names and '"Projects"' not in names
+    assert '"Entw&APw-rfe"' in names
+    assert client.unsubscribe("Archive/Projects/2026")[0] == "OK"
+    subscribed = [line.decode().rsplit(" ", 1)[1] for line in client.lsub('""', "*")[1]]
+    assert '"Archive/Projects/2026"' not in subscribed and '"Archive/Projects"' in subscribed
+    assert client.delete("Archive/Projects")[0] == "NO"  # has a child
+    assert client.delete("Archive/Projects/2026")[0] == "OK"
+    assert client.delete("INBOX")[0] == "NO"
+    client.logout()
+
+
+def test_hostile_mailbox_names_are_refused(esp: EspServer) -> None:
+    sock = raw_session(esp)
+    exchange(sock, b'a1 LOGIN "bob@example.test" "bob\'s long password"\r\n', b"a1")
+    for n, name in enumerate((b'"../x"', b'"a//b"', b'"/abs"', b'"a/./b"', b'"x*"',
+                              b'"' + b"n" * 600 + b'"')):
+        tag = b"c%d" % n
+        reply = exchange(sock, tag + b" CREATE " + name + b"\r\n", tag)
+        assert tag + b" NO" in reply, reply
+    assert b"c9 OK" in exchange(sock, b"c9 NOOP\r\n", b"c9")
+    sock.close()
+
+
+def test_append_with_flags_and_date(esp: EspServer) -> None:
+    client = login(esp)
+    message = b"From: alice@example.test\r\nSubject: appended\r\n\r\nsaved draft\r\n"
+    status, data = client.append("Drafts", "(\\Draft \\Seen $Later)",
+                                 '"17-Jul-1996 02:44:25 -0700"', message)
+    assert status == "OK"
+    match = re.search(rb"APPENDUID (\d+) (\d+)", data[0])
+    assert match is not None
+    client.select("Drafts")
+    status, data = client.uid("FETCH", match.group(2).decode(),
+                              "(FLAGS INTERNALDATE BODY.PEEK[])")
+    header, body = data[0]
+    assert body == message
+    assert b"\\Draft" in header and b"\\Seen" in header and b"$Later" in header
+    assert b'INTERNALDATE "17-Jul-1996 09:44:25 +0000"' in header  # the same instant
+    status, data = client.append("Nowhere", None, None, message)
+    assert status == "NO" and b"TRYCREATE" in data[0]
+    client.logout()

@@ -17,6 +17,7 @@ import bisect
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
@@ -30,12 +31,21 @@ from twisted.python.failure import Failure
 from esp import __version__
 from esp.addresses import InvalidAddress, parse_address
 from esp.auth import AuthenticationBusy
-from esp.events import USER_LOGIN, Event, EventBus
+from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
+from esp.events import MAILBOX_CREATED, USER_LOGIN, Event, EventBus
 from esp.imap.fetch import FetchError, FetchItem, parse_fetch, render_fetch
 from esp.imap.wire import Assembler, Atom, CommandError, Limits, Pending, astring, tokenize
 from esp.storage.db import DatabaseUnavailable
 from esp.storage.directory import User
-from esp.storage.mailboxes import MailboxInfo, MailboxStore, MessageRow, Snapshot
+from esp.storage.mailboxes import (
+    MailboxError,
+    MailboxExists,
+    MailboxInfo,
+    MailboxStore,
+    MessageRow,
+    NoMailbox,
+    Snapshot,
+)
 
 DELIMITER = "/"
 # Names longer than this (in UTF-8 bytes) are refused.
@@ -133,6 +143,7 @@ class IMAPServer(imap4.IMAP4Server):
         self,
         settings: IMAPSettings,
         store: MailboxStore,
+        delivery: LocalDelivery,
         checker: Any,
         directory: Any,
         context_factory: Any,
@@ -140,6 +151,7 @@ class IMAPServer(imap4.IMAP4Server):
         clock: Any,
     ) -> None:
         imap4.IMAP4Server.__init__(self, contextFactory=context_factory)
+        self._delivery = delivery
         self.settings = settings
         self.timeOut = settings.idle_timeout
         self._store = store
@@ -740,3 +752,158 @@ async def _store(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
 
 def rows_by_uid(rows: Sequence[MessageRow]) -> dict[int, MessageRow]:
     return {r.uid: r for r in rows}
+
+
+# -- commands: managing mailboxes -----------------------------------------------------------------
+
+
+@command("CREATE", AUTHED)
+async def _create(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if len(args) != 1:
+        raise Bad("CREATE needs a mailbox name")
+    name = check_name(decode_name(args[0]).rstrip(DELIMITER))
+    if name.upper() == "INBOX":
+        raise No("[ALREADYEXISTS] INBOX always exists")
+    assert self._user is not None
+    try:
+        created = await self._store.create(self._user.id, name)
+    except MailboxExists:
+        raise No("[ALREADYEXISTS] Mailbox already exists") from None
+    for created_name in created:
+        self._events.publish(Event(
+            MAILBOX_CREATED, {"user": self._user.address, "mailbox": created_name},
+            domain=self._user.address.rpartition("@")[2], actor=self._user.address,
+        ))
+    self._ok(tag, "CREATE completed")
+
+
+@command("DELETE", AUTHED)
+async def _delete(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if len(args) != 1:
+        raise Bad("DELETE needs a mailbox name")
+    name = decode_name(args[0])
+    assert self._user is not None
+    if self._selected is not None and self._selected.info.name == name:
+        self._selected = None
+        self.state = "auth"
+    try:
+        await self._store.delete(self._user.maildir, self._user.id, name)
+    except NoMailbox:
+        raise No("[NONEXISTENT] No such mailbox") from None
+    except MailboxError as e:
+        raise No(f"[CANNOT] {e}") from None
+    self._ok(tag, "DELETE completed")
+
+
+@command("RENAME", AUTHED)
+async def _rename(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if len(args) != 2:
+        raise Bad("RENAME needs two mailbox names")
+    old = decode_name(args[0])
+    new = check_name(decode_name(args[1]).rstrip(DELIMITER))
+    assert self._user is not None
+    try:
+        await self._store.rename(self._user.id, old, new)
+    except NoMailbox:
+        raise No("[NONEXISTENT] No such mailbox") from None
+    except MailboxExists:
+        raise No("[ALREADYEXISTS] Mailbox already exists") from None
+    except MailboxError as e:
+        raise No(f"[CANNOT] {e}") from None
+    if self._selected is not None and self._selected.info.name == old:
+        self._selected = None
+        self.state = "auth"
+    self._ok(tag, "RENAME completed")
+
+
+async def _subscribe(self: IMAPServer, tag: bytes, args: list[Any], subscribed: bool) -> None:
+    if len(args) != 1:
+        raise Bad("a mailbox name is needed")
+    assert self._user is not None
+    try:
+        await self._store.subscribe(self._user.id, decode_name(args[0]), subscribed)
+    except NoMailbox:
+        if subscribed:
+            raise No("[NONEXISTENT] No such mailbox") from None
+    self._ok(tag, f"{'' if subscribed else 'UN'}SUBSCRIBE completed")
+
+
+@command("SUBSCRIBE", AUTHED)
+async def _subscribe_cmd(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    await _subscribe(self, tag, args, True)
+
+
+@command("UNSUBSCRIBE", AUTHED)
+async def _unsubscribe(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    await _subscribe(self, tag, args, False)
+
+
+_DATE_TIME = re.compile(
+    r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$"
+)
+_MONTHS = {m: i for i, m in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+
+
+def parse_date_time(value: object) -> datetime:
+    """RFC 3501 date-time: "17-Jul-1996 02:44:25 -0700"."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    match = _DATE_TIME.match(text)
+    if match is None or match.group(2).lower() not in _MONTHS:
+        raise Bad("invalid date-time")
+    day, _, year, hour, minute, second, sign, zh, zm = match.groups()
+    offset = timedelta(hours=int(zh), minutes=int(zm)) * (1 if sign == "+" else -1)
+    try:
+        return datetime(int(year), _MONTHS[match.group(2).lower()], int(day), int(hour),
+                        int(minute), int(second), tzinfo=timezone(offset))
+    except ValueError:
+        raise Bad("invalid date-time") from None
+
+
+@command("APPEND", AUTHED)
+async def _append(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if len(args) < 2 or len(args) > 4 or not isinstance(args[-1], bytes):
+        raise Bad("APPEND needs a mailbox, optional flags and date, and a literal message")
+    name = decode_name(args[0])
+    flags: list[str] = []
+    internal_date = None
+    for extra in args[1:-1]:
+        if isinstance(extra, list) and not flags:
+            for flag in extra:
+                if not isinstance(flag, Atom) or (flag.startswith("\\") and flag.lower() not in
+                                                  _SYSTEM_FLAGS):
+                    raise Bad(f"invalid flag {flag!r}")
+                flags.append(str(flag))
+        elif isinstance(extra, bytes) and internal_date is None:
+            internal_date = parse_date_time(extra)
+        else:
+            raise Bad("invalid APPEND arguments")
+    message = args[-1]
+    if not message:
+        raise Bad("empty message")
+    assert self._user is not None
+    info = await self._store.info(self._user.id, name)
+    if info is None:
+        raise No("[TRYCREATE] No such mailbox")
+    user = self._user
+    recipient = LocalRecipient(
+        user_id=user.id, address=user.address, maildir=user.maildir, folder=info.folder,
+        mailbox=info.name,
+        keywords=tuple(f for f in flags if not f.startswith("\\")),
+        flags=tuple(f for f in flags if f.startswith("\\")),
+    )
+    try:
+        result = await self._delivery.deliver(
+            message, "", [recipient], enforce_quota=True, internal_date=internal_date,
+            event_payload={"protocol": "imap"},
+        )
+    except MailboxFull:
+        raise No("[OVERQUOTA] Quota exceeded") from None
+    except DeliveryFailed:
+        raise No("[UNAVAILABLE] Temporary failure, try again later") from None
+    stored = result.stored[0]
+    await self._sync(expunges=True)
+    self._ok(tag, f"[APPENDUID {info.uidvalidity} {stored.uid}] APPEND completed")
+
+
+_SYSTEM_FLAGS = frozenset({"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"})

@@ -9,6 +9,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from esp.config import IMAPConfig
+from esp.delivery import LocalDelivery
 from esp.events import EventBus
 from esp.imap.server import IMAPServer, IMAPSettings
 from esp.smtp.service import ListenerService
@@ -31,6 +32,7 @@ class IMAPFactory(ServerFactory):
         self,
         settings: IMAPSettings,
         store: MailboxStore,
+        delivery: LocalDelivery,
         checker: Any,
         directory: Any,
         certificates: CertificateStore,
@@ -40,6 +42,7 @@ class IMAPFactory(ServerFactory):
     ) -> None:
         self.settings = settings
         self._store = store
+        self._delivery = delivery
         self._checker = checker
         self._directory = directory
         self._certificates = certificates
@@ -52,7 +55,7 @@ class IMAPFactory(ServerFactory):
             protocol: Protocol = NotReady()
         else:
             protocol = IMAPServer(
-                self.settings, self._store, self._checker, self._directory,
+                self.settings, self._store, self._delivery, self._checker, self._directory,
                 None if self.settings.implicit_tls else self._certificates.context_factory(),
                 self._events, self._clock,
             )
@@ -66,6 +69,7 @@ def imap_listeners(
     allow_plaintext_auth: bool,
     max_message_size: int,
     store: MailboxStore,
+    delivery: LocalDelivery,
     checker: Any,
     directory: Any,
     certificates: CertificateStore,
@@ -86,8 +90,8 @@ def imap_listeners(
         )
 
         def build(settings: IMAPSettings = settings) -> Any:
-            factory = IMAPFactory(settings, store, checker, directory, certificates, events,
-                                  reactor, is_ready)
+            factory = IMAPFactory(settings, store, delivery, checker, directory, certificates,
+                                  events, reactor, is_ready)
             if settings.implicit_tls:
                 return TLSMemoryBIOFactory(certificates.context_factory(), False, factory)
             return factory

@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from esp.storage.db import Cursor, Database
-from esp.storage.maildir import Maildir
+from esp.storage.maildir import Maildir, folder_directory, retire
 from esp.storage.mailstore import MAILBOX_CHANNEL
 
 # Flags stored as columns; anything else is a keyword.
@@ -40,6 +40,7 @@ class MailboxInfo:
     unseen: int
     size: int
     has_children: bool = False
+    folder: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ _INFO_COLUMNS = """
     b.id, b.name, b.special_use, b.subscribed, b.uidvalidity, b.uidnext, b.highestmodseq,
     b.message_count, b.unseen_count, b.total_bytes,
     EXISTS (SELECT 1 FROM mailboxes c WHERE c.user_id = b.user_id
-            AND left(c.name, length(b.name) + 1) = b.name || '/')
+            AND left(c.name, length(b.name) + 1) = b.name || '/'),
+    b.folder
 """
 
 
@@ -280,6 +282,94 @@ def expunge_txn(
     return [(uid, filename) for uid, filename, *_ in removed]
 
 
+class MailboxError(Exception):
+    """The mailbox operation is not possible (the message says why, for a NO)."""
+
+
+class MailboxExists(MailboxError):
+    pass
+
+
+class NoMailbox(MailboxError):
+    pass
+
+
+def create_mailbox_txn(cur: Cursor, user_id: int, name: str) -> list[str]:
+    """Create ``name`` and any missing parent; return the names created (for events)."""
+    parts = name.split("/")
+    created = []
+    for depth in range(1, len(parts) + 1):
+        path = "/".join(parts[:depth])
+        cur.execute(
+            """
+            INSERT INTO mailboxes (user_id, name, folder) VALUES (%s, %s, %s)
+            ON CONFLICT DO NOTHING RETURNING id
+            """,
+            (user_id, path, folder_directory(path)),
+        )
+        if cur.fetchone() is not None:
+            created.append(path)
+        elif depth == len(parts):
+            raise MailboxExists(f"{name} already exists")
+    return created
+
+
+def delete_mailbox_txn(cur: Cursor, user_id: int, name: str) -> str:
+    """Delete a mailbox and its messages; return its folder, for the caller to remove."""
+    if name.upper() == "INBOX":
+        raise MailboxError("INBOX cannot be deleted")
+    info = mailbox_info_txn(cur, user_id, name)
+    if info is None:
+        raise NoMailbox(f"{name} does not exist")
+    if info.has_children:
+        raise MailboxError(f"{name} has child mailboxes; delete them first")
+    cur.execute(
+        """
+        UPDATE users SET used_bytes = greatest(used_bytes - %s, 0),
+               used_messages = greatest(used_messages - %s, 0)
+        WHERE id = %s
+        """,
+        (info.size, info.messages, user_id),
+    )
+    cur.execute("DELETE FROM mailboxes WHERE id = %s", (info.id,))
+    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{info.id}:-1:0"))
+    return info.folder
+
+
+def rename_mailbox_txn(cur: Cursor, user_id: int, old: str, new: str) -> None:
+    """Rename a mailbox and its children; their Maildir folders stay where they are."""
+    if old.upper() == "INBOX":
+        raise MailboxError("renaming INBOX is not supported yet")
+    if new.upper() == "INBOX" or new.startswith(old + "/"):
+        raise MailboxError(f"cannot rename {old} to {new}")
+    if mailbox_info_txn(cur, user_id, old) is None:
+        raise NoMailbox(f"{old} does not exist")
+    if mailbox_info_txn(cur, user_id, new) is not None:
+        raise MailboxExists(f"{new} already exists")
+    parent = new.rpartition("/")[0]
+    if parent:
+        try:
+            create_mailbox_txn(cur, user_id, parent)
+        except MailboxExists:
+            pass
+    cur.execute(
+        """
+        UPDATE mailboxes SET name = %s || substr(name, length(%s) + 1)
+        WHERE user_id = %s AND (name = %s OR left(name, length(%s) + 1) = %s || '/')
+        """,
+        (new, old, user_id, old, old, old),
+    )
+
+
+def subscribe_txn(cur: Cursor, user_id: int, name: str, subscribed: bool) -> None:
+    cur.execute(
+        "UPDATE mailboxes SET subscribed = %s WHERE user_id = %s AND name = %s",
+        (subscribed, user_id, name),
+    )
+    if cur.rowcount == 0:
+        raise NoMailbox(f"{name} does not exist")
+
+
 def folder_of_txn(cur: Cursor, mailbox_id: int) -> str:
     cur.execute("SELECT folder FROM mailboxes WHERE id = %s", (mailbox_id,))
     row = cur.fetchone()
@@ -333,6 +423,23 @@ class MailboxStore:
                 self._reactor, self._disk_pool, _remove_messages, box, [f for _, f in removed]
             )
         return [uid for uid, _ in removed]
+
+    async def create(self, user_id: int, name: str) -> list[str]:
+        return await self._db.run("create_mailbox", create_mailbox_txn, user_id, name)
+
+    async def delete(self, maildir: str, user_id: int, name: str) -> None:
+        folder = await self._db.run("delete_mailbox", delete_mailbox_txn, user_id, name)
+        if folder:
+            await deferToThreadPool(
+                self._reactor, self._disk_pool, retire,
+                self._root, f"{maildir}/{folder}",
+            )
+
+    async def rename(self, user_id: int, old: str, new: str) -> None:
+        await self._db.run("rename_mailbox", rename_mailbox_txn, user_id, old, new)
+
+    async def subscribe(self, user_id: int, name: str, subscribed: bool) -> None:
+        await self._db.run("subscribe", subscribe_txn, user_id, name, subscribed)
 
     async def read(self, maildir: str, mailbox_id: int, filename: str) -> bytes:
         folder = await self._folder(mailbox_id)

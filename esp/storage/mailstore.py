@@ -52,7 +52,9 @@ class NewMessage:
     summary: MessageSummary  # the header fields indexed for search
     keywords: Sequence[str] = ()
     seen: bool = False
+    answered: bool = False
     flagged: bool = False
+    deleted: bool = False
     draft: bool = False
     enforce_quota: bool = False
     mailbox: str | None = None
@@ -91,8 +93,9 @@ def _record(m: NewMessage) -> dict[str, object]:
     return {
         "user_id": m.user_id, "mailbox_id": m.mailbox_id, "mailbox": m.mailbox,
         "enforce": m.enforce_quota, "filename": m.filename, "size": m.size,
-        "internal_date": m.internal_date.isoformat(), "seen": m.seen, "flagged": m.flagged,
-        "draft": m.draft, "keywords": list(m.keywords), "envelope_from": m.envelope_from,
+        "internal_date": m.internal_date.isoformat(), "seen": m.seen, "answered": m.answered,
+        "flagged": m.flagged, "deleted": m.deleted, "draft": m.draft,
+        "keywords": list(m.keywords), "envelope_from": m.envelope_from,
         "envelope_to": list(m.envelope_to), "message_id": summary.message_id,
         "in_reply_to": summary.in_reply_to, "subject": summary.subject,
         "from_header": summary.from_header, "to_header": summary.to_header,
