@@ -242,3 +242,38 @@ def test_append_with_flags_and_date(esp: EspServer) -> None:
     status, data = client.append("Nowhere", None, None, message)
     assert status == "NO" and b"TRYCREATE" in data[0]
     client.logout()
+
+
+def test_search(esp: EspServer) -> None:
+    esp.add_user("carol@example.test", "carol's long password")
+    deliver(esp, "quarterly report", to="carol@example.test", body="numbers inside zebra")
+    deliver(esp, "lunch", to="carol@example.test", body="pizza")
+    deliver(esp, "report draft", to="carol@example.test", body="more numbers")
+    client = login(esp, "carol@example.test", "carol's long password")
+    client.select("INBOX")
+    client.store("2", "+FLAGS", "(\\Seen)")
+
+    def search(*keys: str, uid: bool = False) -> list[int]:
+        status, data = client.uid("SEARCH", *keys) if uid else client.search(None, *keys)
+        assert status == "OK", data
+        return [int(n) for n in data[0].split()]
+
+    assert search("ALL") == [1, 2, 3]
+    assert search("SUBJECT", "REPORT") == [1, 3]  # case-insensitive substring
+    assert search("FROM", '"carol@remote"') == [1, 2, 3]
+    assert search("UNSEEN") == [1, 3] and search("SEEN") == [2]
+    assert search("BODY", "zebra") == [1] and search("TEXT", "lunch") == [2]
+    assert search("OR", "SUBJECT", "lunch", "BODY", "zebra") == [1, 2]
+    assert search("NOT", "SUBJECT", "report") == [2]
+    assert search("SINCE", "1-Jan-2020", "SMALLER", "100000") == [1, 2, 3]
+    assert search("BEFORE", "1-Jan-2020") == []
+    assert search("HEADER", "Message-ID", "lunch@remote") == [2]
+    assert search("2:3", "UNSEEN") == [3]
+    uids = [uid for uid, _, _ in esp.messages("carol@example.test")]
+    assert search("UID", f"{uids[1]}:*", uid=True) == uids[1:]
+    assert search("CHARSET", "UTF-8", "SUBJECT", "lunch") == [2]
+    status, data = client.search("KOI8-R", "SUBJECT", "x")
+    assert status == "NO" and b"BADCHARSET" in data[0]
+    with pytest.raises(imaplib.IMAP4.error, match="BAD"):
+        client.search(None, "SINCE", "yesterday")
+    client.logout()

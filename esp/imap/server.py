@@ -34,6 +34,7 @@ from esp.auth import AuthenticationBusy
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
 from esp.events import MAILBOX_CREATED, USER_LOGIN, Event, EventBus
 from esp.imap.fetch import FetchError, FetchItem, parse_fetch, render_fetch
+from esp.imap.search import BadCharset, SearchError, parse_search
 from esp.imap.wire import Assembler, Atom, CommandError, Limits, Pending, astring, tokenize
 from esp.storage.db import DatabaseUnavailable
 from esp.storage.directory import User
@@ -83,6 +84,26 @@ class Selected:
     def seq_of(self, uid: int) -> int | None:
         i = bisect.bisect_left(self.uids, uid)
         return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
+
+    def ranges_of(self, spec: str, uid: bool) -> list[tuple[int, int]]:
+        """A sequence set as UID ranges (for SEARCH), without listing every UID."""
+        if uid:
+            largest = self.uids[-1] if self.uids else 0
+            ranges = []
+            for part in spec.split(","):
+                low, sep, high = part.partition(":")
+                a = _number(low, largest)
+                b = _number(high, largest) if sep else a
+                ranges.append((min(a, b), max(a, b)))
+            return ranges
+        uids = self.uids_of(spec, uid=False)
+        ranges = []
+        for u in uids:
+            if ranges and self.seq_of(u) == (self.seq_of(ranges[-1][1]) or 0) + 1:
+                ranges[-1] = (ranges[-1][0], u)
+            else:
+                ranges.append((u, u))
+        return ranges
 
     def uids_of(self, spec: str, uid: bool) -> list[int]:
         """The UIDs a sequence set names (RFC 3501 §9 sequence-set), in ascending order."""
@@ -279,7 +300,7 @@ class IMAPServer(imap4.IMAP4Server):
             result = handler(self, tag, args, uid)
             if result is not None:
                 await result
-        except (Bad, FetchError) as e:
+        except (Bad, FetchError, SearchError) as e:
             self._bad(tag, str(e))
         except No as e:
             self._send(tag + b" NO " + str(e).encode())
@@ -907,3 +928,19 @@ async def _append(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> N
 
 
 _SYSTEM_FLAGS = frozenset({"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"})
+
+
+@command("SEARCH", SELECTED)
+async def _search(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    selected = self._selected
+    assert selected is not None and self._user is not None
+    try:
+        criterion = parse_search(args, selected.ranges_of)
+    except BadCharset:
+        raise No("[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset") from None
+    await self._sync(expunges=False)
+    found = await self._store.search(self._user.maildir, selected.info.id, criterion)
+    known = [u for u in found if selected.seq_of(u) is not None]
+    numbers = known if uid else [selected.seq_of(u) or 0 for u in known]
+    self._send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
+    self._ok(tag, f"{'UID ' if uid else ''}SEARCH completed")

@@ -19,6 +19,14 @@ from twisted.python.threadpool import ThreadPool
 
 from esp.storage.db import Cursor, Database
 from esp.storage.maildir import Maildir, folder_directory, retire
+from esp.storage.mailsearch import (
+    Criterion,
+    body_criteria,
+    filenames_txn,
+    matching_bodies,
+    replace_criteria,
+    search_txn,
+)
 from esp.storage.mailstore import MAILBOX_CHANNEL
 
 # Flags stored as columns; anything else is a keyword.
@@ -440,6 +448,17 @@ class MailboxStore:
 
     async def subscribe(self, user_id: int, name: str, subscribed: bool) -> None:
         await self._db.run("subscribe", subscribe_txn, user_id, name, subscribed)
+
+    async def search(self, maildir: str, mailbox_id: int, criterion: Criterion) -> list[int]:
+        bodies = list(dict.fromkeys(body_criteria(criterion)))
+        if bodies:
+            files = await self._db.run("message_files", filenames_txn, mailbox_id)
+            box = Maildir(self._root / maildir).folder(await self._folder(mailbox_id))
+            resolved = await deferToThreadPool(
+                self._reactor, self._disk_pool, matching_bodies, box.read, files, bodies
+            )
+            criterion = replace_criteria(criterion, resolved)
+        return await self._db.run("search", search_txn, mailbox_id, criterion)
 
     async def read(self, maildir: str, mailbox_id: int, filename: str) -> bytes:
         folder = await self._folder(mailbox_id)

@@ -1,0 +1,158 @@
+"""Message search as SQL: a criteria tree (built by a protocol) becomes one WHERE clause over
+the indexed columns of ``messages``.
+
+A criterion is a tuple:
+
+- ``("all",)``; ``("flag", column, present)`` with column one of seen, answered, flagged,
+  deleted, draft; ``("keyword", name, present)``;
+- ``("uids", [(low, high), ...])``;
+- ``("date", op, date)`` on the internal date and ``("sent", op, date)`` on the Date header, op
+  one of ``<``, ``=``, ``>=`` (RFC 3501: dates, disregarding time and time zone);
+- ``("size", op, n)`` with op ``>`` or ``<``;
+- ``("header", field, text)``: case-insensitive substring of a header field;
+- ``("body", text)`` / ``("text", text)``: resolved by the caller into ``("uids", ...)``
+  (bodies live in Maildir files);
+- ``("not", c)``, ``("or", a, b)``, ``("and", [c, ...])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import date
+from typing import Any
+
+from esp.storage.db import Cursor
+
+_FLAG_COLUMNS = frozenset({"seen", "answered", "flagged", "deleted", "draft"})
+_HEADER_COLUMNS = {"subject": "subject", "from": "from_header", "to": "to_header",
+                   "cc": "cc_header", "bcc": "bcc_header", "message-id": "message_id",
+                   "in-reply-to": "in_reply_to"}
+
+Criterion = tuple[Any, ...]
+
+
+def _like(text: str) -> str:
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _sql(node: Criterion, params: list[object]) -> str:
+    kind = node[0]
+    if kind == "all":
+        return "TRUE"
+    if kind == "flag":
+        column = node[1]
+        if column not in _FLAG_COLUMNS:
+            raise ValueError(f"unknown flag column {column}")
+        return column if node[2] else f"NOT {column}"
+    if kind == "keyword":
+        params.append(node[1])
+        return ("" if node[2] else "NOT ") + "(%s = ANY(keywords))"
+    if kind == "uids":
+        ranges: Sequence[tuple[int, int]] = node[1]
+        if not ranges:
+            return "FALSE"
+        parts = []
+        for low, high in ranges:
+            params.extend((low, high))
+            parts.append("uid BETWEEN %s AND %s")
+        return "(" + " OR ".join(parts) + ")"
+    if kind in ("date", "sent"):
+        column = "internal_date" if kind == "date" else "sent_date"
+        op = node[1]
+        if op not in ("<", "=", ">="):
+            raise ValueError(f"unknown date comparison {op}")
+        day: date = node[2]
+        params.append(day)
+        return f"({column} AT TIME ZONE 'UTC')::date {op} %s"
+    if kind == "size":
+        op = node[1]
+        if op not in ("<", ">"):
+            raise ValueError(f"unknown size comparison {op}")
+        params.append(int(node[2]))
+        return f"size {op} %s"
+    if kind == "header":
+        field = node[1].lower()
+        params.append(_like(node[2]))
+        column = _HEADER_COLUMNS.get(field)
+        if column is not None:
+            return f"coalesce({column}, '') ILIKE %s"
+        # Any other field: a line of the stored header block that starts with its name.
+        params[-1] = node[1].replace("\\", "\\\\").replace("%", "\\%").replace(
+            "_", "\\_") + ":" + _like(node[2])
+        return "(E'\\n' || coalesce(headers, '')) ILIKE E'%%\\n' || %s"
+    if kind == "not":
+        return f"NOT ({_sql(node[1], params)})"
+    if kind == "or":
+        return f"(({_sql(node[1], params)}) OR ({_sql(node[2], params)}))"
+    if kind == "and":
+        children: Sequence[Criterion] = node[1]
+        if not children:
+            return "TRUE"
+        return "(" + " AND ".join(f"({_sql(c, params)})" for c in children) + ")"
+    raise ValueError(f"unknown search criterion {kind}")
+
+
+def search_txn(cur: Cursor, mailbox_id: int, criterion: Criterion) -> list[int]:
+    """The UIDs of the messages matching ``criterion``, ascending."""
+    params: list[object] = [mailbox_id]
+    where = _sql(criterion, params)
+    cur.execute(
+        f"SELECT uid FROM messages WHERE mailbox_id = %s AND ({where}) ORDER BY uid",
+        params,
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+def filenames_txn(cur: Cursor, mailbox_id: int) -> list[tuple[int, str]]:
+    cur.execute(
+        "SELECT uid, filename FROM messages WHERE mailbox_id = %s ORDER BY uid", (mailbox_id,)
+    )
+    return [(row[0], row[1]) for row in cur.fetchall()]
+
+
+def body_criteria(node: Criterion) -> Iterator[Criterion]:
+    """The BODY and TEXT criteria inside ``node`` (answered from the message files)."""
+    kind = node[0]
+    if kind in ("body", "text"):
+        yield node
+    elif kind == "not":
+        yield from body_criteria(node[1])
+    elif kind == "or":
+        yield from body_criteria(node[1])
+        yield from body_criteria(node[2])
+    elif kind == "and":
+        for child in node[1]:
+            yield from body_criteria(child)
+
+
+def replace_criteria(node: Criterion, resolved: dict[Criterion, Criterion]) -> Criterion:
+    kind = node[0]
+    if kind in ("body", "text"):
+        return resolved.get(node, node)
+    if kind == "not":
+        return ("not", replace_criteria(node[1], resolved))
+    if kind == "or":
+        return ("or", replace_criteria(node[1], resolved), replace_criteria(node[2], resolved))
+    if kind == "and":
+        return ("and", [replace_criteria(c, resolved) for c in node[1]])
+    return node
+
+
+def matching_bodies(
+    read: Any, files: Sequence[tuple[int, str]], criteria: Sequence[Criterion]
+) -> dict[Criterion, Criterion]:
+    """For each BODY / TEXT criterion, the UIDs whose file contains the text (blocking)."""
+    found: dict[Criterion, list[int]] = {c: [] for c in criteria}
+    for uid, filename in files:
+        try:
+            data = read(filename)
+        except OSError:
+            continue
+        text = data.decode("utf-8", "replace").casefold()
+        split = text.find("\r\n\r\n")
+        body = text[split + 4:] if split >= 0 else ""
+        for criterion in criteria:
+            haystack = body if criterion[0] == "body" else text
+            if criterion[1].casefold() in haystack:
+                found[criterion].append(uid)
+    return {c: ("uids", [(u, u) for u in uids]) for c, uids in found.items()}
