@@ -115,6 +115,8 @@ class IMAPConfig(Section):
     listen_tls: Listen = ("tcp:2993:interface=127.0.0.1",)
     # Seconds of silence before the server logs a client out (RFC 3501 §5.4: at least 30 min).
     idle_timeout: Annotated[int, Field(ge=1800, le=86400)] = 1800
+    # Seconds between "* OK Still here" during IDLE, for NAT boxes on mobile networks.
+    idle_keepalive: Annotated[int, Field(ge=10, le=1500)] = 120
 
 
 class APIConfig(Section):

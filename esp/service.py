@@ -35,6 +35,7 @@ from esp.storage.db import Database
 from esp.storage.directory import DirectoryStore
 from esp.storage.mailboxes import MailboxStore
 from esp.storage.migrations import apply_migrations_txn, load_migrations
+from esp.storage.notify import MailboxNotifier
 from esp.storage.pgasync import AsyncDatabase
 from esp.tls import CertificateStore
 from esp.workers import WorkerPool, worker_count
@@ -384,6 +385,8 @@ def makeService(
     )
     fast = AsyncDatabase(dsn, reactor, size=4)
     children.append(DatabaseService(db, fast))
+    notifier = MailboxNotifier(dsn, reactor)
+    children.append(notifier)
 
     events = EventBus()
     directory = DirectoryStore(
@@ -434,6 +437,7 @@ def makeService(
         max_message_size=config.server.smtp.max_message_size,
         store=MailboxStore(db, config.maildir_root, disk.pool, reactor),
         delivery=delivery,
+        notifier=notifier,
         checker=checker,
         directory=directory,
         certificates=certificates.store,

@@ -277,3 +277,34 @@ def test_search(esp: EspServer) -> None:
     with pytest.raises(imaplib.IMAP4.error, match="BAD"):
         client.search(None, "SINCE", "yesterday")
     client.logout()
+
+
+def read_until(sock: ssl.SSLSocket, pattern: bytes) -> bytes:
+    received = b""
+    while not re.search(pattern, received):
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed; got {received!r}"
+        received += chunk
+    return received
+
+
+def test_idle_is_woken_by_a_delivery_and_by_another_session(esp: EspServer) -> None:
+    esp.add_user("dave@example.test", "dave's long password")
+    deliver(esp, "before idle", to="dave@example.test")
+    sock = raw_session(esp)
+    exchange(sock, b'a1 LOGIN "dave@example.test" "dave\'s long password"\r\n', b"a1")
+    assert b"* 1 EXISTS" in exchange(sock, b"a2 SELECT INBOX\r\n", b"a2")
+    assert exchange(sock, b"a3 IDLE\r\n", None).startswith(b"+")
+    # No command is sent: the news is pushed (the socket has a 30 s timeout, no sleeping).
+    deliver(esp, "during idle", to="dave@example.test")
+    assert b"* 2 EXISTS" in read_until(sock, rb"\* 2 EXISTS\r\n")
+    other = login(esp, "dave@example.test", "dave's long password")
+    other.select("INBOX")
+    other.store("1", "+FLAGS", "(\\Flagged)")
+    assert b"\\Flagged" in read_until(sock, rb"\* 1 FETCH \(FLAGS \([^)]*\\Flagged")
+    other.store("1", "+FLAGS", "(\\Deleted)")
+    other.expunge()
+    assert b"* 1 EXPUNGE" in read_until(sock, rb"\* 1 EXPUNGE\r\n")
+    other.logout()
+    assert b"a3 OK" in exchange(sock, b"DONE\r\n", b"a3")
+    sock.close()

@@ -47,6 +47,7 @@ from esp.storage.mailboxes import (
     NoMailbox,
     Snapshot,
 )
+from esp.storage.notify import MailboxNotifier
 
 DELIMITER = "/"
 # Names longer than this (in UTF-8 bytes) are refused.
@@ -59,6 +60,9 @@ class IMAPSettings:
     implicit_tls: bool
     allow_plaintext_auth: bool
     idle_timeout: int = 1800
+    # RFC 2177 clients stay in IDLE for up to 29 minutes; NAT boxes forget quiet connections
+    # much sooner, so an untagged OK goes out this often during IDLE.
+    idle_keepalive: int = 120
     max_message_size: int = 25 * 1024 * 1024
     max_errors: int = 20
 
@@ -165,6 +169,7 @@ class IMAPServer(imap4.IMAP4Server):
         settings: IMAPSettings,
         store: MailboxStore,
         delivery: LocalDelivery,
+        notifier: MailboxNotifier,
         checker: Any,
         directory: Any,
         context_factory: Any,
@@ -173,6 +178,9 @@ class IMAPServer(imap4.IMAP4Server):
     ) -> None:
         imap4.IMAP4Server.__init__(self, contextFactory=context_factory)
         self._delivery = delivery
+        self._notifier = notifier
+        self._changed = False  # a change arrived while a command was running
+        self._keepalive: Any = None
         self.settings = settings
         self.timeOut = settings.idle_timeout
         self._store = store
@@ -205,8 +213,41 @@ class IMAPServer(imap4.IMAP4Server):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
-        self._selected = None
+        self._select(None)
+        self._stop_keepalive()
         self.state = "logout"
+
+    # -- the selected mailbox and its notifications -------------------------------------------
+
+    def _select(self, selected: Selected | None) -> None:
+        if self._selected is not None:
+            self._notifier.unsubscribe(self._selected.info.id, self._mailbox_changed)
+        self._selected = selected
+        self.state = "select" if selected is not None else (
+            "auth" if self._user is not None else "unauth")
+        if selected is not None:
+            self._notifier.subscribe(selected.info.id, self._mailbox_changed)
+
+    def _mailbox_changed(self, mailbox_id: int | None) -> None:
+        """Someone (any session, any node) changed our mailbox: tell an idling client now."""
+        if self._mode != "idle":
+            return  # the next command's response carries the news
+        if self._busy:
+            self._changed = True
+            return
+        self._run(self._sync(expunges=True))
+
+    def _still_here(self) -> None:
+        self._keepalive = None
+        if self._mode == "idle" and self.transport is not None:
+            self._send(b"* OK Still here")
+            self._keepalive = self._clock.callLater(self.settings.idle_keepalive,
+                                                    self._still_here)
+
+    def _stop_keepalive(self) -> None:
+        if self._keepalive is not None and self._keepalive.active():
+            self._keepalive.cancel()
+        self._keepalive = None
 
     def timeoutConnection(self) -> None:
         self._send(b"* BYE Autologout; idle for too long")
@@ -322,6 +363,10 @@ class IMAPServer(imap4.IMAP4Server):
                 self._send(b"* BYE Internal error")
                 self.transport.loseConnection()
                 return
+            if self._changed and self._mode == "idle" and self.transport is not None:
+                self._changed = False
+                self._run(self._sync(expunges=True))
+                return
             if self.transport is not None:
                 self._pump()
 
@@ -338,6 +383,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _idle_line(self, line: bytes) -> None:
         self._mode = "command"
+        self._stop_keepalive()
         if line.upper() != b"DONE":
             self._bad(self._idle_tag, "expected DONE")
             return
@@ -562,8 +608,7 @@ async def _select(self: IMAPServer, tag: bytes, args: list[Any], readonly: bool)
         raise Bad("SELECT needs a mailbox name")
     name = decode_name(args[0])
     assert self._user is not None
-    self._selected = None
-    self.state = "auth"
+    self._select(None)
     snapshot: Snapshot | None = await self._store.select(self._user.id, name)
     if snapshot is None:
         raise No("[NONEXISTENT] No such mailbox")
@@ -582,8 +627,7 @@ async def _select(self: IMAPServer, tag: bytes, args: list[Any], readonly: bool)
             self._send(b"* OK [UNSEEN %d] First unseen" % seq)
     self._send(b"* OK [UIDVALIDITY %d] UIDs valid" % info.uidvalidity)
     self._send(b"* OK [UIDNEXT %d] Predicted next UID" % info.uidnext)
-    self._selected = selected
-    self.state = "select"
+    self._select(selected)
     self._ok(tag, f"[READ-{'ONLY' if readonly else 'WRITE'}] "
                   f"{'EXAMINE' if readonly else 'SELECT'} completed")
 
@@ -658,6 +702,7 @@ async def _idle(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> Non
     self._idle_tag = tag
     self._mode = "idle"
     self._send(b"+ idling")
+    self._keepalive = self._clock.callLater(self.settings.idle_keepalive, self._still_here)
     await self._sync(expunges=True)
 
 
@@ -674,8 +719,7 @@ async def _check(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
 async def _close(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
     selected = self._selected
     assert selected is not None and self._user is not None
-    self._selected = None
-    self.state = "auth"
+    self._select(None)
     if not selected.readonly:
         await self._store.expunge(self._user.maildir, selected.info.id, self._user.id)
     self._ok(tag, "CLOSE completed")
@@ -683,8 +727,7 @@ async def _close(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
 
 @command("UNSELECT", SELECTED)
 def _unselect(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
-    self._selected = None
-    self.state = "auth"
+    self._select(None)
     self._ok(tag, "UNSELECT completed")
 
 
@@ -805,8 +848,7 @@ async def _delete(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> N
     name = decode_name(args[0])
     assert self._user is not None
     if self._selected is not None and self._selected.info.name == name:
-        self._selected = None
-        self.state = "auth"
+        self._select(None)
     try:
         await self._store.delete(self._user.maildir, self._user.id, name)
     except NoMailbox:
@@ -832,8 +874,7 @@ async def _rename(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> N
     except MailboxError as e:
         raise No(f"[CANNOT] {e}") from None
     if self._selected is not None and self._selected.info.name == old:
-        self._selected = None
-        self.state = "auth"
+        self._select(None)
     self._ok(tag, "RENAME completed")
 
 

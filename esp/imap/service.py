@@ -14,6 +14,7 @@ from esp.events import EventBus
 from esp.imap.server import IMAPServer, IMAPSettings
 from esp.smtp.service import ListenerService
 from esp.storage.mailboxes import MailboxStore
+from esp.storage.notify import MailboxNotifier
 from esp.tls import CertificateStore
 
 
@@ -33,6 +34,7 @@ class IMAPFactory(ServerFactory):
         settings: IMAPSettings,
         store: MailboxStore,
         delivery: LocalDelivery,
+        notifier: MailboxNotifier,
         checker: Any,
         directory: Any,
         certificates: CertificateStore,
@@ -43,6 +45,7 @@ class IMAPFactory(ServerFactory):
         self.settings = settings
         self._store = store
         self._delivery = delivery
+        self._notifier = notifier
         self._checker = checker
         self._directory = directory
         self._certificates = certificates
@@ -55,7 +58,8 @@ class IMAPFactory(ServerFactory):
             protocol: Protocol = NotReady()
         else:
             protocol = IMAPServer(
-                self.settings, self._store, self._delivery, self._checker, self._directory,
+                self.settings, self._store, self._delivery, self._notifier, self._checker,
+                self._directory,
                 None if self.settings.implicit_tls else self._certificates.context_factory(),
                 self._events, self._clock,
             )
@@ -70,6 +74,7 @@ def imap_listeners(
     max_message_size: int,
     store: MailboxStore,
     delivery: LocalDelivery,
+    notifier: MailboxNotifier,
     checker: Any,
     directory: Any,
     certificates: CertificateStore,
@@ -86,12 +91,13 @@ def imap_listeners(
             implicit_tls=implicit_tls,
             allow_plaintext_auth=allow_plaintext_auth,
             idle_timeout=config.idle_timeout,
+            idle_keepalive=config.idle_keepalive,
             max_message_size=max_message_size,
         )
 
         def build(settings: IMAPSettings = settings) -> Any:
-            factory = IMAPFactory(settings, store, delivery, checker, directory, certificates,
-                                  events, reactor, is_ready)
+            factory = IMAPFactory(settings, store, delivery, notifier, checker, directory,
+                                  certificates, events, reactor, is_ready)
             if settings.implicit_tls:
                 return TLSMemoryBIOFactory(certificates.context_factory(), False, factory)
             return factory
