@@ -308,3 +308,45 @@ def test_idle_is_woken_by_a_delivery_and_by_another_session(esp: EspServer) -> N
     other.logout()
     assert b"a3 OK" in exchange(sock, b"DONE\r\n", b"a3")
     sock.close()
+
+
+def test_copy_and_move_with_uidplus(esp: EspServer) -> None:
+    esp.add_user("frank@example.test", "frank's long password")
+    for subject in ("keep", "copy me", "move me"):
+        deliver(esp, subject, to="frank@example.test")
+    client = login(esp, "frank@example.test", "frank's long password")
+    assert b"UIDPLUS" in b" ".join(c.encode() for c in client.capabilities)
+    client.select("INBOX")
+    status, data = client.copy("2", "Archive")
+    assert status == "OK"
+    match = re.search(rb"COPYUID (\d+) (\d+) (\d+)", data[-1])
+    assert match is not None
+    inbox = esp.messages("frank@example.test")
+    archive = esp.messages("frank@example.test", "Archive")
+    assert [uid for uid, _, _ in archive] == [int(match.group(3))]
+    assert esp.message_file("frank@example.test", archive[0][2], ".Archive") == \
+        esp.message_file("frank@example.test", inbox[1][2])
+
+    typ, data = client._simple_command("MOVE", "3", "Trash")  # imaplib has no move()
+    assert typ == "OK"
+    assert client.untagged_responses.get("EXPUNGE") == [b"3"]
+    assert len(esp.messages("frank@example.test")) == 2
+    assert len(esp.messages("frank@example.test", "Trash")) == 1
+    status, data = client.copy("1", "Nowhere")
+    assert status == "NO" and b"TRYCREATE" in data[0]
+    client.logout()
+
+
+def test_quota_is_reported_and_enforced_on_append(esp: EspServer) -> None:
+    esp.add_user("gina@example.test", "gina's long password", quota=4096)
+    client = login(esp, "gina@example.test", "gina's long password")
+    status, data = client.getquotaroot("INBOX")
+    assert status == "OK"
+    assert data[0] == [b'"INBOX" ""'] and data[1] == [b'"" (STORAGE 0 4)']
+    message = b"Subject: big\r\n\r\n" + b"x" * 5000 + b"\r\n"
+    status, data = client.append("INBOX", None, None, message)
+    assert status == "NO" and b"OVERQUOTA" in data[0]
+    assert client.append("INBOX", None, None, b"Subject: small\r\n\r\nok\r\n")[0] == "OK"
+    status, data = client.getquota('""')
+    assert data == [b'"" (STORAGE 1 4)']
+    client.logout()

@@ -47,6 +47,7 @@ from esp.storage.mailboxes import (
     NoMailbox,
     Snapshot,
 )
+from esp.storage.mailstore import QuotaExceeded
 from esp.storage.notify import MailboxNotifier
 
 DELIMITER = "/"
@@ -262,7 +263,8 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _capabilities(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"IDLE", b"NAMESPACE",
-                b"UNSELECT", b"CHILDREN", b"SPECIAL-USE"]
+                b"UNSELECT", b"CHILDREN", b"SPECIAL-USE", b"UIDPLUS", b"MOVE", b"QUOTA",
+                b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE"]
         if self.state == "unauth":
             if not self._tls and self.canStartTLS:
                 caps.append(b"STARTTLS")
@@ -985,3 +987,111 @@ async def _search(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> N
     numbers = known if uid else [selected.seq_of(u) or 0 for u in known]
     self._send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
     self._ok(tag, f"{'UID ' if uid else ''}SEARCH completed")
+
+
+def _uid_set(uids: Sequence[int]) -> str:
+    """A compact UID set: 1:3,7,9:10."""
+    parts: list[str] = []
+    start = previous = None
+    for uid in uids:
+        if previous is not None and uid == previous + 1:
+            previous = uid
+            continue
+        if start is not None:
+            parts.append(str(start) if start == previous else f"{start}:{previous}")
+        start = previous = uid
+    if start is not None:
+        parts.append(str(start) if start == previous else f"{start}:{previous}")
+    return ",".join(parts)
+
+
+async def _copy(self: IMAPServer, tag: bytes, args: list[Any], uid: bool, move: bool) -> None:
+    selected = self._selected
+    assert selected is not None and self._user is not None
+    verb = "MOVE" if move else "COPY"
+    if len(args) != 2 or not isinstance(args[0], str):
+        raise Bad(f"{verb} needs a sequence set and a mailbox")
+    if move and selected.readonly:
+        raise No("[READ-ONLY] Mailbox is read-only")
+    uids = selected.uids_of(args[0], uid)
+    target = await self._store.info(self._user.id, decode_name(args[1]))
+    if target is None:
+        raise No("[TRYCREATE] No such mailbox")
+    await self._sync(expunges=False)
+    pairs: list[tuple[int, int]] = []
+    if uids:
+        try:
+            pairs = await self._store.copy(self._user.maildir, self._user.id,
+                                           selected.info.id, uids, target)
+        except QuotaExceeded:
+            raise No("[OVERQUOTA] Quota exceeded") from None
+        except NoMailbox:
+            raise No("[TRYCREATE] No such mailbox") from None
+    code = (f"[COPYUID {target.uidvalidity} {_uid_set([a for a, _ in pairs])} "
+            f"{_uid_set([b for _, b in pairs])}] " if pairs else "")
+    if move:
+        if pairs:
+            self._send(f"* OK {code}Moved".encode())
+            await self._store.expunge(self._user.maildir, selected.info.id, self._user.id,
+                                      [a for a, _ in pairs], only_deleted=False)
+            await self._sync(expunges=True)
+        self._ok(tag, f"{'UID ' if uid else ''}MOVE completed")
+    else:
+        if target.id == selected.info.id:
+            await self._sync(expunges=True)
+        self._ok(tag, f"{code}{'UID ' if uid else ''}COPY completed")
+
+
+@command("COPY", SELECTED)
+async def _copy_cmd(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    await _copy(self, tag, args, uid, move=False)
+
+
+@command("MOVE", SELECTED)
+async def _move(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    await _copy(self, tag, args, uid, move=True)
+
+
+# -- QUOTA (RFC 9208): one quota root, "", for all of a user's mailboxes -------------------------
+
+
+async def _send_quota(self: IMAPServer) -> None:
+    assert self._user is not None
+    user = await self._directory.find_user(parse_address(self._user.address))
+    if user is None:
+        raise No("[UNAVAILABLE] The account is gone")
+    resources = []
+    if user.quota_bytes is not None:
+        resources.append(f"STORAGE {(user.used_bytes + 1023) // 1024} "
+                         f"{user.quota_bytes // 1024}")
+    if user.quota_messages is not None:
+        resources.append(f"MESSAGE {user.used_messages} {user.quota_messages}")
+    self._send(b'* QUOTA "" (' + " ".join(resources).encode() + b")")
+
+
+@command("GETQUOTAROOT", AUTHED)
+async def _getquotaroot(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if len(args) != 1:
+        raise Bad("GETQUOTAROOT needs a mailbox name")
+    name = decode_name(args[0])
+    assert self._user is not None
+    if await self._store.info(self._user.id, name) is None:
+        raise No("[NONEXISTENT] No such mailbox")
+    self._send(b"* QUOTAROOT " + encode_name(name) + b' ""')
+    await _send_quota(self)
+    self._ok(tag, "GETQUOTAROOT completed")
+
+
+@command("GETQUOTA", AUTHED)
+async def _getquota(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if len(args) != 1:
+        raise Bad("GETQUOTA needs a quota root")
+    if args[0] not in (b"", ""):
+        raise No("[NONEXISTENT] No such quota root")
+    await _send_quota(self)
+    self._ok(tag, "GETQUOTA completed")
+
+
+@command("SETQUOTA", AUTHED)
+def _setquota(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    raise No("[NOPERM] Quotas are set by the administrator")

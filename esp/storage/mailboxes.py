@@ -8,6 +8,7 @@ for the IMAP server (and later the API).  Every change to a mailbox takes a new 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,8 +18,16 @@ from typing import Any
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from esp.storage.db import Cursor, Database
-from esp.storage.maildir import Maildir, folder_directory, retire
+from esp.storage.db import Cursor, Database, DatabaseUnavailable
+from esp.storage.maildir import (
+    Maildir,
+    StoredFile,
+    folder_directory,
+    fsync_directory,
+    remove_files,
+    retire,
+    unique_name,
+)
 from esp.storage.mailsearch import (
     Criterion,
     body_criteria,
@@ -27,7 +36,7 @@ from esp.storage.mailsearch import (
     replace_criteria,
     search_txn,
 )
-from esp.storage.mailstore import MAILBOX_CHANNEL
+from esp.storage.mailstore import MAILBOX_CHANNEL, QuotaExceeded
 
 # Flags stored as columns; anything else is a keyword.
 SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
@@ -240,7 +249,8 @@ def store_flags_txn(
 
 
 def expunge_txn(
-    cur: Cursor, mailbox_id: int, user_id: int, uids: Sequence[int] | None = None
+    cur: Cursor, mailbox_id: int, user_id: int, uids: Sequence[int] | None = None,
+    only_deleted: bool = True,
 ) -> list[tuple[int, str]]:
     """Remove the messages flagged \\Deleted (only those among ``uids`` when given); return
     their (UID, file name), for the caller to delete the files after the commit."""
@@ -256,7 +266,8 @@ def expunge_txn(
     condition = "" if uids is None else " AND uid = ANY(%s)"
     params: tuple[object, ...] = (mailbox_id,) if uids is None else (mailbox_id, list(uids))
     cur.execute(
-        f"DELETE FROM messages WHERE mailbox_id = %s AND deleted{condition} "
+        f"DELETE FROM messages WHERE mailbox_id = %s"
+        f"{' AND deleted' if only_deleted else ''}{condition} "
         "RETURNING uid, filename, size, seen",
         params,
     )
@@ -288,6 +299,69 @@ def expunge_txn(
     )
     cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{mailbox_id}:0:{modseq}"))
     return [(uid, filename) for uid, filename, *_ in removed]
+
+
+def copy_messages_txn(
+    cur: Cursor, source_id: int, target_id: int, user_id: int,
+    copies: Sequence[tuple[int, str]],
+) -> list[tuple[int, int]]:
+    """Copy the rows of ``copies`` (source UID, the copy's file name in the target folder)
+    into the target mailbox with new UIDs; return (source UID, new UID) pairs.  The copies
+    count against the quota: QuotaExceeded when they do not fit."""
+    if not copies:
+        return []
+    cur.execute(
+        "SELECT uid, size, seen FROM messages WHERE mailbox_id = %s AND uid = ANY(%s)",
+        (source_id, [uid for uid, _ in copies]),
+    )
+    found = {row[0]: (row[1], row[2]) for row in cur.fetchall()}
+    copies = [(uid, name) for uid, name in copies if uid in found]
+    if not copies:
+        return []
+    size = sum(found[uid][0] for uid, _ in copies)
+    unseen = sum(1 for uid, _ in copies if not found[uid][1])
+    cur.execute(
+        """
+        UPDATE users SET used_bytes = used_bytes + %s, used_messages = used_messages + %s
+        WHERE id = %s AND (quota_bytes IS NULL OR used_bytes + %s <= quota_bytes)
+          AND (quota_messages IS NULL OR used_messages + %s <= quota_messages)
+        """,
+        (size, len(copies), user_id, size, len(copies)),
+    )
+    if cur.rowcount == 0:
+        raise QuotaExceeded(f"user {user_id} has no room for {size} bytes")
+    cur.execute(
+        """
+        UPDATE mailboxes SET uidnext = uidnext + %s, highestmodseq = highestmodseq + 1,
+               message_count = message_count + %s, unseen_count = unseen_count + %s,
+               total_bytes = total_bytes + %s
+        WHERE id = %s AND user_id = %s RETURNING uidnext - %s, highestmodseq
+        """,
+        (len(copies), len(copies), unseen, size, target_id, user_id, len(copies)),
+    )
+    row = cur.fetchone()
+    if row is None:
+        raise NoMailbox("the target mailbox does not exist")
+    first_uid, modseq = row
+    pairs = [(uid, first_uid + i) for i, (uid, _) in enumerate(copies)]
+    cur.executemany(
+        """
+        INSERT INTO messages (
+            mailbox_id, uid, modseq, filename, size, internal_date, seen, answered, flagged,
+            deleted, draft, keywords, envelope_from, envelope_to, message_id, in_reply_to,
+            subject, from_header, to_header, cc_header, bcc_header, sent_date, headers,
+            envelope, bodystructure, body_tsv)
+        SELECT %s, %s, %s, %s, size, internal_date, seen, answered, flagged, deleted, draft,
+               keywords, envelope_from, envelope_to, message_id, in_reply_to, subject,
+               from_header, to_header, cc_header, bcc_header, sent_date, headers, envelope,
+               bodystructure, body_tsv
+        FROM messages WHERE mailbox_id = %s AND uid = %s
+        """,
+        [(target_id, new, modseq, name, source_id, old)
+         for (old, new), (_, name) in zip(pairs, copies, strict=True)],
+    )
+    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{target_id}:0:{modseq}"))
+    return pairs
 
 
 class MailboxError(Exception):
@@ -419,11 +493,13 @@ class MailboxStore:
         return await self._db.run("store_flags", store_flags_txn, mailbox_id, uids, mode, flags)
 
     async def expunge(
-        self, maildir: str, mailbox_id: int, user_id: int, uids: Sequence[int] | None = None
+        self, maildir: str, mailbox_id: int, user_id: int, uids: Sequence[int] | None = None,
+        only_deleted: bool = True,
     ) -> list[int]:
-        """Remove the \\Deleted messages; their files go after the commit."""
+        """Remove the \\Deleted messages (or, with ``only_deleted`` false, exactly ``uids``);
+        their files go after the commit."""
         removed, folder = await self._db.run(
-            "expunge", _expunge_with_folder_txn, mailbox_id, user_id, uids
+            "expunge", _expunge_with_folder_txn, mailbox_id, user_id, uids, only_deleted
         )
         if removed:
             box = Maildir(self._root / maildir).folder(folder)
@@ -460,6 +536,30 @@ class MailboxStore:
             criterion = replace_criteria(criterion, resolved)
         return await self._db.run("search", search_txn, mailbox_id, criterion)
 
+    async def copy(
+        self, maildir: str, user_id: int, source_id: int, uids: Sequence[int],
+        target: MailboxInfo,
+    ) -> list[tuple[int, int]]:
+        """Copy messages (files hard-linked, rows with new UIDs); (source UID, new UID)."""
+        rows = await self.rows(source_id, uids)
+        source = Maildir(self._root / maildir).folder(await self._folder(source_id))
+        box = Maildir(self._root / maildir).folder(target.folder)
+        files = await deferToThreadPool(
+            self._reactor, self._disk_pool, _link_copies, source, box,
+            [(r.filename, r.size) for r in rows],
+        )
+        try:
+            return await self._db.run(
+                "copy_messages", copy_messages_txn, source_id, target.id, user_id,
+                [(r.uid, f.name) for r, f in zip(rows, files, strict=True)],
+            )
+        except DatabaseUnavailable:
+            raise  # the outcome is unknown: keep the files (orphans at worst)
+        except BaseException:
+            await deferToThreadPool(self._reactor, self._disk_pool, remove_files,
+                                    [f.path for f in files])
+            raise
+
     async def read(self, maildir: str, mailbox_id: int, filename: str) -> bytes:
         folder = await self._folder(mailbox_id)
         box = Maildir(self._root / maildir).folder(folder)
@@ -470,9 +570,11 @@ class MailboxStore:
 
 
 def _expunge_with_folder_txn(
-    cur: Cursor, mailbox_id: int, user_id: int, uids: Sequence[int] | None
+    cur: Cursor, mailbox_id: int, user_id: int, uids: Sequence[int] | None,
+    only_deleted: bool = True,
 ) -> tuple[list[tuple[int, str]], str]:
-    return expunge_txn(cur, mailbox_id, user_id, uids), folder_of_txn(cur, mailbox_id)
+    return (expunge_txn(cur, mailbox_id, user_id, uids, only_deleted),
+            folder_of_txn(cur, mailbox_id))
 
 
 def _remove_messages(box: Maildir, names: Sequence[str]) -> None:
@@ -481,3 +583,28 @@ def _remove_messages(box: Maildir, names: Sequence[str]) -> None:
             box.remove(name)
         except FileNotFoundError:
             pass
+
+
+def _link_copies(
+    source: Maildir, target: Maildir, files: Sequence[tuple[str, int]]
+) -> list[StoredFile]:
+    """Hard links (copies where links fail) of message files under new names in ``target``,
+    durable when this returns."""
+    target.create()
+    made: list[StoredFile] = []
+    try:
+        for name, size in files:
+            path = source.locate(name)
+            new_name = f"{unique_name()},S={size}"
+            destination = target.path / "new" / new_name
+            try:
+                os.link(path, destination)
+            except OSError:
+                made.append(target.deliver(path.read_bytes()))
+                continue
+            made.append(StoredFile(new_name, destination, size))
+        fsync_directory(target.path / "new")
+    except BaseException:
+        remove_files([f.path for f in made])
+        raise
+    return made
