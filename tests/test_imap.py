@@ -350,3 +350,38 @@ def test_quota_is_reported_and_enforced_on_append(esp: EspServer) -> None:
     status, data = client.getquota('""')
     assert data == [b'"" (STORAGE 1 4)']
     client.logout()
+
+
+def test_condstore_lets_a_second_device_catch_up(esp: EspServer) -> None:
+    esp.add_user("hank@example.test", "hank's long password")
+    for subject in ("a", "b", "c"):
+        deliver(esp, subject, to="hank@example.test")
+    phone = login(esp, "hank@example.test", "hank's long password")
+    assert "CONDSTORE" in phone.capabilities
+    typ, data = phone._simple_command("ENABLE", "CONDSTORE")
+    assert typ == "OK" and phone.untagged_responses.pop("ENABLED") == [b"CONDSTORE"]
+    phone.select("INBOX")
+    seen_at = int(phone.untagged_responses["HIGHESTMODSEQ"][0])
+
+    laptop = login(esp, "hank@example.test", "hank's long password")
+    laptop.select("INBOX")
+    laptop.store("2", "+FLAGS", "(\\Seen)")
+    laptop.logout()
+
+    # Only what changed since the phone last looked, with its MODSEQ.
+    typ, data = phone._simple_command("FETCH", "1:*", "(FLAGS)", f"(CHANGEDSINCE {seen_at})")
+    assert typ == "OK"
+    changed = phone.untagged_responses.pop("FETCH")
+    # (The news may also come unsolicited, before the FETCH's own answer: both name only 2.)
+    assert changed and all(x.startswith(b"2 (FLAGS (\\Seen) ") and b"MODSEQ (" in x
+                           for x in changed)
+    status, data = phone.search(None, "MODSEQ", str(seen_at + 1))
+    assert data[0].startswith(b"2 (MODSEQ ")
+
+    # A change conditional on an old MODSEQ is refused for the message changed meanwhile.
+    typ, data = phone._simple_command("STORE", "1:3", f"(UNCHANGEDSINCE {seen_at})", "+FLAGS",
+                                      "(\\Flagged)")
+    assert typ == "OK" and b"[MODIFIED 2]" in data[0]
+    flags = {int(x.split()[0]): x for x in phone.untagged_responses.pop("FETCH")}
+    assert set(flags) == {1, 3} and all(b"\\Flagged" in x for x in flags.values())
+    phone.logout()

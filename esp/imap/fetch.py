@@ -32,7 +32,7 @@ _MACROS = {
     "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
     "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"],
 }
-_SIMPLE = frozenset({"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE",
+_SIMPLE = frozenset({"FLAGS", "UID", "MODSEQ", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE",
                      "BODYSTRUCTURE", "BODY", "RFC822", "RFC822.HEADER", "RFC822.TEXT"})
 _BODY = re.compile(r"^(BODY(?:\.PEEK)?)\[([^\]]*)\](?:<(\d{1,10})(?:\.(\d{1,10}))?>)?$",
                    re.IGNORECASE)
@@ -133,6 +133,8 @@ def render_fetch(items: Sequence[FetchItem], row: MessageRow, body: bytes | None
             out.append(b"FLAGS (" + " ".join(row.flags).encode() + b")")
         elif name == "UID":
             out.append(b"UID %d" % row.uid)
+        elif name == "MODSEQ":
+            out.append(b"MODSEQ (%d)" % row.modseq)
         elif name == "INTERNALDATE":
             out.append(b'INTERNALDATE "'
                        + row.internal_date.strftime("%d-%b-%Y %H:%M:%S %z").encode() + b'"')

@@ -122,6 +122,14 @@ def _key(token: Any, tokens: Iterator[Any], charset: str,
         if not isinstance(number, Atom) or not number.isdigit() or len(number) > 12:
             raise SearchError("a number was expected")
         return ("size", ">" if name == "LARGER" else "<", int(number))
+    if name == "MODSEQ":  # RFC 7162 §3.1.5; the optional entry name and type are ignored
+        value = _next(tokens, "a MODSEQ")
+        if isinstance(value, bytes):
+            _next(tokens, "an entry type")
+            value = _next(tokens, "a MODSEQ")
+        if not isinstance(value, Atom) or not value.isdigit() or len(value) > 19:
+            raise SearchError("invalid MODSEQ")
+        return ("modseq", int(value))
     if name == "NOT":
         return ("not", _key(_next(tokens, "a search key"), tokens, charset, sequence))
     if name == "OR":
@@ -136,3 +144,16 @@ def _key(token: Any, tokens: Iterator[Any], charset: str,
     if _SEQUENCE.match(name):
         return ("uids", sequence(str(token), False))
     raise SearchError(f"unknown search key {name}")
+
+
+def uses_modseq(node: Criterion) -> bool:
+    kind = node[0]
+    if kind == "modseq":
+        return True
+    if kind == "not":
+        return uses_modseq(node[1])
+    if kind == "or":
+        return uses_modseq(node[1]) or uses_modseq(node[2])
+    if kind == "and":
+        return any(uses_modseq(c) for c in node[1])
+    return False

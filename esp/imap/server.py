@@ -34,7 +34,7 @@ from esp.auth import AuthenticationBusy
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
 from esp.events import MAILBOX_CREATED, USER_LOGIN, Event, EventBus
 from esp.imap.fetch import FetchError, FetchItem, parse_fetch, render_fetch
-from esp.imap.search import BadCharset, SearchError, parse_search
+from esp.imap.search import BadCharset, SearchError, parse_search, uses_modseq
 from esp.imap.wire import Assembler, Atom, CommandError, Limits, Pending, astring, tokenize
 from esp.storage.db import DatabaseUnavailable
 from esp.storage.directory import User
@@ -181,6 +181,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._delivery = delivery
         self._notifier = notifier
         self._changed = False  # a change arrived while a command was running
+        self._condstore = False  # RFC 7162: the client has used or enabled CONDSTORE
         self._keepalive: Any = None
         self.settings = settings
         self.timeOut = settings.idle_timeout
@@ -264,7 +265,7 @@ class IMAPServer(imap4.IMAP4Server):
     def _capabilities(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"IDLE", b"NAMESPACE",
                 b"UNSELECT", b"CHILDREN", b"SPECIAL-USE", b"UIDPLUS", b"MOVE", b"QUOTA",
-                b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE"]
+                b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"ENABLE", b"CONDSTORE"]
         if self.state == "unauth":
             if not self._tls and self.canStartTLS:
                 caps.append(b"STARTTLS")
@@ -477,8 +478,9 @@ class IMAPServer(imap4.IMAP4Server):
             seq = selected.seq_of(row.uid)
             if seq is not None and selected.flags.get(row.uid) != row.flags:
                 selected.flags[row.uid] = row.flags
-                self._send(b"* %d FETCH (FLAGS (%s) UID %d)"
-                           % (seq, " ".join(row.flags).encode(), row.uid))
+                modseq = b" MODSEQ (%d)" % row.modseq if self._condstore else b""
+                self._send(b"* %d FETCH (FLAGS (%s) UID %d%s)"
+                           % (seq, " ".join(row.flags).encode(), row.uid, modseq))
         selected.modseq = highest
 
 
@@ -606,6 +608,11 @@ def _namespace(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None
 
 
 async def _select(self: IMAPServer, tag: bytes, args: list[Any], readonly: bool) -> None:
+    if len(args) == 2 and isinstance(args[1], list):
+        if [str(a).upper() for a in args[1]] != ["CONDSTORE"]:
+            raise Bad("unknown SELECT parameter")
+        self._condstore = True
+        args = args[:1]
     if len(args) != 1:
         raise Bad("SELECT needs a mailbox name")
     name = decode_name(args[0])
@@ -629,6 +636,7 @@ async def _select(self: IMAPServer, tag: bytes, args: list[Any], readonly: bool)
             self._send(b"* OK [UNSEEN %d] First unseen" % seq)
     self._send(b"* OK [UIDVALIDITY %d] UIDs valid" % info.uidvalidity)
     self._send(b"* OK [UIDNEXT %d] Predicted next UID" % info.uidnext)
+    self._send(b"* OK [HIGHESTMODSEQ %d] Highest" % info.highestmodseq)
     self._select(selected)
     self._ok(tag, f"[READ-{'ONLY' if readonly else 'WRITE'}] "
                   f"{'EXAMINE' if readonly else 'SELECT'} completed")
@@ -753,14 +761,28 @@ async def _expunge(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> 
 async def _fetch(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
     selected = self._selected
     assert selected is not None and self._user is not None
+    changed_since = None
+    if len(args) == 3 and isinstance(args[2], list):
+        modifiers = [str(a).upper() if isinstance(a, str) else a for a in args[2]]
+        if len(modifiers) != 2 or modifiers[0] != "CHANGEDSINCE" or \
+                not str(modifiers[1]).isdigit():
+            raise Bad("unknown FETCH modifier")
+        changed_since = int(modifiers[1])
+        args = args[:2]
     if len(args) != 2 or not isinstance(args[0], str):
         raise Bad("FETCH needs a sequence set and items")
     items = parse_fetch(args[1])
+    if changed_since is not None and not any(i.name == "MODSEQ" for i in items):
+        items.append(FetchItem("MODSEQ"))
+    if any(i.name == "MODSEQ" for i in items):
+        self._condstore = True
     if uid and not any(i.name == "UID" for i in items):
         items.insert(0, FetchItem("UID"))
     uids = selected.uids_of(args[0], uid)
     await self._sync(expunges=False)
     rows = await self._store.rows(selected.info.id, uids) if uids else []
+    if changed_since is not None:
+        rows = [r for r in rows if r.modseq > changed_since]
     needs_body = any(i.needs_body for i in items)
     sets_seen = not selected.readonly and any(i.sets_seen for i in items)
     if sets_seen:
@@ -784,6 +806,14 @@ async def _fetch(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
 async def _store(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
     selected = self._selected
     assert selected is not None
+    unchanged_since = None
+    if len(args) == 4 and isinstance(args[1], list):
+        modifier = [str(a).upper() for a in args[1]]
+        if len(modifier) != 2 or modifier[0] != "UNCHANGEDSINCE" or not modifier[1].isdigit():
+            raise Bad("unknown STORE modifier")
+        unchanged_since = int(modifier[1])
+        self._condstore = True
+        args = [args[0], *args[2:]]
     if len(args) != 3 or not isinstance(args[0], str) or not isinstance(args[1], str):
         raise Bad("STORE needs a sequence set, an item and flags")
     if selected.readonly:
@@ -802,18 +832,32 @@ async def _store(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
             raise Bad(f"invalid flag {flag!r}")
     uids = selected.uids_of(args[0], uid)
     await self._sync(expunges=False)
+    modified: list[int] = []
     if uids:
-        await self._store.store(selected.info.id, uids, mode, [str(f) for f in flags])
+        changed = await self._store.store(selected.info.id, uids, mode,
+                                          [str(f) for f in flags], unchanged_since)
+        if unchanged_since is not None:
+            done = {r.uid for r in changed}
+            current = await self._store.rows(selected.info.id, uids)
+            # Refused: changed by someone after the client's MODSEQ (RFC 7162 §3.1.3).
+            modified = [r.uid for r in current
+                        if r.uid not in done and r.modseq > unchanged_since]
     if not silent and uids:
         for row in await self._store.rows(selected.info.id, uids):
             seq = selected.seq_of(row.uid)
-            if seq is None:
+            if seq is None or row.uid in modified:
                 continue
             selected.flags[row.uid] = row.flags
-            uid_part = b" UID %d" % row.uid if uid else b""
+            extra = b" UID %d" % row.uid if uid else b""
+            if self._condstore:
+                extra += b" MODSEQ (%d)" % row.modseq
             self._send(b"* %d FETCH (FLAGS (%s)%s)" % (seq, " ".join(row.flags).encode(),
-                                                      uid_part))
-    self._ok(tag, f"{'UID ' if uid else ''}STORE completed")
+                                                      extra))
+    code = ""
+    if modified:
+        numbers = modified if uid else [selected.seq_of(u) or 0 for u in modified]
+        code = f"[MODIFIED {_uid_set(sorted(numbers))}] "
+    self._ok(tag, f"{code}{'UID ' if uid else ''}STORE completed")
 
 
 def rows_by_uid(rows: Sequence[MessageRow]) -> dict[int, MessageRow]:
@@ -985,7 +1029,13 @@ async def _search(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> N
     found = await self._store.search(self._user.maildir, selected.info.id, criterion)
     known = [u for u in found if selected.seq_of(u) is not None]
     numbers = known if uid else [selected.seq_of(u) or 0 for u in known]
-    self._send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
+    suffix = b""
+    if uses_modseq(criterion):
+        self._condstore = True
+        if known:
+            rows = await self._store.rows(selected.info.id, known)
+            suffix = b" (MODSEQ %d)" % max(r.modseq for r in rows)
+    self._send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + suffix)
     self._ok(tag, f"{'UID ' if uid else ''}SEARCH completed")
 
 
@@ -1095,3 +1145,16 @@ async def _getquota(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) ->
 @command("SETQUOTA", AUTHED)
 def _setquota(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
     raise No("[NOPERM] Quotas are set by the administrator")
+
+
+@command("ENABLE", AUTHED)
+def _enable(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    if not args or any(not isinstance(a, Atom) for a in args):
+        raise Bad("ENABLE needs capability names")
+    enabled = []
+    for name in args:
+        if name.upper() == "CONDSTORE":
+            self._condstore = True
+            enabled.append("CONDSTORE")
+    self._send(("* ENABLED " + " ".join(enabled)).rstrip().encode())
+    self._ok(tag, "ENABLE completed")

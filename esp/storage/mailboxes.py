@@ -180,8 +180,13 @@ def changes_since_txn(
 
 def store_flags_txn(
     cur: Cursor, mailbox_id: int, uids: Sequence[int], mode: str, flags: Iterable[str],
+    unchanged_since: int | None = None,
 ) -> list[MessageRow]:
-    """Set (``mode`` '='), add ('+') or remove ('-') flags; return the rows that changed."""
+    """Set (``mode`` '='), add ('+') or remove ('-') flags; return the rows that changed.
+
+    With ``unchanged_since`` (RFC 7162 UNCHANGEDSINCE) only messages whose MODSEQ is not
+    above it are changed; the caller finds the others by comparing MODSEQs.
+    """
     system: dict[str, bool] = {}
     keywords: list[str] = []
     for flag in flags:
@@ -227,10 +232,11 @@ def store_flags_txn(
         f"""
         UPDATE messages SET {", ".join(sets)}, modseq = %s
         WHERE mailbox_id = %s AND uid = ANY(%s) AND ({changed_condition})
+          AND (%s::bigint IS NULL OR modseq <= %s::bigint)
         RETURNING uid, modseq, seen, answered, flagged, deleted, draft, keywords,
                   internal_date, size, filename
         """,
-        (*params, modseq, mailbox_id, list(uids), *params),
+        (*params, modseq, mailbox_id, list(uids), *params, unchanged_since, unchanged_since),
     )
     rows = [
         MessageRow(r[0], r[1], flags_of(r[2:7], r[7]), r[8], r[9], r[10])
@@ -488,9 +494,11 @@ class MailboxStore:
         return await self._db.run("mailbox_changes", changes_since_txn, mailbox_id, modseq)
 
     async def store(
-        self, mailbox_id: int, uids: Sequence[int], mode: str, flags: Iterable[str]
+        self, mailbox_id: int, uids: Sequence[int], mode: str, flags: Iterable[str],
+        unchanged_since: int | None = None,
     ) -> list[MessageRow]:
-        return await self._db.run("store_flags", store_flags_txn, mailbox_id, uids, mode, flags)
+        return await self._db.run("store_flags", store_flags_txn, mailbox_id, uids, mode,
+                                  flags, unchanged_since)
 
     async def expunge(
         self, maildir: str, mailbox_id: int, user_id: int, uids: Sequence[int] | None = None,

@@ -8,7 +8,7 @@ A criterion is a tuple:
 - ``("uids", [(low, high), ...])``;
 - ``("date", op, date)`` on the internal date and ``("sent", op, date)`` on the Date header, op
   one of ``<``, ``=``, ``>=`` (RFC 3501: dates, disregarding time and time zone);
-- ``("size", op, n)`` with op ``>`` or ``<``;
+- ``("size", op, n)`` with op ``>`` or ``<``; ``("modseq", n)``: changed at or after MODSEQ n;
 - ``("header", field, text)``: case-insensitive substring of a header field;
 - ``("body", text)`` / ``("text", text)``: resolved by the caller into ``("uids", ...)``
   (bodies live in Maildir files);
@@ -64,6 +64,9 @@ def _sql(node: Criterion, params: list[object]) -> str:
         day: date = node[2]
         params.append(day)
         return f"({column} AT TIME ZONE 'UTC')::date {op} %s"
+    if kind == "modseq":
+        params.append(int(node[1]))
+        return "modseq >= %s"
     if kind == "size":
         op = node[1]
         if op not in ("<", ">"):
