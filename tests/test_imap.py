@@ -34,7 +34,7 @@ def deliver(esp: EspServer, subject: str, to: str = "alice@example.test", body: 
     message["From"] = "carol@remote.test"
     message["To"] = to
     message["Subject"] = subject
-    message["Message-ID"] = f"<{subject.replace(' ', '.')}@remote.test>"
+    message["Message-ID"] = f"<{re.sub(r'[^A-Za-z0-9]+', '.', subject).strip('.')}@remote.test>"
     message.set_content(body)
     with smtplib.SMTP("127.0.0.1", esp.ports["mx"], timeout=30) as client:
         client.send_message(message, "carol@remote.test", [to])
@@ -385,3 +385,21 @@ def test_condstore_lets_a_second_device_catch_up(esp: EspServer) -> None:
     flags = {int(x.split()[0]): x for x in phone.untagged_responses.pop("FETCH")}
     assert set(flags) == {1, 3} and all(b"\\Flagged" in x for x in flags.values())
     phone.logout()
+
+
+def test_sort(esp: EspServer) -> None:
+    esp.add_user("ivy@example.test", "ivy's long password")
+    deliver(esp, "banana", to="ivy@example.test", body="x" * 10)
+    deliver(esp, "Re: apple", to="ivy@example.test", body="x" * 3000)
+    deliver(esp, "[list] cherry", to="ivy@example.test", body="x" * 500)
+    client = login(esp, "ivy@example.test", "ivy's long password")
+    client.select("INBOX")
+    assert client.sort("(SUBJECT)", "UTF-8", "ALL") == ("OK", [b"2 1 3"])
+    assert client.sort("(REVERSE SIZE)", "UTF-8", "ALL") == ("OK", [b"2 3 1"])
+    assert client.sort("(ARRIVAL)", "UTF-8", "NOT", "SUBJECT", "banana") == ("OK", [b"2 3"])
+    uids = [uid for uid, _, _ in esp.messages("ivy@example.test")]
+    status, data = client.uid("SORT", "(REVERSE DATE)", "UTF-8", "ALL")
+    assert data == [" ".join(str(u) for u in reversed(uids)).encode()]
+    with pytest.raises(imaplib.IMAP4.error, match="BAD"):
+        client.sort("(REVERSE)", "UTF-8", "ALL")
+    client.logout()

@@ -265,7 +265,7 @@ class IMAPServer(imap4.IMAP4Server):
     def _capabilities(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"IDLE", b"NAMESPACE",
                 b"UNSELECT", b"CHILDREN", b"SPECIAL-USE", b"UIDPLUS", b"MOVE", b"QUOTA",
-                b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"ENABLE", b"CONDSTORE"]
+                b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"ENABLE", b"CONDSTORE", b"SORT"]
         if self.state == "unauth":
             if not self._tls and self.canStartTLS:
                 caps.append(b"STARTTLS")
@@ -1158,3 +1158,38 @@ def _enable(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
             enabled.append("CONDSTORE")
     self._send(("* ENABLED " + " ".join(enabled)).rstrip().encode())
     self._ok(tag, "ENABLE completed")
+
+
+_SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"})
+
+
+@command("SORT", SELECTED)
+async def _sort(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> None:
+    """RFC 5256 SORT: (keys) charset search-keys."""
+    selected = self._selected
+    assert selected is not None and self._user is not None
+    if len(args) < 3 or not isinstance(args[0], list) or not args[0]:
+        raise Bad("SORT needs sort keys, a charset and search keys")
+    keys: list[tuple[str, bool]] = []
+    reverse = False
+    for item in args[0]:
+        name = str(item).upper() if isinstance(item, Atom) else ""
+        if name == "REVERSE" and not reverse:
+            reverse = True
+            continue
+        if name not in _SORT_KEYS:
+            raise Bad(f"unknown sort key {item!r}")
+        keys.append((name, reverse))
+        reverse = False
+    if reverse or not keys:
+        raise Bad("REVERSE must precede a sort key")
+    try:
+        criterion = parse_search([Atom("CHARSET"), *args[1:]], selected.ranges_of)
+    except BadCharset:
+        raise No("[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset") from None
+    await self._sync(expunges=False)
+    found = await self._store.search(self._user.maildir, selected.info.id, criterion, keys)
+    known = [u for u in found if selected.seq_of(u) is not None]
+    numbers = known if uid else [selected.seq_of(u) or 0 for u in known]
+    self._send(b"* SORT" + b"".join(b" %d" % n for n in numbers))
+    self._ok(tag, f"{'UID ' if uid else ''}SORT completed")

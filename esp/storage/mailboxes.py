@@ -35,6 +35,7 @@ from esp.storage.mailsearch import (
     matching_bodies,
     replace_criteria,
     search_txn,
+    sort_txn,
 )
 from esp.storage.mailstore import MAILBOX_CHANNEL, QuotaExceeded
 
@@ -533,7 +534,10 @@ class MailboxStore:
     async def subscribe(self, user_id: int, name: str, subscribed: bool) -> None:
         await self._db.run("subscribe", subscribe_txn, user_id, name, subscribed)
 
-    async def search(self, maildir: str, mailbox_id: int, criterion: Criterion) -> list[int]:
+    async def search(
+        self, maildir: str, mailbox_id: int, criterion: Criterion,
+        sort: Sequence[tuple[str, bool]] = (),
+    ) -> list[int]:
         bodies = list(dict.fromkeys(body_criteria(criterion)))
         if bodies:
             files = await self._db.run("message_files", filenames_txn, mailbox_id)
@@ -542,6 +546,8 @@ class MailboxStore:
                 self._reactor, self._disk_pool, matching_bodies, box.read, files, bodies
             )
             criterion = replace_criteria(criterion, resolved)
+        if sort:
+            return await self._db.run("sort", sort_txn, mailbox_id, sort, criterion)
         return await self._db.run("search", search_txn, mailbox_id, criterion)
 
     async def copy(

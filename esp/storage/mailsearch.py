@@ -106,6 +106,41 @@ def search_txn(cur: Cursor, mailbox_id: int, criterion: Criterion) -> list[int]:
     return [row[0] for row in cur.fetchall()]
 
 
+# RFC 5256 sort keys as SQL expressions; ties are broken by UID (the sequence order).
+SORT_KEYS = {
+    "ARRIVAL": "internal_date",
+    "DATE": "coalesce(sent_date, internal_date)",
+    "SIZE": "size",
+    # The local part of the first address, case-insensitively.
+    "FROM": "lower(coalesce(substring(from_header from '<([^@>]*)'), "
+            "split_part(coalesce(from_header, ''), '@', 1)))",
+    "TO": "lower(coalesce(substring(to_header from '<([^@>]*)'), "
+          "split_part(coalesce(to_header, ''), '@', 1)))",
+    "CC": "lower(coalesce(substring(cc_header from '<([^@>]*)'), "
+          "split_part(coalesce(cc_header, ''), '@', 1)))",
+    # The base subject (RFC 5256 §2.1), near enough: reply and forward prefixes and leading
+    # [blobs] removed, then trailing (fwd).
+    "SUBJECT": "regexp_replace(regexp_replace(lower(coalesce(subject, '')), "
+               "'^(\\s*((re|fwd?|fw)(\\[[0-9]+\\])?:|\\[[^]]*\\]))+\\s*', ''), "
+               "'(\\s*\\(fwd\\))+$', '')",
+}
+
+
+def sort_txn(
+    cur: Cursor, mailbox_id: int, keys: Sequence[tuple[str, bool]], criterion: Criterion
+) -> list[int]:
+    """UIDs of the matching messages in the order of ``keys`` ((name, reverse) pairs)."""
+    params: list[object] = [mailbox_id]
+    where = _sql(criterion, params)
+    order = ", ".join(f"{SORT_KEYS[name]} {'DESC' if reverse else 'ASC'}"
+                      for name, reverse in keys)
+    cur.execute(
+        f"SELECT uid FROM messages WHERE mailbox_id = %s AND ({where}) ORDER BY {order}, uid",
+        params,
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
 def filenames_txn(cur: Cursor, mailbox_id: int) -> list[tuple[int, str]]:
     cur.execute(
         "SELECT uid, filename FROM messages WHERE mailbox_id = %s ORDER BY uid", (mailbox_id,)
