@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg2.extras
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -37,7 +38,7 @@ from esp.storage.mailsearch import (
     search_txn,
     sort_txn,
 )
-from esp.storage.mailstore import MAILBOX_CHANNEL, QuotaExceeded
+from esp.storage.mailstore import MAILBOX_CHANNEL, NewMessage, QuotaExceeded
 
 # Flags stored as columns; anything else is a keyword.
 SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
@@ -369,6 +370,59 @@ def copy_messages_txn(
     )
     cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{target_id}:0:{modseq}"))
     return pairs
+
+
+def import_messages_txn(
+    cur: Cursor, user_id: int, mailbox: str, messages: Sequence[NewMessage]
+) -> list[int]:
+    """Record many messages (files already in the mailbox's folder) in one go, for imports
+    and migrations: one UID range, one multi-row insert; no quota check.  Their UIDs."""
+    if not messages:
+        return []
+    count = len(messages)
+    unseen = sum(1 for m in messages if not m.seen)
+    size = sum(m.size for m in messages)
+    cur.execute(
+        """
+        UPDATE mailboxes SET uidnext = uidnext + %s, highestmodseq = highestmodseq + 1,
+               message_count = message_count + %s, unseen_count = unseen_count + %s,
+               total_bytes = total_bytes + %s
+        WHERE user_id = %s AND name = %s RETURNING id, uidnext - %s, highestmodseq
+        """,
+        (count, count, unseen, size, user_id, mailbox, count),
+    )
+    row = cur.fetchone()
+    if row is None:
+        raise NoMailbox(f"{mailbox} does not exist")
+    mailbox_id, first_uid, modseq = row
+    rows = []
+    for i, m in enumerate(messages):
+        s = m.summary
+        rows.append((
+            mailbox_id, first_uid + i, modseq, m.filename, m.size, m.internal_date, m.seen,
+            m.answered, m.flagged, m.deleted, m.draft, list(m.keywords), m.envelope_from,
+            list(m.envelope_to), s.message_id, s.in_reply_to, s.subject, s.from_header,
+            s.to_header, s.cc_header, s.bcc_header, s.sent_date,
+            s.header_text.replace("\x00", ""),
+        ))
+    psycopg2.extras.execute_values(
+        cur,
+        """
+        INSERT INTO messages (
+            mailbox_id, uid, modseq, filename, size, internal_date, seen, answered, flagged,
+            deleted, draft, keywords, envelope_from, envelope_to, message_id, in_reply_to,
+            subject, from_header, to_header, cc_header, bcc_header, sent_date, headers)
+        VALUES %s
+        """,
+        rows, page_size=1000,
+    )
+    cur.execute(
+        "UPDATE users SET used_bytes = used_bytes + %s, used_messages = used_messages + %s "
+        "WHERE id = %s",
+        (size, count, user_id),
+    )
+    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{mailbox_id}:0:{modseq}"))
+    return list(range(first_uid, first_uid + count))
 
 
 class MailboxError(Exception):
