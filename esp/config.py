@@ -117,6 +117,11 @@ class IMAPConfig(Section):
     idle_timeout: Annotated[int, Field(ge=1800, le=86400)] = 1800
     # Seconds between "* OK Still here" during IDLE, for NAT boxes on mobile networks.
     idle_keepalive: Annotated[int, Field(ge=10, le=1500)] = 120
+    # Per client address and per user; 0 turns a limit off.
+    connections_per_ip: Annotated[int, Field(ge=0)] = 100
+    connection_rate_per_ip: Annotated[int, Field(ge=0)] = 600
+    auth_failures_per_ip: Annotated[int, Field(ge=0)] = 10
+    sessions_per_user: Annotated[int, Field(ge=0)] = 50
 
 
 class APIConfig(Section):

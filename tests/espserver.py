@@ -102,7 +102,7 @@ def connection(dsn: str) -> Iterator[psycopg2.extensions.connection]:
 
 
 def write_config(
-    directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1
+    directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1, imap: str = ""
 ) -> Path:
     config = directory / "esp.yaml"
     config.write_text(
@@ -117,7 +117,8 @@ def write_config(
         "  imap:\n"
         "    listen: 'tcp:0:interface=127.0.0.1'\n"
         "    listen_tls: 'tcp:0:interface=127.0.0.1'\n"
-        f"storage:\n  data_dir: {directory / 'var'}\n  database:\n    dsn: '{dsn}'\n"
+        + imap
+        + f"storage:\n  data_dir: {directory / 'var'}\n  database:\n    dsn: '{dsn}'\n"
         "security:\n  auth:\n"
         "    argon2: {time_cost: 1, memory_cost_kib: 8192, parallelism: 1}\n"
         + extra
@@ -129,10 +130,11 @@ _LISTENING = re.compile(r"(?:smtp-(\w+)|(imaps?))-0 listening on 127\.0\.0\.1:(\
 
 
 def start_esp(
-    directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1
+    directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1, imap: str = ""
 ) -> EspServer:
-    """ESP with its DNS pointed at the test DNS server (``test_dns.nameserver``)."""
-    config = write_config(directory, dsn, dns, extra, workers)
+    """ESP with its DNS pointed at the test DNS server (``test_dns.nameserver``); ``extra``
+    continues the ``security`` section, ``imap`` the ``server.imap`` one (4 spaces deep)."""
+    config = write_config(directory, dsn, dns, extra, workers, imap)
     process = start_twistd("esp", "--config", str(config))
     process.wait_for("ready: host")
     ports = {m.group(1) or m.group(2): int(m.group(3)) for m in _LISTENING.finditer(process.log)}

@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from esp.envelope import Accepted, Envelope, Listener, Refusal, Session
 from esp.events import EventBus
-from esp.smtp.limits import ConnectionLimits
+from esp.limits import ConnectionLimits
 from esp.smtp.server import ESMTPServer, SMTPSettings
 
 

@@ -36,6 +36,7 @@ from esp.events import MAILBOX_CREATED, USER_LOGIN, Event, EventBus
 from esp.imap.fetch import FetchError, FetchItem, parse_fetch, render_fetch
 from esp.imap.search import BadCharset, SearchError, parse_search, uses_modseq
 from esp.imap.wire import Assembler, Atom, CommandError, Limits, Pending, astring, tokenize
+from esp.limits import ConnectionLimits, SessionCounter
 from esp.storage.db import DatabaseUnavailable
 from esp.storage.directory import User
 from esp.storage.mailboxes import (
@@ -176,8 +177,14 @@ class IMAPServer(imap4.IMAP4Server):
         context_factory: Any,
         events: EventBus,
         clock: Any,
+        limits: ConnectionLimits | None = None,
+        sessions: SessionCounter | None = None,
     ) -> None:
         imap4.IMAP4Server.__init__(self, contextFactory=context_factory)
+        self._limits = limits or ConnectionLimits(clock.seconds, 0, 0, 0)
+        self._sessions = sessions or SessionCounter(0)
+        self._admitted = False
+        self._session_key: str | None = None
         self._delivery = delivery
         self._notifier = notifier
         self._changed = False  # a change arrived while a command was running
@@ -210,10 +217,23 @@ class IMAPServer(imap4.IMAP4Server):
         )
         peer = self.transport.getPeer()
         self._peer_ip = getattr(peer, "host", "")
+        refusal = self._limits.admit(self._peer_ip)
+        if refusal is not None:
+            self.state = "logout"
+            self._send(b"* BYE [UNAVAILABLE] " + refusal.encode())
+            self.transport.loseConnection()
+            return
+        self._admitted = True
         self._send(b"* OK [CAPABILITY " + b" ".join(self._capabilities()) + b"] "
                    + self.settings.hostname.encode() + b" ESP IMAP4rev1 ready")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._admitted:
+            self._limits.release(self._peer_ip)
+            self._admitted = False
+        if self._session_key is not None:
+            self._sessions.release(self._session_key)
+            self._session_key = None
         self.setTimeout(None)
         self._select(None)
         self._stop_keepalive()
@@ -302,6 +322,14 @@ class IMAPServer(imap4.IMAP4Server):
                 return
             pending, continuation = ready
             if continuation:
+                user = self._user
+                if (pending.name == b"APPEND" and user is not None
+                        and user.quota_bytes is not None
+                        and self._assembler.literal_size > user.quota_bytes):
+                    # Larger than the whole quota: refused before a byte of it is sent.
+                    self._assembler.refuse_literal()
+                    self._send(pending.tag + b" NO [OVERQUOTA] Message larger than the quota")
+                    continue
                 self._send(b"+ Ready for literal data")
                 continue
             self._dispatch(pending)
@@ -419,11 +447,22 @@ class IMAPServer(imap4.IMAP4Server):
         try:
             avatar = await self._checker.requestAvatarId(UsernamePassword(username, password))
         except UnauthorizedLogin:
+            account = username.decode("utf-8", "replace").lower()
+            failures = max(self._limits.auth_failures.add(self._peer_ip),
+                           self._limits.auth_failures.add("user:" + account))
+            # Slower with every recent failure from this address or for this account.
             pause: Deferred[None] = Deferred()
-            self._clock.callLater(1, pause.callback, None)
+            self._clock.callLater(min(2 ** (failures - 1), 16), pause.callback, None)
             await pause
+            self._announce_login(account, False)
+            limit = self._limits.auth_failures_per_ip
+            if limit and self._limits.auth_failures.count(self._peer_ip) >= limit:
+                self._send(b"* BYE Too many failed logins")
+                self._send(tag + b" NO [AUTHENTICATIONFAILED] Invalid credentials")
+                self.state = "logout"
+                self.transport.loseConnection()
+                return
             self._send(tag + b" NO [AUTHENTICATIONFAILED] Invalid credentials")
-            self._announce_login(username.decode("utf-8", "replace"), False)
             return
         except AuthenticationBusy:
             self._send(tag + b" NO [UNAVAILABLE] Temporary failure, try again later")
@@ -436,6 +475,10 @@ class IMAPServer(imap4.IMAP4Server):
         if user is None:
             self._send(tag + b" NO [AUTHENTICATIONFAILED] Invalid credentials")
             return
+        if not self._sessions.acquire(user.address):
+            self._send(tag + b" NO [LIMIT] Too many sessions for this account")
+            return
+        self._session_key = user.address
         self._user = user
         self.state = "auth"
         self._send(tag + b" OK [CAPABILITY " + b" ".join(self._capabilities())

@@ -12,6 +12,7 @@ from esp.config import IMAPConfig
 from esp.delivery import LocalDelivery
 from esp.events import EventBus
 from esp.imap.server import IMAPServer, IMAPSettings
+from esp.limits import ConnectionLimits, SessionCounter
 from esp.smtp.service import ListenerService
 from esp.storage.mailboxes import MailboxStore
 from esp.storage.notify import MailboxNotifier
@@ -41,8 +42,12 @@ class IMAPFactory(ServerFactory):
         events: EventBus,
         clock: Any,
         is_ready: Callable[[], bool],
+        limits: ConnectionLimits,
+        sessions: SessionCounter,
     ) -> None:
         self.settings = settings
+        self.limits = limits
+        self.sessions = sessions
         self._store = store
         self._delivery = delivery
         self._notifier = notifier
@@ -61,7 +66,7 @@ class IMAPFactory(ServerFactory):
                 self.settings, self._store, self._delivery, self._notifier, self._checker,
                 self._directory,
                 None if self.settings.implicit_tls else self._certificates.context_factory(),
-                self._events, self._clock,
+                self._events, self._clock, self.limits, self.sessions,
             )
         protocol.factory = self
         return protocol
@@ -83,6 +88,13 @@ def imap_listeners(
     is_ready: Callable[[], bool],
     adopted: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[ListenerService]:
+    limits = ConnectionLimits(
+        reactor.seconds,
+        max_per_ip=config.connections_per_ip,
+        rate_per_minute=config.connection_rate_per_ip,
+        auth_failures_per_ip=config.auth_failures_per_ip,
+    )
+    sessions = SessionCounter(config.sessions_per_user)
     services = []
     for implicit_tls, descriptions, label in ((False, config.listen, "imap"),
                                               (True, config.listen_tls, "imaps")):
@@ -97,7 +109,7 @@ def imap_listeners(
 
         def build(settings: IMAPSettings = settings) -> Any:
             factory = IMAPFactory(settings, store, delivery, notifier, checker, directory,
-                                  certificates, events, reactor, is_ready)
+                                  certificates, events, reactor, is_ready, limits, sessions)
             if settings.implicit_tls:
                 return TLSMemoryBIOFactory(certificates.context_factory(), False, factory)
             return factory

@@ -177,6 +177,17 @@ class Assembler:
     def in_literal(self) -> bool:
         return self._literal_left > 0
 
+    @property
+    def literal_size(self) -> int:
+        """The size of the synchronizing literal the client is waiting to send."""
+        return self._literal_left
+
+    def refuse_literal(self) -> None:
+        """Drop the command waiting for its synchronizing literal: without the continuation
+        the client sends no literal (RFC 3501 §7.5)."""
+        self._pending = None
+        self._literal_left = 0
+
 
 def _tag_of(line: bytes) -> bytes | None:
     tag = line.partition(b" ")[0]

@@ -40,8 +40,8 @@ from twisted.python.failure import Failure
 from esp.auth import AuthenticationBusy
 from esp.envelope import Accepted, Envelope, Listener, Refusal, Session
 from esp.events import USER_LOGIN, Event, EventBus
+from esp.limits import ConnectionLimits
 from esp.smtp.commands import parse_path_argument, parse_size
-from esp.smtp.limits import ConnectionLimits
 
 MAX_COMMAND_LINE = 4096  # RFC 5321 §4.5.3.1.4 says 512; AUTH responses and extensions need more
 MAX_BUFFERED = 1024 * 1024  # input held while a command is in progress before we stop reading

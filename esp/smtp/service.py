@@ -15,7 +15,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from esp.config import SMTPConfig
 from esp.envelope import Listener
 from esp.events import EventBus
-from esp.smtp.limits import ConnectionLimits
+from esp.limits import ConnectionLimits
 from esp.smtp.server import ESMTPServer, SMTPSettings
 from esp.tls import CertificateStore
 

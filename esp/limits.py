@@ -1,5 +1,6 @@
-"""Per-IP limits shared by all sessions of a listener: concurrent connections, connection rate,
-failed authentications.  Counters live in memory per process (one node's view)."""
+"""Per-IP limits shared by all sessions of a listener (SMTP, IMAP): concurrent connections,
+connection rate, failed authentications; and sessions per user.  Counters live in memory per
+process (one node's view)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,22 @@ class ConnectionLimits:
         self._open[ip] -= 1
         if self._open[ip] <= 0:
             del self._open[ip]
+
+
+class SessionCounter:
+    """Open sessions per key (a user), with a limit (0: none)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = defaultdict(int)
+
+    def acquire(self, key: str) -> bool:
+        if self.limit and self._open[key] >= self.limit:
+            return False
+        self._open[key] += 1
+        return True
+
+    def release(self, key: str) -> None:
+        self._open[key] -= 1
+        if self._open[key] <= 0:
+            del self._open[key]
