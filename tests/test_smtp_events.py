@@ -1,8 +1,9 @@
-"""Events from the SMTP service, observed in-process on the event bus: message.received for each
-stored copy and user.login for a successful AUTH."""
+"""Events from the SMTP and IMAP services, observed in-process on the event bus:
+message.received for each stored copy, user.login, mailbox.created and message.deleted."""
 
 from __future__ import annotations
 
+import imaplib
 import smtplib
 import ssl
 from pathlib import Path
@@ -65,3 +66,52 @@ async def test_delivery_and_login_are_announced(
     assert payload["uid"] == 1 and payload["sender"] == "alice@example.test"
     assert payload["message_id"] == "<e1@example.test>"
     assert received[0].domain == "example.test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_imap_logins_mailboxes_and_deletions_are_announced(
+    scratch: Path, database_dsn: str, test_dns: DNSServer
+) -> None:
+    config = load_config(write_config(scratch, database_dsn, test_dns.nameserver), environ={})
+    with connection(database_dsn) as conn:
+        run_sync(conn, directory.add_domain_txn, "example.test")
+        run_sync(conn, directory.add_user_txn, parse_address("carl@example.test"),
+                 PasswordHasher(FAST_HASHING).hash("a long password"), config.maildir_root)
+    service = makeService(config, reactor)
+    seen: list[Event] = []
+    service.events.subscribe("#", seen.append)
+    service.startService()
+    try:
+        await service.ready
+        ports = {listener.name: listener.port.getHost().port for listener in service.listeners}
+        cafile = str(config.data_dir / "tls" / "selfsigned.crt")
+
+        def session() -> None:
+            context = ssl.create_default_context(cafile=cafile)
+            context.check_hostname = False
+            client = imaplib.IMAP4_SSL("127.0.0.1", ports["imaps-0"], ssl_context=context,
+                                       timeout=30)
+            try:
+                client.login("carl@example.test", "wrong password")
+            except imaplib.IMAP4.error:
+                pass
+            client.login("carl@example.test", "a long password")
+            client.create("Receipts")
+            client.append("Receipts", None, None, b"Subject: paid\r\n\r\nthanks\r\n")
+            client.select("Receipts")
+            client.store("1", "+FLAGS", "(\\Deleted)")
+            client.expunge()
+            client.logout()
+
+        await threads.deferToThread(session)
+    finally:
+        await service.stopService()
+    logins = [(e.payload["user"], e.payload["protocol"], e.payload["success"])
+              for e in seen if e.type == "user.login"]
+    assert logins == [("carl@example.test", "imap", False), ("carl@example.test", "imap", True)]
+    created = [e.payload for e in seen if e.type == "mailbox.created"]
+    assert created == [{"user": "carl@example.test", "mailbox": "Receipts"}]
+    received = [e.payload for e in seen if e.type == "message.received"]
+    assert [(p["mailbox"], p["uid"], p["protocol"]) for p in received] == [("Receipts", 1, "imap")]
+    deleted = [e.payload for e in seen if e.type == "message.deleted"]
+    assert [(p["mailbox"], p["uid"], p["reason"]) for p in deleted] == [("Receipts", 1, "expunge")]

@@ -32,7 +32,7 @@ from esp import __version__
 from esp.addresses import InvalidAddress, parse_address
 from esp.auth import AuthenticationBusy
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
-from esp.events import MAILBOX_CREATED, USER_LOGIN, Event, EventBus
+from esp.events import MAILBOX_CREATED, MESSAGE_DELETED, USER_LOGIN, Event, EventBus
 from esp.imap.fetch import FetchError, FetchItem, parse_fetch, render_fetch
 from esp.imap.search import BadCharset, SearchError, parse_search, uses_modseq
 from esp.imap.wire import Assembler, Atom, CommandError, Limits, Pending, astring, tokenize
@@ -485,6 +485,16 @@ class IMAPServer(imap4.IMAP4Server):
                    + b"] Logged in")
         self._announce_login(user.address, True)
 
+    def _announce_deleted(self, mailbox: MailboxInfo, uids: Sequence[int], how: str) -> None:
+        assert self._user is not None
+        for uid in uids:
+            self._events.publish(Event(
+                MESSAGE_DELETED,
+                {"user": self._user.address, "mailbox": mailbox.name, "uid": uid,
+                 "uidvalidity": mailbox.uidvalidity, "reason": how, "protocol": "imap"},
+                domain=self._user.address.rpartition("@")[2], actor=self._user.address,
+            ))
+
     def _announce_login(self, user: str, success: bool) -> None:
         self._events.publish(Event(
             USER_LOGIN,
@@ -774,7 +784,9 @@ async def _close(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
     assert selected is not None and self._user is not None
     self._select(None)
     if not selected.readonly:
-        await self._store.expunge(self._user.maildir, selected.info.id, self._user.id)
+        removed = await self._store.expunge(self._user.maildir, selected.info.id,
+                                            self._user.id)
+        self._announce_deleted(selected.info, removed, "close")
     self._ok(tag, "CLOSE completed")
 
 
@@ -795,7 +807,9 @@ async def _expunge(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> 
         if len(args) != 1 or not isinstance(args[0], str):
             raise Bad("UID EXPUNGE needs a UID set")
         only = selected.uids_of(args[0], uid=True)
-    await self._store.expunge(self._user.maildir, selected.info.id, self._user.id, only)
+    removed = await self._store.expunge(self._user.maildir, selected.info.id, self._user.id,
+                                        only)
+    self._announce_deleted(selected.info, removed, "expunge")
     await self._sync(expunges=True)
     self._ok(tag, "EXPUNGE completed")
 
@@ -1125,8 +1139,10 @@ async def _copy(self: IMAPServer, tag: bytes, args: list[Any], uid: bool, move: 
     if move:
         if pairs:
             self._send(f"* OK {code}Moved".encode())
-            await self._store.expunge(self._user.maildir, selected.info.id, self._user.id,
-                                      [a for a, _ in pairs], only_deleted=False)
+            removed = await self._store.expunge(self._user.maildir, selected.info.id,
+                                                self._user.id, [a for a, _ in pairs],
+                                                only_deleted=False)
+            self._announce_deleted(selected.info, removed, "move")
             await self._sync(expunges=True)
         self._ok(tag, f"{'UID ' if uid else ''}MOVE completed")
     else:
