@@ -403,3 +403,38 @@ def test_sort(esp: EspServer) -> None:
     with pytest.raises(imaplib.IMAP4.error, match="BAD"):
         client.sort("(REVERSE)", "UTF-8", "ALL")
     client.logout()
+
+
+MULTIPART = (
+    b"From: a@remote.test\r\nSubject: with attachment\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="B0UNDARY"\r\n\r\n'
+    b"preamble\r\n--B0UNDARY\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+    b"hello\r\nworld\r\n--B0UNDARY\r\n"
+    b'Content-Type: application/pdf; name="r\xc3\xa9sum\xc3\xa9.pdf"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n"
+    b'Content-Disposition: attachment; filename="cv.pdf"\r\n\r\n'
+    b"JVBERi0xLjQK\r\n--B0UNDARY--\r\n"
+)
+
+
+def test_multipart_structure_and_parts(esp: EspServer) -> None:
+    esp.add_user("lena@example.test", "lena's long password")
+    client = login(esp, "lena@example.test", "lena's long password")
+    assert client.append("INBOX", None, None, MULTIPART)[0] == "OK"
+    client.select("INBOX")
+    status, data = client.fetch("1", "(BODYSTRUCTURE BODY.PEEK[1] BODY.PEEK[2.MIME] "
+                                     "BODY.PEEK[2])")
+    text = b"".join(x if isinstance(x, bytes) else b"".join(x) for x in data)
+    assert (b'(("text" "plain" ("charset" "utf-8") NIL NIL "7bit" 12 2 NIL NIL NIL NIL)'
+            b'("application" "pdf" ("name" {12}r\xc3\xa9sum\xc3\xa9.pdf) NIL NIL "base64" 12 NIL '
+            b'("attachment" ("filename" "cv.pdf")) NIL NIL) "mixed" ("boundary" "B0UNDARY") '
+            b"NIL NIL NIL)") in text
+    parts = [x[1] for x in data if isinstance(x, tuple)][1:]  # after the 8-bit file name
+    assert parts == [
+        b"hello\r\nworld",
+        b'Content-Type: application/pdf; name="r\xc3\xa9sum\xc3\xa9.pdf"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="cv.pdf"\r\n\r\n',
+        b"JVBERi0xLjQK",
+    ]
+    client.logout()

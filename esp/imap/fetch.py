@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
+import email.utils
 import io
 import re
 from collections.abc import Sequence
@@ -148,10 +149,8 @@ def render_fetch(items: Sequence[FetchItem], row: MessageRow, body: bytes | None
                 assert parsed is not None
                 out.append(b"ENVELOPE " + _collapse(imap4.getEnvelope(_Part(parsed, body))))
             elif name in ("BODYSTRUCTURE", "BODY"):
-                assert parsed is not None
-                structure = imap4.getBodyStructure(_Part(parsed, body),
-                                                   extended=name == "BODYSTRUCTURE")
-                out.append(name.encode() + b" " + _collapse(structure))
+                out.append(name.encode() + b" "
+                           + body_structure(body, extended=name == "BODYSTRUCTURE"))
             elif name == "RFC822":
                 out.append(b"RFC822 " + _literal(body))
             elif name == "RFC822.HEADER":
@@ -253,6 +252,93 @@ def _multipart_parts(body: bytes, boundary: bytes) -> list[bytes]:
             break
         parts.append(chunks[i + 1])
     return parts
+
+
+# -- BODYSTRUCTURE (RFC 3501 §7.4.2), from the raw bytes so that sizes and lines are exact --
+
+
+def _q(value: str | bytes | None) -> bytes:
+    if value is None:
+        return b"NIL"
+    # Header text here is the raw bytes read as Latin-1: written back byte for byte.
+    data = value if isinstance(value, bytes) else value.encode("latin-1", "replace")
+    if b"\r" in data or b"\n" in data or b"\0" in data or any(c >= 0x80 for c in data):
+        return b"{%d}\r\n" % len(data) + data  # 8-bit text cannot be quoted (RFC 3501 §4.3)
+    return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _params(header: email.message.Message, name: str) -> bytes:
+    params = header.get_params(header=name, unquote=True) or []
+    pairs = []
+    for key, value in params[1:]:  # the first is the value itself (e.g. text/plain)
+        if isinstance(value, tuple):  # RFC 2231: (charset, language, value)
+            value = email.utils.collapse_rfc2231_value(value)
+        pairs.append(_q(key.lower()) + b" " + _q(str(value)))
+    return b"(" + b" ".join(pairs) + b")" if pairs else b"NIL"
+
+
+def _disposition(header: email.message.Message) -> bytes:
+    value = header.get("Content-Disposition")
+    if value is None:
+        return b"NIL"
+    kind = str(value).split(";", 1)[0].strip().lower()
+    return b"(" + _q(kind) + b" " + _params(header, "content-disposition") + b")"
+
+
+def _language(header: email.message.Message) -> bytes:
+    value = header.get("Content-Language")
+    if value is None:
+        return b"NIL"
+    tags = [t.strip() for t in str(value).split(",") if t.strip()]
+    return b"(" + b" ".join(_q(t) for t in tags) + b")" if tags else b"NIL"
+
+
+def _lines(body: bytes) -> int:
+    return body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0)
+
+
+def body_structure(entity: bytes, extended: bool, default: str = "text/plain") -> bytes:
+    """BODY / BODYSTRUCTURE of a message or MIME part given as raw bytes (header + body)."""
+    raw_header, body = _split(entity)
+    # Latin-1 keeps every byte (8-bit parameter values stay exactly as sent).
+    header = email.message_from_string(raw_header.decode("latin-1"),
+                                       policy=email.policy.compat32)
+    if header.get("Content-Type") is None:
+        header.set_default_type(default)
+    maintype = header.get_content_maintype()
+    subtype = header.get_content_subtype()
+    if maintype == "multipart":
+        boundary = header.get_param("boundary")
+        parts = _multipart_parts(body, str(boundary).encode("ascii", "replace")) \
+            if isinstance(boundary, str) else []
+        child_default = "message/rfc822" if subtype == "digest" else "text/plain"
+        children = b"".join(body_structure(part, extended, child_default) for part in parts) \
+            or b'("text" "plain" NIL NIL NIL "7bit" 0 0)'
+        out = b"(" + children + b" " + _q(subtype)
+        if extended:
+            out += (b" " + _params(header, "content-type") + b" " + _disposition(header)
+                    + b" " + _language(header) + b" " + _q(header.get("Content-Location")))
+        return out + b")"
+    params = _params(header, "content-type")
+    if maintype == "text" and params == b"NIL":
+        params = b'("charset" "us-ascii")'  # RFC 2045 §5.2 default
+    fields = [
+        _q(maintype), _q(subtype), params,
+        _q(header.get("Content-ID")), _q(header.get("Content-Description")),
+        _q(str(header.get("Content-Transfer-Encoding", "7bit")).strip().lower()),
+        b"%d" % len(body),
+    ]
+    if maintype == "message" and subtype == "rfc822":
+        inner = email.message_from_bytes(_split(body)[0], policy=email.policy.compat32)
+        fields.append(_collapse(imap4.getEnvelope(_Part(inner))))
+        fields.append(body_structure(body, extended))
+        fields.append(b"%d" % _lines(body))
+    elif maintype == "text":
+        fields.append(b"%d" % _lines(body))
+    if extended:
+        fields += [_q(header.get("Content-MD5")), _disposition(header), _language(header),
+                   _q(header.get("Content-Location"))]
+    return b"(" + b" ".join(fields) + b")"
 
 
 @implementer(imap4.IMessagePart)
