@@ -438,3 +438,25 @@ def test_multipart_structure_and_parts(esp: EspServer) -> None:
         b"JVBERi0xLjQK",
     ]
     client.logout()
+
+
+def test_renaming_inbox_moves_its_messages(esp: EspServer) -> None:
+    esp.add_user("mia@example.test", "mia's long password")
+    deliver(esp, "old one", to="mia@example.test")
+    deliver(esp, "old two", to="mia@example.test")
+    before = {name: esp.message_file("mia@example.test", name)
+              for _, _, name in esp.messages("mia@example.test")}
+    client = login(esp, "mia@example.test", "mia's long password")
+    client.select("INBOX")
+    assert client.rename("INBOX", "Old/2026")[0] == "OK"
+    assert client.untagged_responses.get("EXPUNGE") == [b"1", b"1"]
+    assert esp.messages("mia@example.test") == []
+    moved = esp.messages("mia@example.test", "Old/2026")
+    assert [uid for uid, _, _ in moved] == [1, 2]
+    assert {name: esp.message_file("mia@example.test", name, ".Old.2026")
+            for _, _, name in moved} == before
+    status, data = client.select("INBOX")
+    assert int(data[0]) == 0
+    deliver(esp, "new mail", to="mia@example.test")  # INBOX still receives
+    assert len(esp.messages("mia@example.test")) == 1
+    client.logout()

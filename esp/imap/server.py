@@ -969,15 +969,16 @@ async def _rename(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> N
     new = check_name(decode_name(args[1]).rstrip(DELIMITER))
     assert self._user is not None
     try:
-        await self._store.rename(self._user.id, old, new)
+        await self._store.rename(self._user.maildir, self._user.id, old, new)
     except NoMailbox:
         raise No("[NONEXISTENT] No such mailbox") from None
     except MailboxExists:
         raise No("[ALREADYEXISTS] Mailbox already exists") from None
     except MailboxError as e:
         raise No(f"[CANNOT] {e}") from None
-    if self._selected is not None and self._selected.info.name == old:
+    if self._selected is not None and self._selected.info.name == old and old != "INBOX":
         self._select(None)
+    await self._sync(expunges=True)
     self._ok(tag, "RENAME completed")
 
 

@@ -481,8 +481,6 @@ def delete_mailbox_txn(cur: Cursor, user_id: int, name: str) -> str:
 
 def rename_mailbox_txn(cur: Cursor, user_id: int, old: str, new: str) -> None:
     """Rename a mailbox and its children; their Maildir folders stay where they are."""
-    if old.upper() == "INBOX":
-        raise MailboxError("renaming INBOX is not supported yet")
     if new.upper() == "INBOX" or new.startswith(old + "/"):
         raise MailboxError(f"cannot rename {old} to {new}")
     if mailbox_info_txn(cur, user_id, old) is None:
@@ -502,6 +500,67 @@ def rename_mailbox_txn(cur: Cursor, user_id: int, old: str, new: str) -> None:
         """,
         (new, old, user_id, old, old, old),
     )
+
+
+def move_inbox_txn(cur: Cursor, user_id: int, new: str) -> tuple[int, list[tuple[int, str]]]:
+    """RENAME INBOX (RFC 3501 §6.3.5), step one: create ``new``; return its id and the
+    (UID, file name) of every INBOX message, whose files the caller links into its folder."""
+    if mailbox_info_txn(cur, user_id, new) is not None:
+        raise MailboxExists(f"{new} already exists")
+    create_mailbox_txn(cur, user_id, new)
+    info = mailbox_info_txn(cur, user_id, new)
+    inbox = mailbox_info_txn(cur, user_id, "INBOX")
+    assert info is not None and inbox is not None
+    return info.id, filenames_txn(cur, inbox.id)
+
+
+def finish_inbox_move_txn(cur: Cursor, user_id: int, target_id: int, uids: Sequence[int]) -> int:
+    """Step two: the rows of ``uids`` move from INBOX to the target (same UIDs, a fresh
+    UIDVALIDITY there); INBOX is left empty and records their expunge.  Returns INBOX's id."""
+    inbox = mailbox_info_txn(cur, user_id, "INBOX")
+    if inbox is None:
+        raise NoMailbox("INBOX does not exist")
+    cur.execute(
+        "UPDATE mailboxes SET highestmodseq = highestmodseq + 1 WHERE id = %s "
+        "RETURNING highestmodseq", (inbox.id,),
+    )
+    row = cur.fetchone()
+    assert row is not None
+    modseq = row[0]
+    cur.execute(
+        """
+        UPDATE messages SET mailbox_id = %s, modseq = 1
+        WHERE mailbox_id = %s AND uid = ANY(%s)
+        RETURNING uid, size, seen
+        """,
+        (target_id, inbox.id, list(uids)),
+    )
+    moved = cur.fetchall()
+    size = sum(r[1] for r in moved)
+    unseen = sum(1 for r in moved if not r[2])
+    cur.execute(
+        """
+        UPDATE mailboxes SET uidnext = greatest(uidnext, %s), message_count = %s,
+               unseen_count = %s, total_bytes = %s
+        WHERE id = %s
+        """,
+        (max((r[0] for r in moved), default=0) + 1, len(moved), unseen, size, target_id),
+    )
+    cur.execute(
+        """
+        UPDATE mailboxes SET message_count = message_count - %s,
+               unseen_count = unseen_count - %s, total_bytes = total_bytes - %s
+        WHERE id = %s
+        """,
+        (len(moved), unseen, size, inbox.id),
+    )
+    cur.executemany(
+        "INSERT INTO mailbox_expunges (mailbox_id, uid, modseq) VALUES (%s, %s, %s) "
+        "ON CONFLICT (mailbox_id, uid) DO UPDATE SET modseq = EXCLUDED.modseq",
+        [(inbox.id, r[0], modseq) for r in moved],
+    )
+    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{inbox.id}:0:{modseq}"))
+    return inbox.id
 
 
 def subscribe_txn(cur: Cursor, user_id: int, name: str, subscribed: bool) -> None:
@@ -582,8 +641,24 @@ class MailboxStore:
                 self._root, f"{maildir}/{folder}",
             )
 
-    async def rename(self, user_id: int, old: str, new: str) -> None:
-        await self._db.run("rename_mailbox", rename_mailbox_txn, user_id, old, new)
+    async def rename(self, maildir: str, user_id: int, old: str, new: str) -> None:
+        if old.upper() != "INBOX":
+            await self._db.run("rename_mailbox", rename_mailbox_txn, user_id, old, new)
+            return
+        if new.upper() == "INBOX":
+            raise MailboxError("cannot rename INBOX to INBOX")
+        # RFC 3501 §6.3.5: INBOX's messages move to the new mailbox; INBOX stays, empty.
+        target_id, files = await self._db.run("move_inbox", move_inbox_txn, user_id, new)
+        inbox = Maildir(self._root / maildir)
+        target = Maildir(self._root / maildir).folder(folder_directory(new))
+        linked = await deferToThreadPool(
+            self._reactor, self._disk_pool, _link_same_names, inbox, target,
+            [name for _, name in files],
+        )
+        await self._db.run("finish_inbox_move", finish_inbox_move_txn, user_id, target_id,
+                           [uid for uid, name in files if name in linked])
+        await deferToThreadPool(self._reactor, self._disk_pool, _remove_messages, inbox,
+                                list(linked))
 
     async def subscribe(self, user_id: int, name: str, subscribed: bool) -> None:
         await self._db.run("subscribe", subscribe_txn, user_id, name, subscribed)
@@ -676,3 +751,21 @@ def _link_copies(
         remove_files([f.path for f in made])
         raise
     return made
+
+
+def _link_same_names(source: Maildir, target: Maildir, names: Sequence[str]) -> set[str]:
+    """Link message files into ``target`` under the same names (durably); the names done."""
+    target.create()
+    done = set()
+    for name in names:
+        try:
+            path = source.locate(name)
+        except FileNotFoundError:
+            continue
+        try:
+            os.link(path, target.path / "new" / name)
+        except FileExistsError:
+            pass
+        done.add(name)
+    fsync_directory(target.path / "new")
+    return done
