@@ -189,6 +189,9 @@ class IMAPServer(imap4.IMAP4Server):
         self._notifier = notifier
         self._changed = False  # a change arrived while a command was running
         self._condstore = False  # RFC 7162: the client has used or enabled CONDSTORE
+        # Whether the selected mailbox may have changed since we last looked: set by SELECT
+        # and by every notification, so a command costs no query when nothing happened.
+        self._dirty = False
         self._keepalive: Any = None
         self.settings = settings
         self.timeOut = settings.idle_timeout
@@ -249,9 +252,12 @@ class IMAPServer(imap4.IMAP4Server):
             "auth" if self._user is not None else "unauth")
         if selected is not None:
             self._notifier.subscribe(selected.info.id, self._mailbox_changed)
+            # What changed between the snapshot and the subscription is looked for once.
+            self._dirty = True
 
     def _mailbox_changed(self, mailbox_id: int | None) -> None:
         """Someone (any session, any node) changed our mailbox: tell an idling client now."""
+        self._dirty = True
         if self._mode != "idle":
             return  # the next command's response carries the news
         if self._busy:
@@ -508,12 +514,14 @@ class IMAPServer(imap4.IMAP4Server):
     async def _sync(self, expunges: bool) -> None:
         """Tell the client what changed in its mailbox since it last heard (RFC 3501 §7)."""
         selected = self._selected
-        if selected is None:
+        if selected is None or not self._dirty:
             return
+        self._dirty = False  # a notification during the query sets it again
         highest, changed, gone = await self._store.changes(selected.info.id, selected.modseq)
         if selected is not self._selected:
             return
         if gone and not expunges:
+            self._dirty = True  # still to tell
             return  # held back until a command that allows EXPUNGE responses
         for uid in gone:
             seq = selected.seq_of(uid)
@@ -848,14 +856,20 @@ async def _fetch(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
             changed = {r.uid: r for r in
                        await self._store.store(selected.info.id, unseen, "+", ["\\Seen"])}
             rows = [changed.get(r.uid, r) for r in rows]
-    for row in rows:
-        seq = selected.seq_of(row.uid)
-        if seq is None:
-            continue
-        body = (await self._store.read(self._user.maildir, selected.info.id, row.filename)
-                if needs_body else None)
-        selected.flags[row.uid] = row.flags
-        self.transport.write(b"* %d FETCH (" % seq + render_fetch(items, row, body) + b")\r\n")
+    # Bodies in batches: one trip to the disk pool per 50 messages, not one per message.
+    for start in range(0, len(rows), 50):
+        chunk = rows[start:start + 50]
+        bodies = (await self._store.read_many(self._user.maildir, selected.info.id,
+                                              [r.filename for r in chunk])
+                  if needs_body else {})
+        for row in chunk:
+            seq = selected.seq_of(row.uid)
+            if seq is None or (needs_body and row.filename not in bodies):
+                continue  # gone meanwhile (expunged by another session)
+            selected.flags[row.uid] = row.flags
+            self.transport.write(b"* %d FETCH (" % seq
+                                 + render_fetch(items, row, bodies.get(row.filename))
+                                 + b")\r\n")
     self._ok(tag, f"{'UID ' if uid else ''}FETCH completed")
 
 

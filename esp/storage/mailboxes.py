@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2.extras
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -589,6 +590,7 @@ class MailboxStore:
         self._root = maildir_root
         self._disk_pool = disk_pool
         self._reactor = reactor
+        self._changes: dict[tuple[int, int], list[Deferred[Any]]] = {}
 
     async def mailboxes(self, user_id: int) -> list[MailboxInfo]:
         return await self._db.run("list_mailboxes", list_mailboxes_txn, user_id)
@@ -605,7 +607,25 @@ class MailboxStore:
     async def changes(
         self, mailbox_id: int, modseq: int
     ) -> tuple[int, list[MessageRow], list[int]]:
-        return await self._db.run("mailbox_changes", changes_since_txn, mailbox_id, modseq)
+        """What changed after ``modseq``.  Sessions asking the same question at the same time
+        (every IDLE session of a mailbox, woken by one delivery) share one query."""
+        key = (mailbox_id, modseq)
+        waiting = self._changes.get(key)
+        if waiting is not None:
+            d: Deferred[tuple[int, list[MessageRow], list[int]]] = Deferred()
+            waiting.append(d)
+            return await d
+        self._changes[key] = []
+        try:
+            result = await self._db.run("mailbox_changes", changes_since_txn, mailbox_id,
+                                        modseq)
+        except BaseException as e:
+            for d in self._changes.pop(key):
+                d.errback(e)
+            raise
+        for d in self._changes.pop(key):
+            d.callback(result)
+        return result
 
     async def store(
         self, mailbox_id: int, uids: Sequence[int], mode: str, flags: Iterable[str],
@@ -703,6 +723,14 @@ class MailboxStore:
                                     [f.path for f in files])
             raise
 
+    async def read_many(
+        self, maildir: str, mailbox_id: int, filenames: Sequence[str]
+    ) -> dict[str, bytes]:
+        """Several message files in one trip to the disk pool (a missing one is left out)."""
+        box = Maildir(self._root / maildir).folder(await self._folder(mailbox_id))
+        return await deferToThreadPool(self._reactor, self._disk_pool, _read_all, box,
+                                       filenames)
+
     async def read(self, maildir: str, mailbox_id: int, filename: str) -> bytes:
         folder = await self._folder(mailbox_id)
         box = Maildir(self._root / maildir).folder(folder)
@@ -769,3 +797,13 @@ def _link_same_names(source: Maildir, target: Maildir, names: Sequence[str]) -> 
         done.add(name)
     fsync_directory(target.path / "new")
     return done
+
+
+def _read_all(box: Maildir, names: Sequence[str]) -> dict[str, bytes]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = box.read(name)
+        except FileNotFoundError:
+            continue
+    return found

@@ -1,0 +1,358 @@
+"""IMAP load benchmark: a realistic command mix from N concurrent clients, a 100,000-message
+SELECT, and many IDLE sessions woken by one delivery.
+
+    python bench/imap_load.py [--clients 10] [--seconds 30] [--idle 1000] [--big 100000]
+
+Prints operations/s and latency percentiles per command, server CPU and RSS, the SELECT time of
+the big mailbox, and for the IDLE run the server's RSS and the delivery-to-EXISTS latency
+(p50/p99) over every idling client.  ESP runs with its own PostgreSQL cluster (fsync on).  With
+Dovecot installed the same mix would run against it in the same run (not wired yet: no anchor).
+Only ratios from one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import resource
+import shutil
+import smtplib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from smtp_accept import BIN, cpu_seconds, rss_mib, tree_pids  # noqa: E402
+
+from esp.addresses import parse_address  # noqa: E402
+from esp.auth import PasswordHasher  # noqa: E402
+from esp.config import Argon2Config  # noqa: E402
+from esp.message import summarize  # noqa: E402
+from esp.storage import directory  # noqa: E402
+from esp.storage.cluster import EmbeddedCluster  # noqa: E402
+from esp.storage.db import connect, run_sync  # noqa: E402
+from esp.storage.mailboxes import import_messages_txn  # noqa: E402
+from esp.storage.maildir import Maildir  # noqa: E402
+from esp.storage.mailstore import NewMessage  # noqa: E402
+from esp.storage.migrations import apply_migrations_txn, load_migrations  # noqa: E402
+
+PASSWORD = "bench password"  # noqa: S105 (a throw-away test account)
+
+
+# -- a small asyncio IMAP client -----------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.tag = 0
+
+    @classmethod
+    async def open(cls, port: int) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 24)
+        client = cls(reader, writer)
+        await client.line()  # greeting
+        return client
+
+    async def line(self) -> bytes:
+        """One response line with its literals."""
+        data = await self.reader.readline()
+        if not data:
+            raise ConnectionError("server closed the connection")
+        while True:
+            match = re.search(rb"\{(\d+)\}\r\n$", data)
+            if match is None:
+                return data
+            data += await self.reader.readexactly(int(match.group(1)))
+            data += await self.reader.readline()
+
+    async def command(self, text: bytes) -> list[bytes]:
+        self.tag += 1
+        tag = b"b%d" % self.tag
+        self.writer.write(tag + b" " + text + b"\r\n")
+        lines = []
+        while True:
+            line = await self.line()
+            if line.startswith(tag + b" "):
+                if not line.startswith(tag + b" OK"):
+                    raise RuntimeError(f"{text[:40]!r}: {line!r}")
+                return lines
+            lines.append(line)
+
+    async def login(self, user: str) -> None:
+        await self.command(f'LOGIN "{user}" "{PASSWORD}"'.encode())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# -- ESP under test -------------------------------------------------------------------------------
+
+
+def start_esp(work: Path) -> tuple[subprocess.Popen[bytes], EmbeddedCluster, dict[str, int], Path]:
+    work.mkdir(parents=True)
+    os.chmod(work, 0o711)  # noqa: S103 (the cluster's account must reach it when run as root)
+    cluster = EmbeddedCluster(work / "pg")
+    cluster.start()
+    conn = connect(cluster.dsn)
+    run_sync(conn, apply_migrations_txn, load_migrations())
+    conn.close()
+    config = work / "esp.yaml"
+    config.write_text(
+        "server:\n  hostname: mx.example.test\n"
+        "  dns: {nameservers: ['127.0.0.1:9']}\n"
+        "  smtp:\n    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        "    connection_rate_per_ip: 0\n    connections_per_ip: 0\n"
+        "  imap:\n    listen: 'tcp:0:interface=127.0.0.1'\n"
+        "    listen_tls: 'tcp:0:interface=127.0.0.1'\n"
+        "    connections_per_ip: 0\n    connection_rate_per_ip: 0\n    sessions_per_user: 0\n"
+        f"storage:\n  data_dir: {work / 'var'}\n  database:\n    dsn: '{cluster.dsn}'\n"
+        "security:\n  mailauth: {enabled: false}\n  auth:\n"
+        "    allow_plaintext_on_loopback: true\n"
+        "    argon2: {time_cost: 1, memory_cost_kib: 8192, parallelism: 1}\n"
+    )
+    log = open(work / "esp.log", "w+b")
+    process = subprocess.Popen(
+        [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "esp", "--config", str(config)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        text = (work / "esp.log").read_text()
+        if "ready: host" in text:
+            break
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"ESP did not start:\n{text}")
+        time.sleep(0.1)  # a benchmark harness, not a test
+    ports = {m.group(1): int(m.group(2)) for m in
+             re.finditer(r"(smtp-mx|imap)-0 listening on 127\.0\.0\.1:(\d+)", text)}
+    return process, cluster, ports, work / "var" / "maildir"
+
+
+def add_user(dsn: str, address: str, maildir: Path) -> int:
+    conn = connect(dsn)
+    try:
+        try:
+            run_sync(conn, directory.add_domain_txn, "example.test")
+        except directory.AlreadyExists:
+            pass
+        hashed = PasswordHasher(Argon2Config(time_cost=1, memory_cost_kib=8192,
+                                             parallelism=1)).hash(PASSWORD)
+        return run_sync(conn, directory.add_user_txn, parse_address(address), hashed,
+                        maildir).id
+    finally:
+        conn.close()
+
+
+def fill(dsn: str, user_id: int, maildir: Path, relative: str, count: int,
+         files: bool) -> None:
+    """``count`` messages in INBOX (with real files when ``files``), through the storage."""
+    box = Maildir(maildir / relative)
+    box.create()
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    conn = connect(dsn)
+    try:
+        for first in range(0, count, 10_000):
+            batch = []
+            for n in range(first, min(first + 10_000, count)):
+                body = (f"From: sender{n % 50}@remote.test\r\nTo: you@example.test\r\n"
+                        f"Subject: message {n}\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\n"
+                        + "lorem ipsum dolor sit amet\r\n" * 60).encode()
+                name = box.deliver(body, sync_directory=False).name if files else f"m{n}"
+                batch.append(NewMessage(
+                    mailbox_id=None, mailbox="INBOX", user_id=user_id, filename=name,
+                    size=len(body), internal_date=start + timedelta(minutes=n),
+                    envelope_from="x@remote.test", envelope_to=("you@example.test",),
+                    summary=summarize(body), seen=n % 2 == 0,
+                ))
+            run_sync(conn, import_messages_txn, user_id, "INBOX", batch)
+    finally:
+        conn.close()
+
+
+# -- the runs -------------------------------------------------------------------------------------
+
+
+MIX = [("SELECT", 5), ("FETCH FLAGS", 15), ("FETCH HEADERS", 15), ("FETCH BODY", 20),
+       ("STORE", 15), ("SEARCH", 10), ("APPEND", 5), ("NOOP", 15)]
+
+
+async def mix_client(port: int, user: str, seconds: float,
+                     latencies: dict[str, list[float]]) -> None:
+    client = await Client.open(port)
+    await client.login(user)
+    lines = await client.command(b"SELECT INBOX")
+    exists = next(int(m.group(1)) for line in lines
+                  if (m := re.match(rb"\* (\d+) EXISTS", line)))
+    names = [name for name, _ in MIX]
+    weights = [w for _, w in MIX]
+    deadline = time.monotonic() + seconds
+    rng = random.Random(user)
+    message = b"Subject: appended\r\n\r\n" + b"x" * 2000 + b"\r\n"
+    while time.monotonic() < deadline:
+        op = rng.choices(names, weights)[0]
+        n = rng.randint(1, exists)
+        started = time.monotonic()
+        if op == "SELECT":
+            await client.command(b"SELECT INBOX")
+        elif op == "FETCH FLAGS":
+            await client.command(b"FETCH 1:* (FLAGS)")
+        elif op == "FETCH HEADERS":
+            await client.command(b"FETCH %d:%d (UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS "
+                                 b"(FROM SUBJECT DATE)])" % (max(1, n - 19), n))
+        elif op == "FETCH BODY":
+            await client.command(b"FETCH %d BODY.PEEK[]" % n)
+        elif op == "STORE":
+            await client.command(b"STORE %d %sFLAGS (\\Seen)" % (n, rng.choice([b"+", b"-"])))
+        elif op == "SEARCH":
+            await client.command(b"SEARCH UNSEEN FROM sender1")
+        elif op == "APPEND":
+            await client.command(b"APPEND Drafts {%d+}\r\n" % len(message) + message)
+        else:
+            await client.command(b"NOOP")
+        latencies[op].append(time.monotonic() - started)
+    await client.command(b"LOGOUT")
+    client.close()
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1000
+
+
+async def run_mix(port: int, users: list[str], seconds: float) -> dict[str, list[float]]:
+    latencies: dict[str, list[float]] = defaultdict(list)
+    await asyncio.gather(*(mix_client(port, u, seconds, latencies) for u in users))
+    return latencies
+
+
+async def run_select_big(port: int, user: str, times: int) -> list[float]:
+    client = await Client.open(port)
+    await client.login(user)
+    results = []
+    for _ in range(times):
+        started = time.monotonic()
+        await client.command(b"SELECT INBOX")
+        results.append(time.monotonic() - started)
+        await client.command(b"UNSELECT")
+    client.close()
+    return results
+
+
+async def run_idle(port: int, mx_port: int, user: str, count: int) -> list[float]:
+    async def idling() -> Client:
+        c = await Client.open(port)
+        await c.login(user)
+        await c.command(b"SELECT INBOX")
+        c.writer.write(b"i IDLE\r\n")
+        assert (await c.line()).startswith(b"+")
+        return c
+
+    clients: list[Client] = []
+    # Logins 20 at a time: more would only queue behind the password hashing (and past its
+    # backlog be told to come back later).
+    for start in range(0, count, 20):
+        clients.extend(await asyncio.gather(*(idling() for _ in range(min(20, count - start)))))
+
+    async def woken(c: Client) -> float:
+        while True:
+            line = await c.line()
+            if line.endswith(b"EXISTS\r\n"):
+                return time.monotonic()
+
+    waits = [asyncio.ensure_future(woken(c)) for c in clients]
+    await asyncio.sleep(0.5)  # every IDLE registered (a harness, not a test)
+    sent = await asyncio.to_thread(_deliver, mx_port, user)
+    times = await asyncio.gather(*waits)
+    for c in clients:
+        c.close()
+    return [t - sent for t in times]
+
+
+def _deliver(port: int, user: str) -> float:
+    """Deliver one message; the time its DATA was sent (the push can beat the 250 to us)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.ehlo()
+        smtp.mail("bench@remote.test")
+        smtp.rcpt(user)
+        started = time.monotonic()
+        smtp.data("Subject: wake up\r\n\r\nnow\r\n")
+    return started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--messages", type=int, default=500, help="per mix client")
+    parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    work = Path(tempfile.mkdtemp(prefix="esp-imap-bench-"))
+    os.chmod(work, 0o711)  # noqa: S103
+    process, cluster, ports, maildir = start_esp(work / "esp")
+    try:
+        users = [f"user{i}@example.test" for i in range(args.clients)]
+        for user in users:
+            uid = add_user(cluster.dsn, user, maildir)
+            fill(cluster.dsn, uid, maildir, f"example.test/{user.split('@')[0]}",
+                 args.messages, files=True)
+        big = "big@example.test"
+        fill(cluster.dsn, add_user(cluster.dsn, big, maildir), maildir, "example.test/big",
+             args.big, files=False)
+        idler = "idle@example.test"
+        add_user(cluster.dsn, idler, maildir)
+        pids = tree_pids((f"--config {work / 'esp' / 'esp.yaml'}", "postgres",
+                          "esp.storage.diskwriter"))
+        before = cpu_seconds(pids)
+
+        print(f"{args.clients} clients, {args.seconds:.0f} s mix, {args.messages} messages "
+              "each; ESP (1 process)")
+        latencies = asyncio.run(run_mix(ports["imap"], users, args.seconds))
+        used = cpu_seconds(pids) - before
+        total = sum(len(v) for v in latencies.values())
+        for op, values in sorted(latencies.items()):
+            print(f"  {op:<14} {len(values) / args.seconds:8.0f} ops/s  "
+                  f"p50 {pct(values, 0.5):7.1f} ms  p99 {pct(values, 0.99):7.1f} ms")
+        print(f"  all            {total / args.seconds:8.0f} ops/s  server CPU "
+              f"{used / total * 1000:.2f} ms/op, RSS {rss_mib(tree_pids(('esp.yaml',))):.0f} MiB")
+
+        selects = asyncio.run(run_select_big(ports["imap"], big, 5))
+        print(f"SELECT of {args.big:,} messages: median {statistics.median(selects) * 1000:.0f}"
+              f" ms (best {min(selects) * 1000:.0f} ms)")
+
+        waits = asyncio.run(run_idle(ports["imap"], ports["smtp-mx"], idler, args.idle))
+        rss = rss_mib(tree_pids((f"--config {work / 'esp' / 'esp.yaml'}",)))
+        print(f"{args.idle} IDLE sessions: ESP RSS {rss:.0f} MiB; delivery-to-EXISTS "
+              f"p50 {pct(waits, 0.5):.0f} ms, p99 {pct(waits, 0.99):.0f} ms")
+        if not shutil.which("dovecot"):
+            print("Dovecot not installed: no anchor this run")
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        cluster.stop()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
