@@ -135,20 +135,59 @@ def select_txn(cur: Cursor, user_id: int, name: str) -> Snapshot | None:
     return Snapshot(info, uids, row[0] if row else None, keywords)
 
 
+_ROW_COLUMNS = """uid, modseq, seen, answered, flagged, deleted, draft, keywords, internal_date,
+    size, filename"""
+
+
+def _message_row(r: Sequence[Any]) -> MessageRow:
+    """A row of ``_ROW_COLUMNS``."""
+    return MessageRow(r[0], r[1], flags_of(r[2:7], r[7]), r[8], r[9], r[10])
+
+
+def _next_modseq(cur: Cursor, mailbox_id: int) -> int | None:
+    """Take the mailbox's next MODSEQ (locking its row until commit); None if it is gone."""
+    cur.execute(
+        "UPDATE mailboxes SET highestmodseq = highestmodseq + 1 WHERE id = %s "
+        "RETURNING highestmodseq",
+        (mailbox_id,),
+    )
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def _notify(cur: Cursor, mailbox_id: int, uid: int, modseq: int) -> None:
+    """Announce a change at commit (esp.storage.notify hands it to IDLE sessions)."""
+    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{mailbox_id}:{uid}:{modseq}"))
+
+
+def _record_expunges(cur: Cursor, mailbox_id: int, uids: Iterable[int], modseq: int) -> None:
+    cur.executemany(
+        "INSERT INTO mailbox_expunges (mailbox_id, uid, modseq) VALUES (%s, %s, %s) "
+        "ON CONFLICT (mailbox_id, uid) DO UPDATE SET modseq = EXCLUDED.modseq",
+        [(mailbox_id, uid, modseq) for uid in uids],
+    )
+
+
+def _release_usage(cur: Cursor, user_id: int, size: int, count: int) -> None:
+    """Give back quota usage (never below zero)."""
+    cur.execute(
+        """
+        UPDATE users SET used_bytes = greatest(used_bytes - %s, 0),
+               used_messages = greatest(used_messages - %s, 0)
+        WHERE id = %s
+        """,
+        (size, count, user_id),
+    )
+
+
 def fetch_rows_txn(cur: Cursor, mailbox_id: int, uids: Sequence[int]) -> list[MessageRow]:
     """The rows of the messages ``uids`` that still exist, in UID order."""
     cur.execute(
-        """
-        SELECT uid, modseq, seen, answered, flagged, deleted, draft, keywords, internal_date,
-               size, filename
-        FROM messages WHERE mailbox_id = %s AND uid = ANY(%s) ORDER BY uid
-        """,
+        f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox_id = %s AND uid = ANY(%s) "
+        "ORDER BY uid",
         (mailbox_id, list(uids)),
     )
-    return [
-        MessageRow(row[0], row[1], flags_of(row[2:7], row[7]), row[8], row[9], row[10])
-        for row in cur.fetchall()
-    ]
+    return [_message_row(row) for row in cur.fetchall()]
 
 
 def changes_since_txn(
@@ -163,17 +202,11 @@ def changes_since_txn(
     if highest == modseq:
         return highest, [], []
     cur.execute(
-        """
-        SELECT uid, modseq, seen, answered, flagged, deleted, draft, keywords, internal_date,
-               size, filename
-        FROM messages WHERE mailbox_id = %s AND modseq > %s ORDER BY uid
-        """,
+        f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox_id = %s AND modseq > %s "
+        "ORDER BY uid",
         (mailbox_id, modseq),
     )
-    changed = [
-        MessageRow(r[0], r[1], flags_of(r[2:7], r[7]), r[8], r[9], r[10])
-        for r in cur.fetchall()
-    ]
+    changed = [_message_row(r) for r in cur.fetchall()]
     cur.execute(
         "SELECT uid FROM mailbox_expunges WHERE mailbox_id = %s AND modseq > %s ORDER BY uid",
         (mailbox_id, modseq),
@@ -220,15 +253,9 @@ def store_flags_txn(
         params.append(keywords)
     if not sets:
         return []
-    cur.execute(
-        "UPDATE mailboxes SET highestmodseq = highestmodseq + 1 WHERE id = %s "
-        "RETURNING highestmodseq",
-        (mailbox_id,),
-    )
-    row = cur.fetchone()
-    if row is None:
+    modseq = _next_modseq(cur, mailbox_id)
+    if modseq is None:
         return []
-    modseq = row[0]
     changed_condition = " OR ".join(f"({s.split(' = ', 1)[0]} IS DISTINCT FROM "
                                     f"({s.split(' = ', 1)[1]}))" for s in sets)
     cur.execute(
@@ -236,15 +263,11 @@ def store_flags_txn(
         UPDATE messages SET {", ".join(sets)}, modseq = %s
         WHERE mailbox_id = %s AND uid = ANY(%s) AND ({changed_condition})
           AND (%s::bigint IS NULL OR modseq <= %s::bigint)
-        RETURNING uid, modseq, seen, answered, flagged, deleted, draft, keywords,
-                  internal_date, size, filename
+        RETURNING {_ROW_COLUMNS}
         """,
         (*params, modseq, mailbox_id, list(uids), *params, unchanged_since, unchanged_since),
     )
-    rows = [
-        MessageRow(r[0], r[1], flags_of(r[2:7], r[7]), r[8], r[9], r[10])
-        for r in cur.fetchall()
-    ]
+    rows = [_message_row(r) for r in cur.fetchall()]
     cur.execute(
         """
         UPDATE mailboxes SET unseen_count =
@@ -253,7 +276,7 @@ def store_flags_txn(
         """,
         (mailbox_id, mailbox_id),
     )
-    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{mailbox_id}:0:{modseq}"))
+    _notify(cur, mailbox_id, 0, modseq)
     return sorted(rows, key=lambda r: r.uid)
 
 
@@ -263,15 +286,9 @@ def expunge_txn(
 ) -> list[tuple[int, str]]:
     """Remove the messages flagged \\Deleted (only those among ``uids`` when given); return
     their (UID, file name), for the caller to delete the files after the commit."""
-    cur.execute(
-        "UPDATE mailboxes SET highestmodseq = highestmodseq + 1 WHERE id = %s "
-        "RETURNING highestmodseq",
-        (mailbox_id,),
-    )
-    row = cur.fetchone()
-    if row is None:
+    modseq = _next_modseq(cur, mailbox_id)
+    if modseq is None:
         return []
-    modseq = row[0]
     condition = "" if uids is None else " AND uid = ANY(%s)"
     params: tuple[object, ...] = (mailbox_id,) if uids is None else (mailbox_id, list(uids))
     cur.execute(
@@ -283,11 +300,7 @@ def expunge_txn(
     removed = sorted(cur.fetchall())
     if not removed:
         return []
-    cur.executemany(
-        "INSERT INTO mailbox_expunges (mailbox_id, uid, modseq) VALUES (%s, %s, %s) "
-        "ON CONFLICT (mailbox_id, uid) DO UPDATE SET modseq = EXCLUDED.modseq",
-        [(mailbox_id, uid, modseq) for uid, *_ in removed],
-    )
+    _record_expunges(cur, mailbox_id, [uid for uid, *_ in removed], modseq)
     size = sum(r[2] for r in removed)
     unseen = sum(1 for r in removed if not r[3])
     cur.execute(
@@ -298,15 +311,8 @@ def expunge_txn(
         """,
         (len(removed), unseen, size, mailbox_id),
     )
-    cur.execute(
-        """
-        UPDATE users SET used_bytes = greatest(used_bytes - %s, 0),
-               used_messages = greatest(used_messages - %s, 0)
-        WHERE id = %s
-        """,
-        (size, len(removed), user_id),
-    )
-    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{mailbox_id}:0:{modseq}"))
+    _release_usage(cur, user_id, size, len(removed))
+    _notify(cur, mailbox_id, 0, modseq)
     return [(uid, filename) for uid, filename, *_ in removed]
 
 
@@ -369,7 +375,7 @@ def copy_messages_txn(
         [(target_id, new, modseq, name, source_id, old)
          for (old, new), (_, name) in zip(pairs, copies, strict=True)],
     )
-    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{target_id}:0:{modseq}"))
+    _notify(cur, target_id, 0, modseq)
     return pairs
 
 
@@ -422,7 +428,7 @@ def import_messages_txn(
         "WHERE id = %s",
         (size, count, user_id),
     )
-    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{mailbox_id}:0:{modseq}"))
+    _notify(cur, mailbox_id, 0, modseq)
     return list(range(first_uid, first_uid + count))
 
 
@@ -467,16 +473,9 @@ def delete_mailbox_txn(cur: Cursor, user_id: int, name: str) -> str:
         raise NoMailbox(f"{name} does not exist")
     if info.has_children:
         raise MailboxError(f"{name} has child mailboxes; delete them first")
-    cur.execute(
-        """
-        UPDATE users SET used_bytes = greatest(used_bytes - %s, 0),
-               used_messages = greatest(used_messages - %s, 0)
-        WHERE id = %s
-        """,
-        (info.size, info.messages, user_id),
-    )
+    _release_usage(cur, user_id, info.size, info.messages)
     cur.execute("DELETE FROM mailboxes WHERE id = %s", (info.id,))
-    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{info.id}:-1:0"))
+    _notify(cur, info.id, -1, 0)
     return info.folder
 
 
@@ -521,13 +520,8 @@ def finish_inbox_move_txn(cur: Cursor, user_id: int, target_id: int, uids: Seque
     inbox = mailbox_info_txn(cur, user_id, "INBOX")
     if inbox is None:
         raise NoMailbox("INBOX does not exist")
-    cur.execute(
-        "UPDATE mailboxes SET highestmodseq = highestmodseq + 1 WHERE id = %s "
-        "RETURNING highestmodseq", (inbox.id,),
-    )
-    row = cur.fetchone()
-    assert row is not None
-    modseq = row[0]
+    modseq = _next_modseq(cur, inbox.id)
+    assert modseq is not None
     cur.execute(
         """
         UPDATE messages SET mailbox_id = %s, modseq = 1
@@ -555,12 +549,8 @@ def finish_inbox_move_txn(cur: Cursor, user_id: int, target_id: int, uids: Seque
         """,
         (len(moved), unseen, size, inbox.id),
     )
-    cur.executemany(
-        "INSERT INTO mailbox_expunges (mailbox_id, uid, modseq) VALUES (%s, %s, %s) "
-        "ON CONFLICT (mailbox_id, uid) DO UPDATE SET modseq = EXCLUDED.modseq",
-        [(inbox.id, r[0], modseq) for r in moved],
-    )
-    cur.execute("SELECT pg_notify(%s, %s)", (MAILBOX_CHANNEL, f"{inbox.id}:0:{modseq}"))
+    _record_expunges(cur, inbox.id, [r[0] for r in moved], modseq)
+    _notify(cur, inbox.id, 0, modseq)
     return inbox.id
 
 
