@@ -1,8 +1,8 @@
 """FETCH items (RFC 3501 §6.4.5, §7.4.2): what the client asked for, and the response bytes.
 
 Pure functions over a message row and, when a body item is asked for, the message bytes.
-ENVELOPE and BODYSTRUCTURE are computed by Twisted's ``getEnvelope`` / ``getBodyStructure``
-over an adapter of :mod:`email`'s parsed message.
+BODYSTRUCTURE and the body sections come from the raw bytes; ENVELOPE from Twisted's
+``getEnvelope`` over the parsed header.
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ import email
 import email.message
 import email.policy
 import email.utils
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.mail import imap4
-from zope.interface import implementer
 
 from esp.imap.wire import Atom
 from esp.storage.mailboxes import MessageRow
@@ -127,7 +125,6 @@ def _body_item(match: re.Match[str]) -> FetchItem:
 
 def render_fetch(items: Sequence[FetchItem], row: MessageRow, body: bytes | None) -> bytes:
     out: list[bytes] = []
-    parsed: email.message.Message | None = None
     for item in items:
         name = item.name
         if name == "FLAGS":
@@ -143,11 +140,8 @@ def render_fetch(items: Sequence[FetchItem], row: MessageRow, body: bytes | None
             out.append(b"RFC822.SIZE %d" % row.size)
         else:
             assert body is not None
-            if name in ("ENVELOPE", "BODYSTRUCTURE", "BODY") and parsed is None:
-                parsed = email.message_from_bytes(body, policy=email.policy.compat32)
             if name == "ENVELOPE":
-                assert parsed is not None
-                out.append(b"ENVELOPE " + _collapse(imap4.getEnvelope(_Part(parsed, body))))
+                out.append(b"ENVELOPE " + _envelope(body))
             elif name in ("BODYSTRUCTURE", "BODY"):
                 out.append(name.encode() + b" "
                            + body_structure(body, extended=name == "BODYSTRUCTURE"))
@@ -329,8 +323,7 @@ def body_structure(entity: bytes, extended: bool, default: str = "text/plain") -
         b"%d" % len(body),
     ]
     if maintype == "message" and subtype == "rfc822":
-        inner = email.message_from_bytes(_split(body)[0], policy=email.policy.compat32)
-        fields.append(_collapse(imap4.getEnvelope(_Part(inner))))
+        fields.append(_envelope(body))
         fields.append(body_structure(body, extended))
         fields.append(b"%d" % _lines(body))
     elif maintype == "text":
@@ -341,46 +334,23 @@ def body_structure(entity: bytes, extended: bool, default: str = "text/plain") -
     return b"(" + b" ".join(fields) + b")"
 
 
-@implementer(imap4.IMessagePart)
-class _Part:
-    """Twisted's view of a message part (for getEnvelope and getBodyStructure)."""
+def _envelope(entity: bytes) -> bytes:
+    """ENVELOPE (RFC 3501 §7.4.2) of a message given as raw bytes."""
+    header = email.message_from_bytes(_split(entity)[0], policy=email.policy.compat32)
+    return _collapse(imap4.getEnvelope(_Headers(header)))
 
-    def __init__(self, message: email.message.Message, raw: bytes | None = None) -> None:
+
+class _Headers:
+    """What Twisted's getEnvelope reads of a message: its header fields."""
+
+    def __init__(self, message: email.message.Message) -> None:
         self._message = message
-        self._raw = raw
 
     def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
-        wanted = {n.decode() if isinstance(n, bytes) else n for n in names}
-        wanted = {n.lower() for n in wanted}
+        wanted = {(n.decode() if isinstance(n, bytes) else n).lower() for n in names}
         headers: dict[str, str] = {}
         for key, value in self._message.items():
             lower = key.lower()
             if (lower in wanted) != negate or not names:
                 headers.setdefault(lower, str(value))
         return headers
-
-    def _payload_bytes(self) -> bytes:
-        if self._raw is not None:
-            return _split(self._raw)[1]
-        payload = self._message.get_payload(decode=False)
-        if isinstance(payload, str):
-            return payload.encode("utf-8", "surrogateescape")
-        return self._message.as_bytes().split(b"\n\n", 1)[-1]
-
-    def getBodyFile(self) -> io.BytesIO:
-        return io.BytesIO(self._payload_bytes())
-
-    def getSize(self) -> int:
-        return len(self._payload_bytes())
-
-    def isMultipart(self) -> bool:
-        return self._message.is_multipart()
-
-    def getSubPart(self, part: int) -> _Part:
-        payload = self._message.get_payload()
-        if not isinstance(payload, list) or part >= len(payload):
-            raise IndexError(part)
-        sub = payload[part]
-        if not isinstance(sub, email.message.Message):
-            raise IndexError(part)
-        return _Part(sub)

@@ -11,7 +11,7 @@ from typing import Any
 from esp.imap.wire import Atom
 from esp.storage.mailsearch import Criterion
 
-_MONTHS = {m: i for i, m in enumerate(
+MONTHS = {m: i for i, m in enumerate(
     ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
 _DATE = re.compile(r"^(\d{1,2})-([A-Za-z]{3})-(\d{4})$")
 _FLAGS = {"ANSWERED": ("answered", True), "DELETED": ("deleted", True),
@@ -76,10 +76,10 @@ def _next(tokens: Iterator[Any], what: str) -> Any:
 def _date(value: object) -> date:
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
     match = _DATE.match(text)
-    if match is None or match.group(2).lower() not in _MONTHS:
+    if match is None or match.group(2).lower() not in MONTHS:
         raise SearchError(f"invalid date {text!r}")
     try:
-        return date(int(match.group(3)), _MONTHS[match.group(2).lower()], int(match.group(1)))
+        return date(int(match.group(3)), MONTHS[match.group(2).lower()], int(match.group(1)))
     except ValueError:
         raise SearchError(f"invalid date {text!r}") from None
 

@@ -34,7 +34,7 @@ from esp.auth import AuthenticationBusy
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
 from esp.events import MAILBOX_CREATED, MESSAGE_DELETED, USER_LOGIN, Event, EventBus
 from esp.imap.fetch import FetchError, FetchItem, parse_fetch, render_fetch
-from esp.imap.search import BadCharset, SearchError, parse_search, uses_modseq
+from esp.imap.search import MONTHS, BadCharset, SearchError, parse_search, uses_modseq
 from esp.imap.wire import Assembler, Atom, CommandError, Limits, Pending, astring, tokenize
 from esp.limits import ConnectionLimits, SessionCounter
 from esp.storage.db import DatabaseUnavailable
@@ -44,7 +44,6 @@ from esp.storage.mailboxes import (
     MailboxExists,
     MailboxInfo,
     MailboxStore,
-    MessageRow,
     NoMailbox,
     Snapshot,
 )
@@ -91,51 +90,42 @@ class Selected:
         i = bisect.bisect_left(self.uids, uid)
         return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
 
-    def ranges_of(self, spec: str, uid: bool) -> list[tuple[int, int]]:
-        """A sequence set as UID ranges (for SEARCH), without listing every UID."""
-        if uid:
-            largest = self.uids[-1] if self.uids else 0
-            ranges = []
-            for part in spec.split(","):
-                low, sep, high = part.partition(":")
-                a = _number(low, largest)
-                b = _number(high, largest) if sep else a
-                ranges.append((min(a, b), max(a, b)))
-            return ranges
-        uids = self.uids_of(spec, uid=False)
-        ranges = []
-        for u in uids:
-            if ranges and self.seq_of(u) == (self.seq_of(ranges[-1][1]) or 0) + 1:
-                ranges[-1] = (ranges[-1][0], u)
-            else:
-                ranges.append((u, u))
-        return ranges
-
-    def uids_of(self, spec: str, uid: bool) -> list[int]:
-        """The UIDs a sequence set names (RFC 3501 §9 sequence-set), in ascending order."""
-        if not self.uids and not uid:
-            if spec in ("*", "1:*", "*:1"):
-                return []
+    def _ranges(self, spec: str, uid: bool) -> list[tuple[int, int]]:
+        """The (low, high) pairs of a sequence set (RFC 3501 §9), UIDs or sequence numbers."""
+        if not self.uids and not uid and spec in ("*", "1:*", "*:1"):
+            return []
         largest = (self.uids[-1] if self.uids else 0) if uid else len(self.uids)
-        chosen: set[int] = set()
+        ranges = []
         for part in spec.split(","):
             low, sep, high = part.partition(":")
             a = _number(low, largest)
             b = _number(high, largest) if sep else a
             if a > b:
                 a, b = b, a
+            if not uid and (a < 1 or b > len(self.uids)):
+                raise Bad("invalid message sequence number")
+            ranges.append((a, b))
+        return ranges
+
+    def ranges_of(self, spec: str, uid: bool) -> list[tuple[int, int]]:
+        """A sequence set as UID ranges (for SEARCH), without listing every UID."""
+        ranges = self._ranges(spec, uid)
+        return ranges if uid else [(self.uids[a - 1], self.uids[b - 1]) for a, b in ranges]
+
+    def uids_of(self, spec: str, uid: bool) -> list[int]:
+        """The UIDs a sequence set names, in ascending order."""
+        chosen: set[int] = set()
+        for a, b in self._ranges(spec, uid):
             if uid:
-                lo = bisect.bisect_left(self.uids, a)
-                hi = bisect.bisect_right(self.uids, b)
-                chosen.update(self.uids[lo:hi])
+                chosen.update(self.uids[bisect.bisect_left(self.uids, a):
+                                        bisect.bisect_right(self.uids, b)])
             else:
-                if a < 1 or b > len(self.uids):
-                    raise Bad("invalid message sequence number")
                 chosen.update(self.uids[a - 1:b])
         return sorted(chosen)
 
 
 _NUMBER = re.compile(r"^[1-9][0-9]{0,9}$")
+_SYSTEM_FLAGS = frozenset({"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"})
 
 
 def _number(text: str, largest: int) -> int:
@@ -898,8 +888,7 @@ async def _store(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
     flags = args[2] if isinstance(args[2], list) else [args[2]]
     for flag in flags:
         if not isinstance(flag, Atom) or (flag.startswith("\\") and flag.lower() not in
-                                          ("\\seen", "\\answered", "\\flagged", "\\deleted",
-                                           "\\draft")):
+                                          _SYSTEM_FLAGS):
             raise Bad(f"invalid flag {flag!r}")
     uids = selected.uids_of(args[0], uid)
     await self._sync(expunges=False)
@@ -929,10 +918,6 @@ async def _store(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
         numbers = modified if uid else [selected.seq_of(u) or 0 for u in modified]
         code = f"[MODIFIED {_uid_set(sorted(numbers))}] "
     self._ok(tag, f"{code}{'UID ' if uid else ''}STORE completed")
-
-
-def rows_by_uid(rows: Sequence[MessageRow]) -> dict[int, MessageRow]:
-    return {r.uid: r for r in rows}
 
 
 # -- commands: managing mailboxes -----------------------------------------------------------------
@@ -1021,20 +1006,16 @@ async def _unsubscribe(self: IMAPServer, tag: bytes, args: list[Any], uid: bool)
 _DATE_TIME = re.compile(
     r"^ ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$"
 )
-_MONTHS = {m: i for i, m in enumerate(
-    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
-
-
 def parse_date_time(value: object) -> datetime:
     """RFC 3501 date-time: "17-Jul-1996 02:44:25 -0700"."""
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
     match = _DATE_TIME.match(text)
-    if match is None or match.group(2).lower() not in _MONTHS:
+    if match is None or match.group(2).lower() not in MONTHS:
         raise Bad("invalid date-time")
     day, _, year, hour, minute, second, sign, zh, zm = match.groups()
     offset = timedelta(hours=int(zh), minutes=int(zm)) * (1 if sign == "+" else -1)
     try:
-        return datetime(int(year), _MONTHS[match.group(2).lower()], int(day), int(hour),
+        return datetime(int(year), MONTHS[match.group(2).lower()], int(day), int(hour),
                         int(minute), int(second), tzinfo=timezone(offset))
     except ValueError:
         raise Bad("invalid date-time") from None
@@ -1084,9 +1065,6 @@ async def _append(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> N
     stored = result.stored[0]
     await self._sync(expunges=True)
     self._ok(tag, f"[APPENDUID {info.uidvalidity} {stored.uid}] APPEND completed")
-
-
-_SYSTEM_FLAGS = frozenset({"\\seen", "\\answered", "\\flagged", "\\deleted", "\\draft"})
 
 
 @command("SEARCH", SELECTED)

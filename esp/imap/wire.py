@@ -174,9 +174,6 @@ class Assembler:
             raise CommandError("missing command", tag)
         return Pending(tag, name.upper())
 
-    def in_literal(self) -> bool:
-        return self._literal_left > 0
-
     @property
     def literal_size(self) -> int:
         """The size of the synchronizing literal the client is waiting to send."""
