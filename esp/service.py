@@ -28,8 +28,9 @@ from esp.dns import Resolver
 from esp.events import EventBus
 from esp.imap.service import imap_listeners
 from esp.inbound import InboundPolicy, MailAuthPolicy
+from esp.listeners import ListenerService
 from esp.mailauth import MailAuthenticator
-from esp.smtp.service import ListenerService, smtp_listeners
+from esp.smtp.service import smtp_listeners
 from esp.storage.cluster import EmbeddedCluster
 from esp.storage.db import Database
 from esp.storage.directory import DirectoryStore

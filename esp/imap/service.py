@@ -13,20 +13,10 @@ from esp.delivery import LocalDelivery
 from esp.events import EventBus
 from esp.imap.server import IMAPServer, IMAPSettings
 from esp.limits import ConnectionLimits, SessionCounter
-from esp.smtp.service import ListenerService
+from esp.listeners import ListenerService, NotReady
 from esp.storage.mailboxes import MailboxStore
 from esp.storage.notify import MailboxNotifier
 from esp.tls import CertificateStore
-
-
-class NotReady(Protocol):
-    """Answers while ESP is still starting."""
-
-    transport: Any
-
-    def connectionMade(self) -> None:
-        self.transport.write(b"* BYE Service not yet available, try again later\r\n")
-        self.transport.loseConnection()
 
 
 class IMAPFactory(ServerFactory):
@@ -60,7 +50,9 @@ class IMAPFactory(ServerFactory):
 
     def buildProtocol(self, addr: Any) -> Protocol:
         if not self._is_ready():
-            protocol: Protocol = NotReady()
+            protocol: Protocol = NotReady(
+                b"* BYE Service not yet available, try again later\r\n"
+            )
         else:
             protocol = IMAPServer(
                 self.settings, self._store, self._delivery, self._notifier, self._checker,

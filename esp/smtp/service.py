@@ -5,29 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet import endpoints
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from esp.config import SMTPConfig
 from esp.envelope import Listener
 from esp.events import EventBus
 from esp.limits import ConnectionLimits
+from esp.listeners import ListenerService, NotReady
 from esp.smtp.server import ESMTPServer, SMTPSettings
 from esp.tls import CertificateStore
-
-
-class NotReady(Protocol):
-    """Answers while ESP is still starting (the socket is bound early for privileged ports)."""
-
-    transport: Any
-
-    def connectionMade(self) -> None:
-        self.transport.write(b"421 4.3.2 Service not yet available, try again later\r\n")
-        self.transport.loseConnection()
 
 
 class SMTPFactory(ServerFactory):
@@ -53,7 +40,9 @@ class SMTPFactory(ServerFactory):
 
     def buildProtocol(self, addr: Any) -> Protocol:
         if not self._is_ready():
-            protocol: Protocol = NotReady()
+            protocol: Protocol = NotReady(
+                b"421 4.3.2 Service not yet available, try again later\r\n"
+            )
         else:
             protocol = ESMTPServer(
                 self.settings, self._policy, self._checker,
@@ -61,68 +50,6 @@ class SMTPFactory(ServerFactory):
             )
         protocol.factory = self
         return protocol
-
-
-class ListenerService(Service):
-    """Binds one endpoint in privilegedStartService (before twistd drops privileges)."""
-
-    log = Logger()
-
-    def __init__(
-        self,
-        name: str,
-        description: str,
-        reactor: Any,
-        build_factory: Callable[[], Any],
-        adopt: tuple[int, int] | None = None,
-    ) -> None:
-        self.setName(name)
-        self.description = description
-        self._reactor = reactor
-        self._build_factory = build_factory
-        # In a worker process: (file descriptor, address family) of the parent's socket.
-        self._adopt = adopt
-        self.port: IListeningPort | None = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._bind()
-
-    def startService(self) -> None:
-        super().startService()
-        if self.port is None:  # started without the privileged step (embedded use, tests)
-            self._bind()
-
-    def _bind(self) -> None:
-        if self._adopt is not None:
-            fd, family = self._adopt
-            self.port = self._reactor.adoptStreamPort(fd, family, self._build_factory())
-            return
-        endpoint = endpoints.serverFromString(self._reactor, self.description)
-        d = endpoint.listen(self._build_factory())
-        failures: list[Any] = []
-        d.addCallbacks(self._listening, failures.append)
-        if failures:
-            failures[0].raiseException()
-
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
-
-    @property
-    def address(self) -> str:
-        if self.port is None:
-            return "(not listening)"
-        host: Any = self.port.getHost()
-        if hasattr(host, "port"):
-            return f"{host.host}:{host.port}"
-        return str(getattr(host, "name", host))
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
 
 
 def smtp_listeners(
