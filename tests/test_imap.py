@@ -152,16 +152,21 @@ def raw_session(esp: EspServer) -> ssl.SSLSocket:
     return tls
 
 
-def exchange(sock: ssl.SSLSocket, data: bytes, tag: bytes | None) -> bytes:
-    sock.sendall(data)
+def read_until(sock: ssl.SSLSocket, pattern: bytes) -> bytes:
     received = b""
-    while True:
-        received += sock.recv(65536)
-        if tag is None and received.endswith(b"\r\n"):
-            return received
-        if tag is not None and re.search(rb"(^|\r\n)" + tag + rb" (OK|NO|BAD)[^\r]*\r\n$",
-                                         received):
-            return received
+    while not re.search(pattern, received):
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed; got {received!r}"
+        received += chunk
+    return received
+
+
+def exchange(sock: ssl.SSLSocket, data: bytes, tag: bytes | None) -> bytes:
+    """Send ``data``; read to the tagged answer (or, without a tag, to the end of a line)."""
+    sock.sendall(data)
+    if tag is None:
+        return read_until(sock, rb"\r\n\Z")
+    return read_until(sock, rb"(^|\r\n)" + tag + rb" (OK|NO|BAD)[^\r]*\r\n$")
 
 
 def test_hostile_input_gets_bad_and_the_session_survives(esp: EspServer) -> None:
@@ -277,15 +282,6 @@ def test_search(esp: EspServer) -> None:
     with pytest.raises(imaplib.IMAP4.error, match="BAD"):
         client.search(None, "SINCE", "yesterday")
     client.logout()
-
-
-def read_until(sock: ssl.SSLSocket, pattern: bytes) -> bytes:
-    received = b""
-    while not re.search(pattern, received):
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed; got {received!r}"
-        received += chunk
-    return received
 
 
 def test_idle_is_woken_by_a_delivery_and_by_another_session(esp: EspServer) -> None:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -180,7 +180,7 @@ class DiskWriter(ProcessProtocol):
         """Let the helper finish what it has and exit."""
         self._stopping = True
         if not self._running or self.transport is None:
-            return Deferred.fromCoroutine(_done())
+            return succeed(None)
         ended: Deferred[None] = Deferred()
         self._ended.append(ended)
         self.transport.closeStdin()
@@ -210,10 +210,6 @@ class DiskWriter(ProcessProtocol):
         ended, self._ended = self._ended, []
         for d in ended:
             d.callback(None)
-
-
-async def _done() -> None:
-    return None
 
 
 if __name__ == "__main__":
