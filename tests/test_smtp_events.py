@@ -6,6 +6,7 @@ from __future__ import annotations
 import imaplib
 import smtplib
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest_twisted
@@ -22,15 +23,18 @@ from tests.dnszone import DNSServer
 from tests.espserver import FAST_HASHING, connection, write_config
 
 
-@pytest_twisted.ensureDeferred
-async def test_delivery_and_login_are_announced(
-    scratch: Path, database_dsn: str, test_dns: DNSServer
-) -> None:
-    config = load_config(write_config(scratch, database_dsn, test_dns.nameserver), environ={})
+async def events_of(
+    scratch: Path, database_dsn: str, dns: str, users: list[str],
+    client: Callable[[dict[str, int], ssl.SSLContext], None],
+) -> list[Event]:
+    """Start ESP in this process with ``users`` (password "a long password"), run ``client``
+    (ports by listener name, a context trusting ESP's certificate) in a thread, stop ESP;
+    return every event published meanwhile."""
+    config = load_config(write_config(scratch, database_dsn, dns), environ={})
     with connection(database_dsn) as conn:
         run_sync(conn, directory.add_domain_txn, "example.test")
-        for name in ("alice", "bob"):
-            run_sync(conn, directory.add_user_txn, parse_address(f"{name}@example.test"),
+        for address in users:
+            run_sync(conn, directory.add_user_txn, parse_address(address),
                      PasswordHasher(FAST_HASHING).hash("a long password"),
                      config.maildir_root)
     service = makeService(config, reactor)
@@ -40,20 +44,28 @@ async def test_delivery_and_login_are_announced(
     try:
         await service.ready
         ports = {listener.name: listener.port.getHost().port for listener in service.listeners}
-        cafile = str(config.data_dir / "tls" / "selfsigned.crt")
-
-        def submit() -> None:
-            context = ssl.create_default_context(cafile=cafile)
-            context.check_hostname = False
-            with smtplib.SMTP_SSL("127.0.0.1", ports["smtp-submissions-0"], context=context,
-                                  timeout=30) as client:
-                client.login("alice@example.test", "a long password")
-                client.sendmail("alice@example.test", ["bob@example.test"],
-                                "Subject: hi\r\nMessage-ID: <e1@example.test>\r\n\r\nhello\r\n")
-
-        await threads.deferToThread(submit)
+        context = ssl.create_default_context(cafile=str(config.data_dir / "tls" /
+                                                        "selfsigned.crt"))
+        context.check_hostname = False
+        await threads.deferToThread(client, ports, context)
     finally:
         await service.stopService()
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivery_and_login_are_announced(
+    scratch: Path, database_dsn: str, test_dns: DNSServer
+) -> None:
+    def submit(ports: dict[str, int], context: ssl.SSLContext) -> None:
+        with smtplib.SMTP_SSL("127.0.0.1", ports["smtp-submissions-0"], context=context,
+                              timeout=30) as client:
+            client.login("alice@example.test", "a long password")
+            client.sendmail("alice@example.test", ["bob@example.test"],
+                            "Subject: hi\r\nMessage-ID: <e1@example.test>\r\n\r\nhello\r\n")
+
+    seen = await events_of(scratch, database_dsn, test_dns.nameserver,
+                           ["alice@example.test", "bob@example.test"], submit)
     logins = [e for e in seen if e.type == "user.login"]
     assert [(e.payload["user"], e.payload["protocol"], e.payload["success"]) for e in logins] == [
         ("alice@example.test", "smtp", True)
@@ -72,40 +84,23 @@ async def test_delivery_and_login_are_announced(
 async def test_imap_logins_mailboxes_and_deletions_are_announced(
     scratch: Path, database_dsn: str, test_dns: DNSServer
 ) -> None:
-    config = load_config(write_config(scratch, database_dsn, test_dns.nameserver), environ={})
-    with connection(database_dsn) as conn:
-        run_sync(conn, directory.add_domain_txn, "example.test")
-        run_sync(conn, directory.add_user_txn, parse_address("carl@example.test"),
-                 PasswordHasher(FAST_HASHING).hash("a long password"), config.maildir_root)
-    service = makeService(config, reactor)
-    seen: list[Event] = []
-    service.events.subscribe("#", seen.append)
-    service.startService()
-    try:
-        await service.ready
-        ports = {listener.name: listener.port.getHost().port for listener in service.listeners}
-        cafile = str(config.data_dir / "tls" / "selfsigned.crt")
+    def session(ports: dict[str, int], context: ssl.SSLContext) -> None:
+        client = imaplib.IMAP4_SSL("127.0.0.1", ports["imaps-0"], ssl_context=context,
+                                   timeout=30)
+        try:
+            client.login("carl@example.test", "wrong password")
+        except imaplib.IMAP4.error:
+            pass
+        client.login("carl@example.test", "a long password")
+        client.create("Receipts")
+        client.append("Receipts", None, None, b"Subject: paid\r\n\r\nthanks\r\n")
+        client.select("Receipts")
+        client.store("1", "+FLAGS", "(\\Deleted)")
+        client.expunge()
+        client.logout()
 
-        def session() -> None:
-            context = ssl.create_default_context(cafile=cafile)
-            context.check_hostname = False
-            client = imaplib.IMAP4_SSL("127.0.0.1", ports["imaps-0"], ssl_context=context,
-                                       timeout=30)
-            try:
-                client.login("carl@example.test", "wrong password")
-            except imaplib.IMAP4.error:
-                pass
-            client.login("carl@example.test", "a long password")
-            client.create("Receipts")
-            client.append("Receipts", None, None, b"Subject: paid\r\n\r\nthanks\r\n")
-            client.select("Receipts")
-            client.store("1", "+FLAGS", "(\\Deleted)")
-            client.expunge()
-            client.logout()
-
-        await threads.deferToThread(session)
-    finally:
-        await service.stopService()
+    seen = await events_of(scratch, database_dsn, test_dns.nameserver,
+                           ["carl@example.test"], session)
     logins = [(e.payload["user"], e.payload["protocol"], e.payload["success"])
               for e in seen if e.type == "user.login"]
     assert logins == [("carl@example.test", "imap", False), ("carl@example.test", "imap", True)]
