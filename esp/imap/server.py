@@ -44,6 +44,7 @@ from esp.storage.mailboxes import (
     MailboxExists,
     MailboxInfo,
     MailboxStore,
+    MessageRow,
     NoMailbox,
     Snapshot,
 )
@@ -849,7 +850,7 @@ async def _fetch(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
     # Bodies in batches: one trip to the disk pool per 50 messages, not one per message.
     for start in range(0, len(rows), 50):
         chunk = rows[start:start + 50]
-        bodies = (await self._store.read_many(self._user.maildir, selected.info.id,
+        bodies = (await self._store.read_many(self._user.maildir, selected.info.folder,
                                               [r.filename for r in chunk])
                   if needs_body else {})
         for row in chunk:
@@ -893,17 +894,19 @@ async def _store(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
     uids = selected.uids_of(args[0], uid)
     await self._sync(expunges=False)
     modified: list[int] = []
+    current: list[MessageRow] = []
     if uids:
         changed = await self._store.store(selected.info.id, uids, mode,
                                           [str(f) for f in flags], unchanged_since)
+        if unchanged_since is not None or not silent:
+            current = await self._store.rows(selected.info.id, uids)  # as committed
         if unchanged_since is not None:
             done = {r.uid for r in changed}
-            current = await self._store.rows(selected.info.id, uids)
             # Refused: changed by someone after the client's MODSEQ (RFC 7162 §3.1.3).
             modified = [r.uid for r in current
                         if r.uid not in done and r.modseq > unchanged_since]
-    if not silent and uids:
-        for row in await self._store.rows(selected.info.id, uids):
+    if not silent:
+        for row in current:
             seq = selected.seq_of(row.uid)
             if seq is None or row.uid in modified:
                 continue

@@ -714,17 +714,13 @@ class MailboxStore:
             raise
 
     async def read_many(
-        self, maildir: str, mailbox_id: int, filenames: Sequence[str]
+        self, maildir: str, folder: str, filenames: Sequence[str]
     ) -> dict[str, bytes]:
-        """Several message files in one trip to the disk pool (a missing one is left out)."""
-        box = Maildir(self._root / maildir).folder(await self._folder(mailbox_id))
+        """Several message files of the mailbox in ``folder`` (``MailboxInfo.folder``), in one
+        trip to the disk pool (a missing one is left out)."""
+        box = Maildir(self._root / maildir).folder(folder)
         return await deferToThreadPool(self._reactor, self._disk_pool, _read_all, box,
                                        filenames)
-
-    async def read(self, maildir: str, mailbox_id: int, filename: str) -> bytes:
-        folder = await self._folder(mailbox_id)
-        box = Maildir(self._root / maildir).folder(folder)
-        return await deferToThreadPool(self._reactor, self._disk_pool, box.read, filename)
 
     async def _folder(self, mailbox_id: int) -> str:
         return await self._db.run("mailbox_folder", folder_of_txn, mailbox_id)
