@@ -1,15 +1,17 @@
 """Local delivery: the one path by which a message lands in mailboxes (SMTP, API, APPEND...).
 
 Order, for "no lost mail": each body is written to its Maildir (``tmp/`` → fsync → ``new/`` →
-fsync of the directory) in a disk thread; then one PostgreSQL transaction records every copy (UID,
-row, quota) and queues any remote recipients; only after the commit does the caller answer 250.
-If the transaction fails, the files are removed again and the caller answers 4xx, so a retry by
-the client cannot create a duplicate.
+fsync of the directory); then one PostgreSQL transaction records every copy (UID, row, quota)
+and queues any remote recipients; only after the commit does the caller answer 250.  If the
+transaction fails, the files are removed again and the caller answers 4xx, so a retry by the
+client cannot create a duplicate.
 
-Local deliveries are group-committed (:mod:`esp.batching`): the messages of every session that
-arrive while the previous batch is being written share one trip to the disk thread (one fsync per
-directory), and then one statement, one transaction and one WAL flush in PostgreSQL.  Each
-message still gets its own answer: one that fails (a mailbox gone, a quota) fails alone.
+Deliveries to local mailboxes only (the common case) are group-committed (:mod:`esp.batching`)
+and done entirely by the Maildir writer process (:mod:`esp.storage.diskwriter`): the messages
+of every session that arrive while the previous batch is in progress go to it together; it
+writes their files (one fsync per directory), records them with one statement and one commit,
+and answers once.  Each message still gets its own answer: one that fails (a mailbox gone, a
+quota) fails alone.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any
 
 import psycopg2
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -30,9 +31,8 @@ from esp.batching import Batcher
 from esp.events import MESSAGE_RECEIVED, Event, EventBus
 from esp.message import MessageSummary, summarize
 from esp.storage.db import Cursor, Database, DatabaseUnavailable
-from esp.storage.diskwriter import BATCHES_AT_ONCE, DiskWriter
+from esp.storage.diskwriter import BATCHES_AT_ONCE, Delivery, DiskWriter
 from esp.storage.maildir import (
-    Job,
     Maildir,
     MaildirError,
     StoredFile,
@@ -41,18 +41,15 @@ from esp.storage.maildir import (
     remove_files,
 )
 from esp.storage.mailstore import (
-    STORE_MESSAGES,
-    JobOutcome,
     MailboxNotFound,
     NewMessage,
     QuotaExceeded,
     StoredMessage,
     add_messages_txn,
-    store_outcomes,
-    store_params,
+    record_fields,
 )
-from esp.storage.pgasync import AsyncDatabase
 from esp.storage.queue import enqueue_txn
+from esp.storage.recorder import Outcome
 
 
 class DeliveryFailed(Exception):
@@ -97,21 +94,17 @@ class LocalDelivery:
         disk_pool: ThreadPool,
         events: EventBus,
         reactor: Any,
-        fast: AsyncDatabase,
+        dsn: str | None = None,
     ) -> None:
         self._db = db
-        self._fast = fast
         self._root = maildir_root
         self._spool = Maildir(spool_dir)
         self._disk_pool = disk_pool
         self._events = events
         self._reactor = reactor
-        self._writer = DiskWriter(reactor, maildir_root)
-        self._files: Batcher[Job, list[StoredFile]] = Batcher(
-            self._writer.write, BATCH_LIMIT, BATCHES_AT_ONCE
-        )
-        self._rows: Batcher[list[NewMessage], list[StoredMessage]] = Batcher(
-            self._store_batch, BATCH_LIMIT
+        self._writer = DiskWriter(reactor, maildir_root, dsn)
+        self._deliveries: Batcher[Delivery, Outcome] = Batcher(
+            self._writer.deliver, BATCH_LIMIT, BATCHES_AT_ONCE
         )
 
     def prepare(self) -> None:
@@ -187,47 +180,31 @@ class LocalDelivery:
         local: Sequence[LocalRecipient],
         enforce_quota: bool,
     ) -> list[StoredMessage]:
-        """The common case, local recipients only: files, then rows, each group-committed."""
+        """The common case, local recipients only: files and rows, group-committed, in one
+        trip to the Maildir writer."""
         if not local:
             return []
-        files = await self._files.submit(
-            (message, tuple((r.maildir, r.folder) for r in local))
-        )
         records = [
-            _new_message(recipient, stored, summary, sender, received, enforce_quota)
-            for recipient, stored in zip(local, files, strict=True)
+            record_fields(_new_message(recipient, None, summary, sender, received,
+                                       enforce_quota))
+            for recipient in local
         ]
-        try:
-            return await self._rows.submit(records)
-        except DatabaseUnavailable:
-            # The connection failed after the statement may have reached the server: the rows
-            # may exist.  A file without a row can be re-indexed; a row without its file is a
-            # lost message.  Keep the files.
-            self.log.warn("delivery outcome unknown; keeping {paths}",
-                          paths=[str(f.path) for f in files])
-            raise
-        except BaseException:
-            # Not recorded means not delivered: take the files back so a retry cannot duplicate.
-            await deferToThreadPool(
-                self._reactor, self._disk_pool, remove_files, [f.path for f in files]
-            )
-            raise
-
-    async def _store_batch(
-        self, jobs: list[list[NewMessage]]
-    ) -> list[JobOutcome | BaseException]:
-        try:
-            rows = await self._fast.fetch(STORE_MESSAGES, store_params(jobs))
-        except DatabaseUnavailable as e:
-            return [e] * len(jobs)
-        except Exception as e:
-            if len(jobs) == 1:
-                return [e]
-            # Whatever it was, one job must not hold back the others: each on its own.
-            self.log.warn("a batch of {count} deliveries failed ({error}); storing each alone",
-                          count=len(jobs), error=str(e))
-            return [(await self._store_batch([job]))[0] for job in jobs]
-        return list(store_outcomes(jobs, rows))
+        status, value = await self._deliveries.submit(
+            (message, tuple((r.maildir, r.folder) for r in local), tuple(records))
+        )
+        if status == "stored":
+            return [
+                StoredMessage(mailbox_id, recipient.user_id, uid, modseq, name, size)
+                for (mailbox_id, uid, modseq, name, _path, size), recipient
+                in zip(value, local, strict=True)
+            ]
+        if status == "over_quota":
+            raise QuotaExceeded(f"{local[0].address}: {value}")
+        if status == "no_mailbox":
+            raise MailboxNotFound(value)
+        if status == "unknown":
+            self.log.warn("delivery outcome unknown ({error}); its files were kept", error=value)
+        raise DeliveryFailed(value)
 
     def _deliver_txn(
         self,
@@ -288,7 +265,7 @@ class LocalDelivery:
 
 def _new_message(
     recipient: LocalRecipient,
-    stored: StoredFile,
+    stored: StoredFile | None,  # None: the writer fills in the file (name and size)
     summary: MessageSummary,
     sender: str,
     received: datetime,
@@ -299,8 +276,8 @@ def _new_message(
         mailbox_id=None,
         mailbox=recipient.mailbox,
         user_id=recipient.user_id,
-        filename=stored.name,
-        size=stored.size,
+        filename=stored.name if stored else "",
+        size=stored.size if stored else 0,
         internal_date=received,
         envelope_from=sender,
         envelope_to=(recipient.address,),

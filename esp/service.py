@@ -397,7 +397,7 @@ def makeService(
         directory, PasswordHasher(config.security.auth.argon2), reactor, hashing.pool
     )
     delivery = LocalDelivery(
-        db, config.maildir_root, config.data_dir / "spool", disk.pool, events, reactor, fast
+        db, config.maildir_root, config.data_dir / "spool", disk.pool, events, reactor, dsn
     )
     children.append(SpoolService(delivery))
     mailauth = None

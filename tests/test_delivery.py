@@ -26,26 +26,15 @@ from esp.delivery import (
 from esp.events import EventBus
 from esp.message import summarize
 from esp.storage import directory
-from esp.storage.db import Database, Prepared, connect, run_sync
-from esp.storage.mailstore import MailboxNotFound, NewMessage, QuotaExceeded
-from esp.storage.pgasync import AsyncDatabase
+from esp.storage.db import Database, connect, run_sync
+from esp.storage.mailstore import NewMessage, record_fields
+from esp.storage.recorder import Recorder
 from tests.helpers import until
-
-
-class CountingDatabase(AsyncDatabase):
-    """The real reactor-driven pool, counting the statements it runs."""
-
-    statements = 0
-
-    async def fetch(self, statement: Prepared, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        self.statements += 1
-        return await super().fetch(statement, params)
 
 
 @dataclass
 class Setup:
     delivery: LocalDelivery
-    fast: CountingDatabase
     maildir_root: Path
     dsn: str
     users: dict[str, LocalRecipient]
@@ -59,6 +48,19 @@ class Setup:
                 (address, mailbox),
             )
             return list(cur.fetchall())
+
+    def transactions(self, address: str) -> int:
+        """How many transactions recorded the user's messages (now() is the same for every
+        statement of one transaction)."""
+        with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(DISTINCT m.created_at) FROM messages m JOIN mailboxes b "
+                "ON b.id = m.mailbox_id JOIN users u ON u.id = b.user_id "
+                "WHERE u.localpart || '@example.test' = %s", (address,),
+            )
+            row = cur.fetchone()
+            assert row is not None
+            return int(row[0])
 
     def usage(self, address: str) -> tuple[int, int]:
         with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
@@ -94,12 +96,12 @@ async def setup(database_dsn: str, scratch: Path, disk_pool: ThreadPool) -> Asyn
     conn.close()
     db = Database(database_dsn, reactor)
     db.open()
-    fast = CountingDatabase(database_dsn, reactor, size=2)
-    delivery = LocalDelivery(db, root, scratch / "spool", disk_pool, EventBus(), reactor, fast)
+    delivery = LocalDelivery(
+        db, root, scratch / "spool", disk_pool, EventBus(), reactor, database_dsn
+    )
     delivery.prepare()
-    yield Setup(delivery, fast, root, database_dsn, users)
+    yield Setup(delivery, root, database_dsn, users)
     await delivery.close()
-    fast.close()
     db.close()
 
 
@@ -123,7 +125,8 @@ async def test_concurrent_deliveries_share_commits_and_each_is_stored_once(
         cur.execute("SELECT 1 FROM mailboxes WHERE user_id = %s AND name = 'INBOX' FOR UPDATE",
                     (alice.user_id,))
     pending = [deliver(setup, message(n), "a@client.test", [alice]) for n in range(12)]
-    await until(lambda: setup.delivery._rows.pending == 11)
+    # Two batches (one message each) are in the writer, the first waiting for the lock.
+    await until(lambda: setup.delivery._deliveries.pending == 10)
     assert not any(d.called for d in pending)  # nothing acknowledged before its commit
     locker.commit()
     locker.close()
@@ -138,8 +141,8 @@ async def test_concurrent_deliveries_share_commits_and_each_is_stored_once(
         assert len(body) == size
         assert body == message(int(body.rsplit(b" ", 1)[1]))
     assert setup.usage("alice@example.test") == (sum(size for *_, size in rows), 12)
-    # The first message went alone; the eleven that arrived meanwhile shared one statement.
-    assert setup.fast.statements == 2
+    # The first two messages went alone; the ten that arrived meanwhile shared one commit.
+    assert setup.transactions("alice@example.test") == 3
 
 
 @pytest_twisted.ensureDeferred
@@ -173,6 +176,10 @@ async def test_a_failing_message_fails_alone_and_leaves_nothing_behind(setup: Se
     assert len(setup.files("alice@example.test")) == 3
 
 
+def fields(jobs: list[list[NewMessage]]) -> list[list[dict[str, object]]]:
+    return [[record_fields(m) for m in job] for job in jobs]
+
+
 def record(recipient: LocalRecipient, n: int, size: int = 100, **kw: Any) -> NewMessage:
     return NewMessage(
         mailbox_id=None, mailbox=kw.pop("mailbox", "INBOX"), user_id=recipient.user_id,
@@ -181,52 +188,73 @@ def record(recipient: LocalRecipient, n: int, size: int = 100, **kw: Any) -> New
     )
 
 
-@pytest_twisted.ensureDeferred
-async def test_one_statement_stores_a_batch_and_each_job_is_all_or_nothing(
-    setup: Setup,
-) -> None:
+def test_one_statement_stores_a_batch_and_each_job_is_all_or_nothing(setup: Setup) -> None:
     alice = setup.users["alice@example.test"]
     bob = setup.users["bob@example.test"]
     carol = setup.users["carol@example.test"]
-    outcomes = await setup.delivery._store_batch([
+    recorder = Recorder(setup.dsn)
+    outcomes = recorder.record(fields([
         [record(alice, 1)],
         [record(alice, 2, mailbox="Gone")],
         [record(bob, 3, enforce_quota=True)],  # bob's quota is 10 bytes
         [record(carol, 4), record(alice, 4)],
         [record(carol, 5), record(bob, 5, enforce_quota=True)],
         [record(bob, 6, size=5, enforce_quota=True)],
-    ])
-    assert setup.fast.statements == 1
-    assert isinstance(outcomes[1], MailboxNotFound)
-    assert isinstance(outcomes[2], QuotaExceeded)
-    assert isinstance(outcomes[4], QuotaExceeded)
-    stored = [o for o in outcomes if isinstance(o, list)]
-    assert [[(m.user_id, m.uid, m.filename) for m in job] for job in stored] == [
-        [(alice.user_id, 1, "f1")],
-        [(carol.user_id, 1, "f4"), (alice.user_id, 2, "f4")],
-        [(bob.user_id, 1, "f6")],
+    ]))
+    recorder.close()
+    assert [status for status, _ in outcomes] == [
+        "stored", "no_mailbox", "over_quota", "stored", "over_quota", "stored"
+    ]
+    assert [len(value) for status, value in outcomes if status == "stored"] == [1, 2, 1]
+    assert [(uid, name) for uid, name, _ in setup.rows("alice@example.test")] == [
+        (1, "f1"), (2, "f4")
     ]
     assert [name for _, name, _ in setup.rows("carol@example.test")] == ["f4"]
+    assert [name for _, name, _ in setup.rows("bob@example.test")] == ["f6"]
     assert setup.usage("bob@example.test") == (5, 1)
     assert setup.usage("carol@example.test") == (100, 1)
+    assert setup.transactions("alice@example.test") == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_job_the_database_refuses_does_not_take_its_batch_with_it(
-    setup: Setup,
-) -> None:
+def test_a_whole_batch_that_fits_is_stored_in_order(setup: Setup) -> None:
     alice = setup.users["alice@example.test"]
+    carol = setup.users["carol@example.test"]
+    recorder = Recorder(setup.dsn)
+    outcomes = recorder.record(fields([
+        [record(alice, 1)], [record(carol, 2), record(alice, 2)], [record(alice, 3, seen=True)],
+    ]))
+    recorder.close()
+    assert outcomes[0] == ("stored", ((outcomes[0][1][0][0], 1, 2),))
+    assert [uid for _, uid, _ in outcomes[1][1]] == [1, 2]
+    assert [uid for _, uid, _ in outcomes[2][1]] == [3]
+    assert [name for _, name, _ in setup.rows("alice@example.test")] == ["f1", "f2", "f3"]
+    with psycopg2.connect(setup.dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT uidnext, highestmodseq, message_count, unseen_count, total_bytes "
+                    "FROM mailboxes WHERE id = %s", (outcomes[0][1][0][0],))
+        assert cur.fetchone() == (4, 4, 3, 2, 300)
 
+
+def test_a_job_the_database_refuses_does_not_take_its_batch_with_it(setup: Setup) -> None:
+    alice = setup.users["alice@example.test"]
     # A negative size breaks a CHECK constraint: the whole statement fails, then each job is
     # tried on its own.
-    outcomes = await setup.delivery._store_batch([[record(alice, 1)], [record(alice, 2, -1)],
-                                                  [record(alice, 3)]])
-    assert isinstance(outcomes[1], psycopg2.errors.CheckViolation)
-    assert [m.uid for m in outcomes[0]] == [1]  # type: ignore[union-attr]
-    assert [m.uid for m in outcomes[2]] == [2]  # type: ignore[union-attr]
+    recorder = Recorder(setup.dsn)
+    outcomes = recorder.record(
+        fields([[record(alice, 1)], [record(alice, 2, -1)], [record(alice, 3)]])
+    )
+    recorder.close()
+    assert outcomes[1][0] == "failed" and "check" in outcomes[1][1].lower()
+    assert [uid for _, uid, _ in outcomes[0][1]] == [1]
+    assert [uid for _, uid, _ in outcomes[2][1]] == [2]
     assert [(uid, name) for uid, name, _ in setup.rows("alice@example.test")] == [
         (1, "f1"), (2, "f3")
     ]
+
+
+def test_a_database_that_is_away_fails_the_batch_cleanly(setup: Setup) -> None:
+    alice = setup.users["alice@example.test"]
+    recorder = Recorder("host=/nonexistent dbname=esp connect_timeout=1")
+    assert recorder.record(fields([[record(alice, 1)]]))[0][0] == "failed"
 
 
 def _now() -> Any:

@@ -1,13 +1,15 @@
-"""Maildir writes in a helper process, so that fsync never waits for the GIL.
+"""Maildir writes (and the index rows that record them) in a helper process, so that fsync
+never waits for the GIL and a delivery costs the reactor one round trip.
 
 A delivery makes five system calls per file (open, write, fsync, close, rename) plus a
 directory fsync.  In a thread of the reactor's process each of them gives up the GIL and must
 win it back from a busy reactor: under load that wait, not the disk, set the pace (a batch of
 four files took 10 ms, of which 2 ms was work).  The helper is a child process of its own
-(``python -m esp.storage.diskwriter``) that owns no sockets and no database connection: it
-reads batches of jobs on stdin, writes them with :func:`esp.storage.maildir.deliver_many`
-(the jobs of a batch in parallel, their fsyncs overlapping), and answers on stdout once every
-file and directory is durable.  The reactor side is a plain ProcessProtocol: no thread at all.
+(``python -m esp.storage.diskwriter``) that owns no sockets: it reads batches on stdin, writes
+them with :func:`esp.storage.maildir.deliver_many` (the jobs of a batch in parallel, their
+fsyncs overlapping) and, for a ``deliver`` request, records the durable files in PostgreSQL
+with :class:`esp.storage.recorder.Recorder` (one statement and one commit for the batch) before
+it answers on stdout.  The reactor side is a plain ProcessProtocol: no thread at all.
 
 Wire format, both ways: a 4-byte big-endian length, then a :mod:`marshal` payload (only bytes,
 strings, integers and tuples; both ends are this module).
@@ -20,7 +22,7 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,7 +33,15 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from esp.storage.maildir import Job, MaildirError, StoredFile, deliver_many
+from esp.storage.maildir import Job, MaildirError, StoredFile, deliver_many, remove_files
+from esp.storage.recorder import Outcome, Recorder
+
+# The helper's database, for ``deliver`` requests (an environment variable, not an argument:
+# command lines are world-readable).
+DSN_VARIABLE = "ESP_DELIVERY_DSN"
+# One delivery for the helper: the message, its mailboxes and, for each, the record of the row
+# (mailstore.record_fields) that the file's name and size complete.
+Delivery = tuple[bytes, Sequence[tuple[str, str]], Sequence[Mapping[str, object]]]
 
 _LENGTH = struct.Struct(">I")
 # Jobs written at once in the helper, and batches in progress at once.
@@ -84,14 +94,56 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
     """Answer batches until the parent closes our stdin; up to BATCHES_AT_ONCE at a time."""
     lock = threading.Lock()
+    dsn = os.environ.get(DSN_VARIABLE)
+    recorder = Recorder(dsn) if dsn else None
+    # One batch at a time in PostgreSQL (its rows lock the mailboxes until the commit); the
+    # next batch's files are written meanwhile.
+    recording = threading.Lock()
 
-    def answer(batch_id: int, root: str, jobs: Sequence[Job]) -> None:
+    def write(root: str, jobs: Sequence[Job]) -> tuple[Any, ...]:
         results = deliver_many(Path(root), jobs, files if len(jobs) > 1 else None)
-        reply = _frame((batch_id, tuple(
+        return tuple(
             (True, tuple((f.name, str(f.path), f.size) for f in result))
             if isinstance(result, list) else (False, str(result))
             for result in results
-        )))
+        )
+
+    def deliver(root: str, jobs: Sequence[Delivery]) -> tuple[Outcome, ...]:
+        written = deliver_many(Path(root), [(m, boxes) for m, boxes, _ in jobs],
+                               files if len(jobs) > 1 else None)
+        answers: list[Outcome] = [("failed", str(w)) for w in written]
+        ready = [(i, w) for i, w in enumerate(written) if isinstance(w, list)]
+        if not ready:
+            return tuple(answers)
+        batch = [[{**record, "filename": f.name, "size": f.size}
+                  for record, f in zip(jobs[i][2], w, strict=True)] for i, w in ready]
+        if recorder is None:
+            outcomes: list[Outcome] = [("failed", "the writer has no database")] * len(ready)
+        else:
+            with recording:
+                outcomes = recorder.record(batch)
+        for (i, w), outcome in zip(ready, outcomes, strict=True):
+            if outcome[0] == "stored":
+                answers[i] = ("stored", tuple(
+                    (*ids, f.name, str(f.path), f.size)
+                    for ids, f in zip(outcome[1], w, strict=True)
+                ))
+                continue
+            if outcome[0] != "unknown":
+                # Not recorded means not delivered: take the files back, so that the client's
+                # retry cannot make a duplicate.  (Unknown: a file without its row can be
+                # re-indexed; a row without its file would be a lost message.)
+                remove_files([f.path for f in w])
+            answers[i] = outcome
+        return tuple(answers)
+
+    def answer(batch_id: int, operation: str, *arguments: Any) -> None:
+        try:
+            answers = write(*arguments) if operation == "write" else deliver(*arguments)
+        except Exception as e:  # a bug: fail the batch, keep serving
+            failed = (False if operation == "write" else "failed", f"internal error: {e!r}")
+            answers = (failed,) * len(arguments[1])
+        reply = _frame((batch_id, answers))
         with lock:
             replies.write(reply)
             replies.flush()
@@ -106,6 +158,8 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             if body is None:
                 return
             batches.submit(answer, *marshal.loads(body))  # noqa: S302 (our parent, our pipe)
+    if recorder is not None:
+        recorder.close()
 
 
 def main() -> None:
@@ -125,11 +179,12 @@ class DiskWriter(ProcessProtocol):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, root: Path) -> None:
+    def __init__(self, reactor: Any, root: Path, dsn: str | None = None) -> None:
         self._reactor = reactor
         self._root = str(root)
+        self._dsn = dsn
         self._frames = _Frames()
-        self._pending: dict[int, Deferred[Sequence[tuple[bool, Any]]]] = {}
+        self._pending: dict[int, Deferred[Sequence[Any]]] = {}
         self._next_id = 0
         self._running = False
         self._stopping = False
@@ -148,12 +203,27 @@ class DiskWriter(ProcessProtocol):
         self._frames = _Frames()
         self._reactor.spawnProcess(
             self, sys.executable, [sys.executable, "-m", "esp.storage.diskwriter"],
-            env=dict(os.environ), childFDs={0: "w", 1: "r", 2: 2},
+            env={**os.environ, **({DSN_VARIABLE: self._dsn} if self._dsn else {})},
+            childFDs={0: "w", 1: "r", 2: 2},
         )
         self._running = True
 
     async def write(self, jobs: Sequence[Job]) -> list[list[StoredFile] | MaildirError]:
-        """Deliver ``jobs`` durably; one result per job."""
+        """Write ``jobs`` durably; one result per job."""
+        answers = await self._request("write", self._root, tuple(jobs))
+        return [
+            [StoredFile(name, Path(path), size) for name, path, size in value]
+            if ok else MaildirError(value)
+            for ok, value in answers
+        ]
+
+    async def deliver(self, jobs: Sequence[Delivery]) -> list[Outcome]:
+        """Write ``jobs`` durably and record them in the index (one commit); one outcome per
+        job (:mod:`esp.storage.recorder`), stored messages as (mailbox id, UID, MODSEQ, file
+        name, path, size)."""
+        return list(await self._request("deliver", self._root, tuple(jobs)))
+
+    async def _request(self, *request: Any) -> Sequence[Any]:
         if self._stopping:
             raise MaildirError("the Maildir writer is stopping")
         if not self._running:
@@ -166,15 +236,10 @@ class DiskWriter(ProcessProtocol):
         assert self.transport is not None
         batch_id = self._next_id
         self._next_id += 1
-        waiter: Deferred[Sequence[tuple[bool, Any]]] = Deferred()
+        waiter: Deferred[Sequence[Any]] = Deferred()
         self._pending[batch_id] = waiter
-        self.transport.write(_frame((batch_id, self._root, tuple(jobs))))
-        answers = await waiter
-        return [
-            [StoredFile(name, Path(path), size) for name, path, size in value]
-            if ok else MaildirError(value)
-            for ok, value in answers
-        ]
+        self.transport.write(_frame((batch_id, *request)))
+        return await waiter
 
     def stop(self) -> Deferred[None]:
         """Let the helper finish what it has and exit."""

@@ -88,7 +88,8 @@ STORE_MESSAGES = Prepared(
 )
 
 
-def _record(m: NewMessage) -> dict[str, object]:
+def record_fields(m: NewMessage) -> dict[str, object]:
+    """The JSON record of one message for ``esp_store_messages``."""
     summary = m.summary
     return {
         "user_id": m.user_id, "mailbox_id": m.mailbox_id, "mailbox": m.mailbox,
@@ -112,7 +113,7 @@ def store_params(jobs: Sequence[Sequence[NewMessage]]) -> dict[str, object]:
     One JSON document rather than two dozen parameters per message: the C JSON encoder and
     PostgreSQL's jsonb parser cost far less than quoting each value on its own.
     """
-    return {"batch": json.dumps([[_record(m) for m in job] for job in jobs],
+    return {"batch": json.dumps([[record_fields(m) for m in job] for job in jobs],
                                 separators=(",", ":"))}
 
 
