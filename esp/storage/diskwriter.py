@@ -23,7 +23,7 @@ import struct
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,8 +33,17 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from esp.storage.maildir import Job, MaildirError, StoredFile, deliver_many, remove_files
-from esp.storage.recorder import Outcome, Recorder
+from esp.storage.maildir import (
+    Job,
+    MaildirError,
+    Staged,
+    StoredFile,
+    deliver_many,
+    publish_many,
+    remove_files,
+    stage,
+)
+from esp.storage.recorder import GroupRecorder, Outcome, Recorder
 
 # The helper's database, for ``deliver`` requests (an environment variable, not an argument:
 # command lines are world-readable).
@@ -46,7 +55,9 @@ Delivery = tuple[bytes, Sequence[tuple[str, str]], Sequence[Mapping[str, object]
 _LENGTH = struct.Struct(">I")
 # Jobs written at once in the helper, and batches in progress at once.
 PARALLEL_JOBS = 8
-BATCHES_AT_ONCE = 2
+# Batches in progress at once: each writes and fsyncs its files while the recorder's thread
+# records every batch waiting in one transaction (recorder.GroupRecorder).
+BATCHES_AT_ONCE = 8
 # A helper that dies within this many seconds of its start, several times in a row, is in a
 # crash loop: it is started again at most this often (doubling up to 32 times that).
 RESTART_INTERVAL = 1.0
@@ -95,10 +106,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
     """Answer batches until the parent closes our stdin; up to BATCHES_AT_ONCE at a time."""
     lock = threading.Lock()
     dsn = os.environ.get(DSN_VARIABLE)
-    recorder = Recorder(dsn) if dsn else None
-    # One batch at a time in PostgreSQL (its rows lock the mailboxes until the commit); the
-    # next batch's files are written meanwhile.
-    recording = threading.Lock()
+    recorder = GroupRecorder(Recorder(dsn)) if dsn else None
 
     def write(root: str, jobs: Sequence[Job]) -> tuple[Any, ...]:
         results = deliver_many(Path(root), jobs, files if len(jobs) > 1 else None)
@@ -109,31 +117,44 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
         )
 
     def deliver(root: str, jobs: Sequence[Delivery]) -> tuple[Outcome, ...]:
-        written = deliver_many(Path(root), [(m, boxes) for m, boxes, _ in jobs],
-                               files if len(jobs) > 1 else None)
-        answers: list[Outcome] = [("failed", str(w)) for w in written]
-        ready = [(i, w) for i, w in enumerate(written) if isinstance(w, list)]
-        if not ready:
+        # The files go to tmp/ first (their names and sizes are then known) and the rows to the
+        # recorder, which runs their statement while the files are fsync'd here and commits
+        # once they are durable: rows never become visible before their files.
+        answers: list[Outcome] = [("failed", "")] * len(jobs)
+        staged: list[tuple[int, Staged]] = []
+        for i, (message, boxes, _) in enumerate(jobs):
+            try:
+                staged.append((i, stage(Path(root), message, boxes)))
+            except MaildirError as e:
+                answers[i] = ("failed", str(e))
+        if not staged:
             return tuple(answers)
-        batch = [[{**record, "filename": f.name, "size": f.size}
-                  for record, f in zip(jobs[i][2], w, strict=True)] for i, w in ready]
-        if recorder is None:
-            outcomes: list[Outcome] = [("failed", "the writer has no database")] * len(ready)
-        else:
-            with recording:
-                outcomes = recorder.record(batch)
-        for (i, w), outcome in zip(ready, outcomes, strict=True):
-            if outcome[0] == "stored":
+        batch = [[{**record, "filename": item.name, "size": item.size} for record in jobs[i][2]]
+                 for i, item in staged]
+        durable: Future[list[str | None]] = Future()
+        recorded = (recorder.submit(batch, durable) if recorder is not None else None)
+        try:
+            published = publish_many([item for _, item in staged], files)
+        except BaseException:
+            durable.set_result(["not written"] * len(staged))
+            raise
+        durable.set_result([None if isinstance(p, list) else str(p) for p in published])
+        outcomes: list[Outcome] = (
+            recorded.result() if recorded is not None
+            else [("failed", "the writer has no database")] * len(staged)
+        )
+        for (i, _), files_, outcome in zip(staged, published, outcomes, strict=True):
+            if outcome[0] == "stored" and isinstance(files_, list):
                 answers[i] = ("stored", tuple(
                     (*ids, f.name, str(f.path), f.size)
-                    for ids, f in zip(outcome[1], w, strict=True)
+                    for ids, f in zip(outcome[1], files_, strict=True)
                 ))
                 continue
-            if outcome[0] != "unknown":
+            if outcome[0] != "unknown" and isinstance(files_, list):
                 # Not recorded means not delivered: take the files back, so that the client's
                 # retry cannot make a duplicate.  (Unknown: a file without its row can be
                 # re-indexed; a row without its file would be a lost message.)
-                remove_files([f.path for f in w])
+                remove_files([f.path for f in files_])
             answers[i] = outcome
         return tuple(answers)
 

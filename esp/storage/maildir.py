@@ -149,12 +149,14 @@ class Maildir:
         _known_maildirs.add(self.path)
 
     def deliver(
-        self, data: bytes | Iterable[bytes], sync_directory: bool = True
+        self, data: bytes | Iterable[bytes], sync_directory: bool = True,
+        name: str | None = None,
     ) -> StoredFile:
         """Write a message durably into ``new/`` and return its file name.
 
         With ``sync_directory`` false the caller fsyncs ``new/`` (once for many files) before
-        it counts the message as delivered.
+        it counts the message as delivered.  ``name`` is the final name to use (a copy of a
+        message already delivered elsewhere under that name), else a new unique one.
         """
         base = unique_name()
         tmp = self.path / "tmp" / base
@@ -175,7 +177,7 @@ class Maildir:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            name = f"{base},S={size}"
+            name = name or f"{base},S={size}"
             final = self.path / "new" / name
             os.rename(tmp, final)
             if sync_directory:
@@ -259,6 +261,13 @@ def deliver_many(
         results = [_deliver_job(root, job) for job in jobs]
     else:
         results = list(executor.map(lambda job: _deliver_job(root, job), jobs))
+    _sync_directories(results)
+    return results
+
+
+def _sync_directories(results: list[list[StoredFile] | MaildirError]) -> None:
+    """fsync each directory that received files once; the files of a directory that cannot
+    be synced are taken back and their results become errors."""
     directories: dict[Path, list[int]] = {}
     for index, files in enumerate(results):
         if isinstance(files, list):
@@ -274,7 +283,6 @@ def deliver_many(
                 if isinstance(done, list):
                     remove_files([f.path for f in done])
                     results[index] = MaildirError(f"cannot sync {directory}: {e.strerror}")
-    return results
 
 
 def _deliver_job(root: Path, job: Job) -> list[StoredFile] | MaildirError:
@@ -291,25 +299,97 @@ def deliver_unsynced(
 ) -> list[StoredFile]:
     """One file per mailbox (hard links where possible), each fsync'd; the caller fsyncs the
     ``new/`` directories before counting them as delivered."""
-    written: list[StoredFile] = []
+    return publish(stage(root, message, boxes))
+
+
+@dataclass
+class Staged:
+    """A message written to the ``tmp/`` of its first mailbox: its final name (the same in
+    every mailbox) and size are known, it is neither durable nor visible yet."""
+
+    name: str
+    size: int
+    tmp: Path
+    fd: int  # still open, for the fsync
+    boxes: tuple[Maildir, ...]
+    message: bytes
+
+
+def stage(root: Path, message: bytes, boxes: Sequence[tuple[str, str]]) -> Staged:
+    """Write ``message`` to ``tmp/`` of the first of ``boxes`` (a Maildir relative to
+    ``root`` and a Maildir++ folder each), without fsync; :func:`publish` finishes it."""
+    if not boxes:
+        raise MaildirError("a delivery needs a mailbox")
+    maildirs = tuple(Maildir(root / maildir).folder(folder) for maildir, folder in boxes)
     try:
-        for maildir, folder in boxes:
-            box = Maildir(root / maildir).folder(folder)
+        for box in maildirs:
             box.create()
-            if not written:
-                written.append(box.deliver(message, sync_directory=False))
-                continue
-            target = box.path / "new" / written[0].name
+    except OSError as e:
+        raise MaildirError(f"cannot create a Maildir: {e}") from e
+    base = unique_name()
+    tmp = maildirs[0].path / "tmp" / base
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise MaildirError(f"cannot create {tmp}: {e.strerror}") from e
+    try:
+        view = memoryview(message)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise MaildirError(f"cannot write {tmp}: {e.strerror}") from e
+    return Staged(f"{base},S={len(message)}", len(message), tmp, fd, maildirs, message)
+
+
+def publish(staged: Staged) -> list[StoredFile]:
+    """fsync a staged message and put it in ``new/`` of each of its mailboxes (hard links,
+    or copies under the same name across filesystems); the caller fsyncs those directories.
+    On failure nothing of it is left and MaildirError is raised."""
+    made: list[Path] = []
+    try:
+        try:
+            os.fsync(staged.fd)
+        finally:
+            os.close(staged.fd)
+        first = staged.boxes[0].path / "new" / staged.name
+        os.rename(staged.tmp, first)
+        made.append(first)
+        for box in staged.boxes[1:]:
+            target = box.path / "new" / staged.name
             try:
-                os.link(written[0].path, target)
+                os.link(first, target)
+            except FileExistsError:
+                raise
             except OSError:
-                written.append(box.deliver(message, sync_directory=False))
-            else:
-                written.append(StoredFile(written[0].name, target, written[0].size))
-    except BaseException:
-        remove_files([f.path for f in written])
-        raise
-    return written
+                # Another filesystem: a copy of its own, under the same name.
+                box.deliver(staged.message, sync_directory=False, name=staged.name)
+            made.append(target)
+    except OSError as e:
+        staged.tmp.unlink(missing_ok=True)
+        remove_files(made)
+        raise MaildirError(f"cannot deliver into {staged.boxes[0].path}: {e.strerror}") from e
+    return [StoredFile(staged.name, path, staged.size) for path in made]
+
+
+def publish_many(
+    staged: Sequence[Staged], executor: Executor | None = None
+) -> list[list[StoredFile] | MaildirError]:
+    """:func:`publish` each (in parallel with an ``executor``, their fsyncs overlapping), then
+    fsync each directory once; one result per message, failures on their own."""
+    def one(item: Staged) -> list[StoredFile] | MaildirError:
+        try:
+            return publish(item)
+        except MaildirError as e:
+            return e
+
+    if executor is None or len(staged) < 2:
+        results = [one(item) for item in staged]
+    else:
+        results = list(executor.map(one, staged))
+    _sync_directories(results)
+    return results
 
 
 def remove_files(paths: Iterable[Path]) -> None:

@@ -1,11 +1,12 @@
 """Recording delivered files in the mailbox index, inside the Maildir writer process.
 
-The writer (:mod:`esp.storage.diskwriter`) makes a batch's files durable and then, in the same
-process, records them with one call of ``esp_store_messages`` (``sql/002``, ``sql/003``) and one
-commit: the reactor sends a batch and waits for one answer, instead of waiting for the files,
-then sending the rows, then waiting again (each wait on a busy reactor cost milliseconds of
-queueing).  Blocking calls on a plain psycopg2 connection are right here: this process has no
-reactor.
+The writer (:mod:`esp.storage.diskwriter`) writes a batch's files and, in the same process,
+records them with one call of ``esp_store_messages`` (``sql/002``, ``sql/003``) and one commit:
+the reactor sends a batch and waits for one answer, instead of waiting for the files, then
+sending the rows, then waiting again (each wait on a busy reactor cost milliseconds of
+queueing).  :class:`GroupRecorder` runs the statement while the files are being fsync'd and
+commits once they are durable, for every batch waiting at that moment at once.  Blocking calls
+on a plain psycopg2 connection are right here: this process has no reactor.
 
 An outcome is one of:
 
@@ -18,7 +19,10 @@ An outcome is one of:
 from __future__ import annotations
 
 import json
+import threading
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import psycopg2
@@ -49,36 +53,56 @@ class Recorder:
         if not jobs:
             return []
         try:
-            if self._connection is None or self._connection.closed:
-                self._connection = connect(self._dsn, "esp-delivery")
+            rows = self.execute(jobs)
         except DatabaseUnavailable as e:
-            return [("failed", str(e))] * len(jobs)
-        connection = self._connection
-        try:
-            with connection.cursor() as cur:
-                self._statement.execute(
-                    cur, {"batch": json.dumps(jobs, separators=(",", ":"))}
-                )
-                rows = cur.fetchall()
-        except _LOST as e:
             # Not committed (the transaction was still open): nothing of it exists.
-            self.close()
-            return [("failed", f"database unavailable: {str(e).strip()}")] * len(jobs)
+            return [("failed", str(e))] * len(jobs)
         except psycopg2.Error as e:
-            connection.rollback()
             if len(jobs) == 1:
                 return [("failed", str(e).strip())]
             # Whatever it was, one job must not hold back the others: each on its own.
             return [self.record([job])[0] for job in jobs]
+        return self.commit(jobs, rows)
+
+    def execute(self, jobs: Sequence[Sequence[Mapping[str, object]]]) -> list[tuple[Any, ...]]:
+        """Run the statement for ``jobs`` in a transaction left open: :meth:`commit` or
+        :meth:`rollback` it.  Raises DatabaseUnavailable (the connection is gone) or the
+        database's error (rolled back)."""
         try:
-            connection.commit()
+            if self._connection is None or self._connection.closed:
+                self._connection = connect(self._dsn, "esp-delivery")
+            with self._connection.cursor() as cur:
+                self._statement.execute(
+                    cur, {"batch": json.dumps(jobs, separators=(",", ":"))}
+                )
+                return list(cur.fetchall())
+        except _LOST as e:
+            self.close()
+            raise DatabaseUnavailable(f"database unavailable: {str(e).strip()}") from e
+        except psycopg2.Error:
+            self._connection.rollback()
+            raise
+
+    def commit(
+        self, jobs: Sequence[Sequence[Mapping[str, object]]], rows: Sequence[Sequence[Any]]
+    ) -> list[Outcome]:
+        """Commit what :meth:`execute` did; the outcome of each job."""
+        try:
+            self._connection.commit()
         except _LOST as e:
             self.close()
             return [("unknown", f"connection lost during commit: {str(e).strip()}")] * len(jobs)
         except psycopg2.Error as e:
-            connection.rollback()
+            self.rollback()
             return [("failed", str(e).strip())] * len(jobs)
         return outcomes(jobs, rows)
+
+    def rollback(self) -> None:
+        try:
+            if self._connection is not None:
+                self._connection.rollback()
+        except _LOST:
+            self.close()
 
 
 def outcomes(
@@ -101,3 +125,100 @@ def outcomes(
         else:
             result.append(("no_mailbox", "a mailbox of the delivery does not exist"))
     return result
+
+
+class _Waiting:
+    def __init__(
+        self, jobs: Sequence[Sequence[Mapping[str, object]]], durable: Future[list[str | None]]
+    ) -> None:
+        self.jobs = jobs
+        self.durable = durable
+        self.outcomes: Future[list[Outcome]] = Future()
+
+
+class GroupRecorder:
+    """Group commit across the writer's threads.
+
+    Each thread hands over its jobs with a future that says, per job, when its files are
+    durable (None) or why they could not be made so.  One recording thread takes every job
+    waiting (up to ``limit``), runs one statement for all of them while their fsyncs are still
+    under way, and commits once every file is durable: rows never become visible before their
+    files, and the deliveries that arrive during a commit share the next one.
+    """
+
+    def __init__(self, recorder: Recorder, limit: int = 32) -> None:
+        self._recorder = recorder
+        self._limit = limit
+        self._waiting: deque[_Waiting] = deque()
+        self._condition = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, jobs: Sequence[Sequence[Mapping[str, object]]], durable: Future[list[str | None]]
+    ) -> Future[list[Outcome]]:
+        """The outcome of each of ``jobs``, once recorded (or not)."""
+        waiting = _Waiting(jobs, durable)
+        with self._condition:
+            if self._closed:
+                waiting.outcomes.set_result([("failed", "the writer is stopping")] * len(jobs))
+                return waiting.outcomes
+            self._waiting.append(waiting)
+            self._condition.notify()
+        return waiting.outcomes
+
+    def close(self) -> None:
+        """Record what is waiting, then stop."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._thread.join()
+        self._recorder.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._waiting and not self._closed:
+                    self._condition.wait()
+                if not self._waiting:
+                    return
+                taken = [self._waiting.popleft()]
+                count = len(taken[0].jobs)
+                while self._waiting and count + len(self._waiting[0].jobs) <= self._limit:
+                    count += len(self._waiting[0].jobs)
+                    taken.append(self._waiting.popleft())
+            try:
+                outcomes = self._record(taken)
+            except Exception as e:  # a bug: fail these, keep recording
+                outcomes = [[("failed", f"internal error: {e!r}")] * len(w.jobs) for w in taken]
+            for waiting, result in zip(taken, outcomes, strict=True):
+                waiting.outcomes.set_result(result)
+
+    def _record(self, taken: list[_Waiting]) -> list[list[Outcome]]:
+        jobs = [job for waiting in taken for job in waiting.jobs]
+        try:
+            rows: list[tuple[Any, ...]] | None = self._recorder.execute(jobs)
+        except Exception:
+            rows = None  # recorded below, the slow way, once the files are durable
+        try:
+            durable = [state for waiting in taken for state in waiting.durable.result()]
+        except BaseException:
+            if rows is not None:
+                self._recorder.rollback()  # never leave the transaction open
+            raise
+        if rows is not None and all(state is None for state in durable):
+            flat = self._recorder.commit(jobs, rows)
+        else:
+            if rows is not None:
+                self._recorder.rollback()
+            again = iter(self._recorder.record(
+                [job for job, state in zip(jobs, durable, strict=True) if state is None]
+            ))
+            flat = [next(again) if state is None else ("failed", state) for state in durable]
+        result = []
+        position = 0
+        for waiting in taken:
+            result.append(flat[position:position + len(waiting.jobs)])
+            position += len(waiting.jobs)
+        return result
