@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
@@ -34,6 +35,7 @@ from esp.auth import AuthenticationBusy
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
 from esp.events import MAILBOX_CREATED, MESSAGE_DELETED, USER_LOGIN, Event, EventBus
 from esp.imap.fetch import FetchError, FetchItem, parse_fetch, render_fetch
+from esp.imap.idle import Changes, IdleWaker
 from esp.imap.search import MONTHS, BadCharset, SearchError, parse_search, uses_modseq
 from esp.imap.wire import Assembler, Atom, CommandError, Limits, Pending, astring, tokenize
 from esp.limits import ConnectionLimits, SessionCounter
@@ -170,6 +172,7 @@ class IMAPServer(imap4.IMAP4Server):
         clock: Any,
         limits: ConnectionLimits | None = None,
         sessions: SessionCounter | None = None,
+        waker: IdleWaker | None = None,
     ) -> None:
         imap4.IMAP4Server.__init__(self, contextFactory=context_factory)
         self._limits = limits or ConnectionLimits(clock.seconds, 0, 0, 0)
@@ -178,6 +181,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._session_key: str | None = None
         self._delivery = delivery
         self._notifier = notifier
+        self._waker = waker or IdleWaker(store, notifier, clock)
+        self._idle_box: int | None = None  # the mailbox the waker watches for us
         self._changed = False  # a change arrived while a command was running
         self._condstore = False  # RFC 7162: the client has used or enabled CONDSTORE
         # Whether the selected mailbox may have changed since we last looked: set by SELECT
@@ -236,6 +241,7 @@ class IMAPServer(imap4.IMAP4Server):
     # -- the selected mailbox and its notifications -------------------------------------------
 
     def _select(self, selected: Selected | None) -> None:
+        self._leave_idle()
         if self._selected is not None:
             self._notifier.unsubscribe(self._selected.info.id, self._mailbox_changed)
         self._selected = selected
@@ -247,14 +253,54 @@ class IMAPServer(imap4.IMAP4Server):
             self._dirty = True
 
     def _mailbox_changed(self, mailbox_id: int | None) -> None:
-        """Someone (any session, any node) changed our mailbox: tell an idling client now."""
+        """Someone (any session, any node) changed our mailbox: the next command's response
+        carries the news.  (In IDLE the waker tells us instead: ``_enter_idle``.)"""
         self._dirty = True
-        if self._mode != "idle":
-            return  # the next command's response carries the news
+
+    def _enter_idle(self) -> None:
+        if self._selected is not None and self._idle_box is None:
+            self._idle_box = self._selected.info.id
+            self._notifier.unsubscribe(self._idle_box, self._mailbox_changed)
+            self._waker.start(self._idle_box, self)
+
+    def _leave_idle(self) -> None:
+        if self._idle_box is not None:
+            self._waker.stop(self._idle_box, self)
+            self._notifier.subscribe(self._idle_box, self._mailbox_changed)
+            self._idle_box = None
+            self._dirty = True  # a wake-up may have been on its way
+
+    # -- esp.imap.idle.Sleeper: woken together with the other sessions of the mailbox ---------
+
+    def idle_modseq(self, mailbox_id: int) -> int | None:
+        selected = self._selected
+        if (self._mode != "idle" or self.transport is None or selected is None
+                or selected.info.id != mailbox_id):
+            return None
+        self._dirty = True
         if self._busy:
-            self._changed = True
+            self._changed = True  # told once the work in hand is done
+            return None
+        self._busy = True  # until woken: input waits, later notifications are remembered
+        self._dirty = False
+        return selected.modseq
+
+    def woken(self, changes: Changes | None) -> None:
+        self._busy = False
+        if self.transport is None:
             return
-        self._run(self._sync(expunges=True))
+        selected = self._selected
+        if changes is None:
+            self._dirty = True
+            self._run(self._sync(expunges=True))
+            return
+        if selected is not None:
+            self._apply_changes(selected, changes, expunges=True, push=True)
+        if self._changed and self._mode == "idle":
+            self._changed = False
+            self._run(self._sync(expunges=True))
+            return
+        self._pump()
 
     def _still_here(self) -> None:
         self._keepalive = None
@@ -411,6 +457,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _idle_line(self, line: bytes) -> None:
         self._mode = "command"
+        self._leave_idle()
         self._stop_keepalive()
         if line.upper() != b"DONE":
             self._bad(self._idle_tag, "expected DONE")
@@ -508,22 +555,28 @@ class IMAPServer(imap4.IMAP4Server):
         if selected is None or not self._dirty:
             return
         self._dirty = False  # a notification during the query sets it again
-        highest, changed, gone = await self._store.changes(selected.info.id, selected.modseq)
-        if selected is not self._selected:
-            return
+        changes = await self._store.changes(selected.info.id, selected.modseq)
+        if selected is self._selected:
+            self._apply_changes(selected, changes, expunges)
+
+    def _apply_changes(
+        self, selected: Selected, changes: Changes, expunges: bool, push: bool = False
+    ) -> None:
+        highest, changed, gone = changes
         if gone and not expunges:
             self._dirty = True  # still to tell
             return  # held back until a command that allows EXPUNGE responses
+        out: list[bytes] = []
         for uid in gone:
             seq = selected.seq_of(uid)
             if seq is not None:
                 del selected.uids[seq - 1]
                 selected.flags.pop(uid, None)
-                self._send(b"* %d EXPUNGE" % seq)
+                out.append(b"* %d EXPUNGE\r\n" % seq)
         new = [row for row in changed if row.uid > (selected.uids[-1] if selected.uids else 0)]
         if new:
             selected.uids.extend(row.uid for row in new)
-            self._send(b"* %d EXISTS" % len(selected.uids))
+            out.append(b"* %d EXISTS\r\n" % len(selected.uids))
         for row in changed:
             if row in new:
                 continue
@@ -531,9 +584,38 @@ class IMAPServer(imap4.IMAP4Server):
             if seq is not None and selected.flags.get(row.uid) != row.flags:
                 selected.flags[row.uid] = row.flags
                 modseq = b" MODSEQ (%d)" % row.modseq if self._condstore else b""
-                self._send(b"* %d FETCH (FLAGS (%s) UID %d%s)"
+                out.append(b"* %d FETCH (FLAGS (%s) UID %d%s)\r\n"
                            % (seq, " ".join(row.flags).encode(), row.uid, modseq))
         selected.modseq = highest
+        if out:
+            (self._push if push else self._write)(b"".join(out))
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def _push(self, data: bytes) -> None:
+        """Send ``data`` at once when nothing is queued before it (a plain TCP transport).
+
+        Thousands of IDLE sessions woken together: written the usual way, each waits for its
+        own turn of the reactor (two epoll changes and a dispatch around the send, ~40 µs on
+        this VM); sent here, the news of the first reaches its client while the last is still
+        being prepared.  ``writeSomeData`` is the transport's own immediate send; anything it
+        could not take, or any TLS connection, goes through ``write`` as usual.
+        """
+        transport = self.transport
+        # Only a plain TCP connection itself: a TLS wrapper (993) forwards unknown attributes
+        # to the TCP transport under it, and STARTTLS marks the same transport ``TLS``; both
+        # must encrypt.
+        if (isinstance(transport, tcp.Connection) and not transport.TLS
+                and transport.connected and not transport.disconnecting
+                and not transport.dataBuffer and not transport._tempDataBuffer):
+            sent = transport.writeSomeData(data)
+            if not isinstance(sent, int):
+                return  # the connection is gone: the reactor notices on its next read
+            data = data[sent:]
+        if data:
+            self._write(data)
 
 
 # -- names ----------------------------------------------------------------------------------------
@@ -763,6 +845,7 @@ async def _idle(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> Non
         raise Bad("IDLE takes no arguments")
     self._idle_tag = tag
     self._mode = "idle"
+    self._enter_idle()
     self._send(b"+ idling")
     self._keepalive = self._clock.callLater(self.settings.idle_keepalive, self._still_here)
     await self._sync(expunges=True)

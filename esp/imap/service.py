@@ -11,6 +11,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from esp.config import IMAPConfig
 from esp.delivery import LocalDelivery
 from esp.events import EventBus
+from esp.imap.idle import IdleWaker
 from esp.imap.server import IMAPServer, IMAPSettings
 from esp.limits import ConnectionLimits, SessionCounter
 from esp.listeners import ListenerService, NotReady
@@ -34,8 +35,10 @@ class IMAPFactory(ServerFactory):
         is_ready: Callable[[], bool],
         limits: ConnectionLimits,
         sessions: SessionCounter,
+        waker: IdleWaker,
     ) -> None:
         self.settings = settings
+        self.waker = waker
         self.limits = limits
         self.sessions = sessions
         self._store = store
@@ -58,7 +61,7 @@ class IMAPFactory(ServerFactory):
                 self.settings, self._store, self._delivery, self._notifier, self._checker,
                 self._directory,
                 None if self.settings.implicit_tls else self._certificates.context_factory(),
-                self._events, self._clock, self.limits, self.sessions,
+                self._events, self._clock, self.limits, self.sessions, self.waker,
             )
         protocol.factory = self
         return protocol
@@ -87,6 +90,7 @@ def imap_listeners(
         auth_failures_per_ip=config.auth_failures_per_ip,
     )
     sessions = SessionCounter(config.sessions_per_user)
+    waker = IdleWaker(store, notifier, reactor)
     services = []
     for implicit_tls, descriptions, label in ((False, config.listen, "imap"),
                                               (True, config.listen_tls, "imaps")):
@@ -101,7 +105,8 @@ def imap_listeners(
 
         def build(settings: IMAPSettings = settings) -> Any:
             factory = IMAPFactory(settings, store, delivery, notifier, checker, directory,
-                                  certificates, events, reactor, is_ready, limits, sessions)
+                                  certificates, events, reactor, is_ready, limits, sessions,
+                                  waker)
             if settings.implicit_tls:
                 return TLSMemoryBIOFactory(certificates.context_factory(), False, factory)
             return factory
