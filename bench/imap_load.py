@@ -6,8 +6,9 @@ SELECT, and many IDLE sessions woken by one delivery.
 Prints operations/s and latency percentiles per command, server CPU and RSS, the SELECT time of
 the big mailbox, and for the IDLE run the server's RSS and the delivery-to-EXISTS latency
 (p50/p99) over every idling client.  ESP runs with its own PostgreSQL cluster (fsync on).  With
-Dovecot installed the same mix would run against it in the same run (not wired yet: no anchor).
-Only ratios from one run mean anything.
+Dovecot installed (Debian package ``dovecot-imapd``) a private Dovecot instance serves copies of
+the same Maildirs, the same mix and IDLE run go against it in the same run, and the ratios are
+printed.  Only ratios from one run mean anything.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import pwd
 import random
 import re
 import resource
 import select
 import shutil
 import smtplib
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -186,6 +190,146 @@ def fill(dsn: str, user_id: int, maildir: Path, relative: str, count: int,
         conn.close()
 
 
+# -- Dovecot, the anchor ------------------------------------------------------------------------
+
+
+DOVECOT_CONF = """\
+base_dir = {root}/run
+state_dir = {root}/state
+log_path = {root}/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:~
+mail_fsync = optimized
+default_internal_user = dovecot
+default_login_user = dovenull
+default_client_limit = {limit}
+default_process_limit = 1000
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {root}/users
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={root}/mail/%d/%n
+}}
+protocol imap {{
+  mail_max_userip_connections = {limit}
+}}
+# Warm login processes (Dovecot's own high-performance setup); one imap process per session,
+# as Dovecot runs them.
+service imap-login {{
+  inet_listener imap {{
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+  service_count = 0
+  process_min_avail = 2
+  client_limit = {limit}
+}}
+service imap {{
+  process_limit = {sessions}
+}}
+service anvil {{
+  client_limit = {anvil}
+}}
+service auth {{
+  client_limit = {anvil}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# One imap process per session (~2-3 MB each): the Dovecot IDLE run is capped at this many.
+DOVECOT_IDLE_MAX = 2000
+
+
+def start_dovecot(
+    work: Path, esp_maildir: Path, users: list[str], sessions: int
+) -> tuple[subprocess.Popen[bytes], int, Path] | None:
+    """A private Dovecot on copies of the users' Maildirs (None when not installed)."""
+    binary = shutil.which("dovecot")
+    if binary is None:
+        return None
+    root = work / "dovecot"
+    (root / "mail").mkdir(parents=True)
+    for user in users:
+        local, domain = user.split("@")
+        source = esp_maildir / domain / local
+        target = root / "mail" / domain / local
+        if source.exists():
+            shutil.copytree(source, target)
+        else:
+            Maildir(target).create()
+    (root / "users").write_text("".join(f"{u}:{{PLAIN}}{PASSWORD}::::::\n" for u in users))
+    account = pwd.getpwnam("nobody")
+    for path in [root / "mail", *(root / "mail").rglob("*")]:
+        os.chown(path, account.pw_uid, account.pw_gid)
+    os.chmod(root, 0o755)  # noqa: S103 (Dovecot's unprivileged processes reach their sockets)
+    port = free_port()
+    conf = root / "dovecot.conf"
+    conf.write_text(DOVECOT_CONF.format(root=root, port=port, uid=account.pw_uid,
+                                        gid=account.pw_gid, limit=20000, anvil=20000,
+                                        sessions=sessions))
+    process = subprocess.Popen([binary, "-F", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                log = root / "dovecot.log"
+                raise SystemExit("Dovecot did not start:\n"
+                                 + (log.read_text() if log.exists() else "")) from None
+            time.sleep(0.1)  # a benchmark harness, not a test
+    return process, port, root / "mail"
+
+
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+
+
+def raise_inotify_limit(needed: int) -> int | None:
+    """Each Dovecot imap process watches its mailbox with an inotify instance of its own; past
+    the per-user limit (128 by default) IDLE falls back to a 30 s poll.  Raise it for the run;
+    return the old value (None when unchanged)."""
+    try:
+        old = int(INOTIFY_INSTANCES.read_text())
+        if old >= needed:
+            return None
+        INOTIFY_INSTANCES.write_text(str(needed))
+    except OSError as e:
+        print(f"cannot raise fs.inotify.max_user_instances ({e}): Dovecot's IDLE will poll")
+        return None
+    return old
+
+
+def maildir_delivery(maildir: Path, user: str) -> Callable[[], float]:
+    """Deliver as an MTA's local delivery agent would (tmp/, then new/), for Dovecot."""
+    local, domain = user.split("@")
+    box = Maildir(maildir / domain / local)
+    account = pwd.getpwnam("nobody")
+
+    def deliver() -> float:
+        started = time.monotonic()
+        stored = box.deliver(b"Subject: wake up\r\n\r\nnow\r\n")
+        os.chown(stored.path, account.pw_uid, account.pw_gid)
+        return started
+
+    return deliver
+
+
 # -- the runs -------------------------------------------------------------------------------------
 
 
@@ -255,7 +399,7 @@ async def run_select_big(port: int, user: str, times: int) -> list[float]:
     return results
 
 
-async def run_idle(port: int, mx_port: int, user: str, count: int) -> list[float]:
+async def run_idle(port: int, deliver: Callable[[], float], user: str, count: int) -> list[float]:
     async def idling() -> Client:
         c = await Client.open(port)
         await c.login(user)
@@ -278,20 +422,20 @@ async def run_idle(port: int, mx_port: int, user: str, count: int) -> list[float
         c.writer.transport.pause_reading()  # type: ignore[attr-defined]
         fds.append(c.writer.get_extra_info("socket").fileno())  # closed by c.close()
     await asyncio.sleep(0.5)  # every IDLE registered (a harness, not a test)
-    times = await asyncio.to_thread(_watch, fds, mx_port, user)
+    times = await asyncio.to_thread(_watch, fds, deliver)
     for c in clients:
         c.close()
     return times
 
 
-def _watch(fds: list[int], mx_port: int, user: str) -> list[float]:
-    """Deliver one message and return, for each session, the seconds from its DATA to the
-    EXISTS response."""
+def _watch(fds: list[int], deliver: Callable[[], float]) -> list[float]:
+    """Deliver one message and return, for each session, the seconds from the delivery's
+    start to the EXISTS response."""
     poller = select.epoll()
     for fd in fds:
         poller.register(fd, select.EPOLLIN)
     sent: list[float] = []
-    delivery = threading.Thread(target=lambda: sent.append(_deliver(mx_port, user)))
+    delivery = threading.Thread(target=lambda: sent.append(deliver()))
     delivery.start()
     woken: dict[int, float] = {}
     buffers: dict[int, bytes] = defaultdict(bytes)
@@ -311,6 +455,10 @@ def _watch(fds: list[int], mx_port: int, user: str) -> list[float]:
     return [t - sent[0] for t in woken.values()]
 
 
+def smtp_delivery(port: int, user: str) -> Callable[[], float]:
+    return lambda: _deliver(port, user)
+
+
 def _deliver(port: int, user: str) -> float:
     """Deliver one message; the time its DATA was sent (the push can beat the 250 to us)."""
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
@@ -322,6 +470,28 @@ def _deliver(port: int, user: str) -> float:
     return started
 
 
+def print_mix(label: str, latencies: dict[str, list[float]], seconds: float, cpu: float,
+              rss: float) -> dict[str, float]:
+    """Print a mix run; its operations/s per command (and 'all')."""
+    total = sum(len(v) for v in latencies.values())
+    rates = {}
+    print(label)
+    for op, values in sorted(latencies.items()):
+        rates[op] = len(values) / seconds
+        print(f"  {op:<14} {rates[op]:8.0f} ops/s  "
+              f"p50 {pct(values, 0.5):7.1f} ms  p99 {pct(values, 0.99):7.1f} ms")
+    rates["all"] = total / seconds
+    print(f"  all            {rates['all']:8.0f} ops/s  server CPU "
+          f"{cpu / max(total, 1) * 1000:.2f} ms/op, RSS {rss:.0f} MiB")
+    return rates
+
+
+def dovecot_cpu(master: int) -> float:
+    """CPU of the Dovecot master, its live children and (reaped) the ones gone."""
+    children = [pid for pid in tree_pids(("dovecot",)) if pid != master]
+    return cpu_seconds([master], (11, 12, 13, 14)) + cpu_seconds(children)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=10)
@@ -329,6 +499,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=500, help="per mix client")
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--no-anchor", action="store_true")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -336,6 +507,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="esp-imap-bench-"))
     os.chmod(work, 0o711)  # noqa: S103
     process, cluster, ports, maildir = start_esp(work / "esp")
+    dovecot = None
+    inotify_limit = None
     try:
         users = [f"user{i}@example.test" for i in range(args.clients)]
         for user in users:
@@ -347,34 +520,62 @@ def main() -> None:
              args.big, files=False)
         idler = "idle@example.test"
         add_user(cluster.dsn, idler, maildir)
+        if not args.no_anchor:
+            inotify_limit = raise_inotify_limit(min(args.idle, DOVECOT_IDLE_MAX) * 2 + 256)
+            # Copies of the same Maildirs, made before ESP's run changes them.
+            dovecot = start_dovecot(work, maildir, [*users, idler],
+                                    min(args.idle, DOVECOT_IDLE_MAX) + args.clients + 50)
         pids = tree_pids((f"--config {work / 'esp' / 'esp.yaml'}", "postgres",
                           "esp.storage.diskwriter"))
         before = cpu_seconds(pids)
-
-        print(f"{args.clients} clients, {args.seconds:.0f} s mix, {args.messages} messages "
-              "each; ESP (1 process)")
         latencies = asyncio.run(run_mix(ports["imap"], users, args.seconds))
-        used = cpu_seconds(pids) - before
-        total = sum(len(v) for v in latencies.values())
-        for op, values in sorted(latencies.items()):
-            print(f"  {op:<14} {len(values) / args.seconds:8.0f} ops/s  "
-                  f"p50 {pct(values, 0.5):7.1f} ms  p99 {pct(values, 0.99):7.1f} ms")
-        print(f"  all            {total / args.seconds:8.0f} ops/s  server CPU "
-              f"{used / total * 1000:.2f} ms/op, RSS {rss_mib(tree_pids(('esp.yaml',))):.0f} MiB")
+        esp_rates = print_mix(
+            f"{args.clients} clients, {args.seconds:.0f} s mix, {args.messages} messages "
+            "each; ESP (1 process)", latencies, args.seconds, cpu_seconds(pids) - before,
+            rss_mib(tree_pids(("esp.yaml",))),
+        )
 
         selects = asyncio.run(run_select_big(ports["imap"], big, 5))
         print(f"SELECT of {args.big:,} messages: median {statistics.median(selects) * 1000:.0f}"
               f" ms (best {min(selects) * 1000:.0f} ms)")
 
-        waits = asyncio.run(run_idle(ports["imap"], ports["smtp-mx"], idler, args.idle))
+        waits = asyncio.run(run_idle(ports["imap"], smtp_delivery(ports["smtp-mx"], idler),
+                                     idler, args.idle))
         rss = rss_mib(tree_pids((f"--config {work / 'esp' / 'esp.yaml'}",)))
         print(f"{args.idle} IDLE sessions: ESP RSS {rss:.0f} MiB; delivery-to-EXISTS "
-              f"p50 {pct(waits, 0.5):.0f} ms, p99 {pct(waits, 0.99):.0f} ms")
-        if not shutil.which("dovecot"):
-            print("Dovecot not installed: no anchor this run")
+              f"p50 {pct(waits, 0.5):.0f} ms, p99 {pct(waits, 0.99):.0f} ms "
+              "(from SMTP DATA)")
+
+        if dovecot is None:
+            print("Dovecot not installed (or --no-anchor): no anchor this run")
+            return
+        dovecot_process, dovecot_port, dovecot_mail = dovecot
+        before = dovecot_cpu(dovecot_process.pid)
+        latencies = asyncio.run(run_mix(dovecot_port, users, args.seconds))
+        anchor_rates = print_mix(
+            "Dovecot, same mix, copies of the same Maildirs", latencies, args.seconds,
+            dovecot_cpu(dovecot_process.pid) - before, rss_mib(tree_pids(("dovecot",))),
+        )
+        anchor_idle = min(args.idle, DOVECOT_IDLE_MAX)
+        anchor_waits = asyncio.run(run_idle(
+            dovecot_port, maildir_delivery(dovecot_mail, idler), idler, anchor_idle))
+        print(f"{anchor_idle} IDLE sessions: Dovecot RSS "
+              f"{rss_mib(tree_pids(('dovecot',))):.0f} MiB; delivery-to-EXISTS "
+              f"p50 {pct(anchor_waits, 0.5):.0f} ms, p99 {pct(anchor_waits, 0.99):.0f} ms "
+              "(from the Maildir write: no MTA in its path)")
+        print("ESP / Dovecot, operations/s: " + ", ".join(
+            f"{op} {esp_rates.get(op, 0) / rate:.2f}x"
+            for op, rate in sorted(anchor_rates.items()) if rate))
+        print(f"ESP / Dovecot, IDLE p99 latency: {pct(waits, 0.99) / pct(anchor_waits, 0.99):.2f}x"
+              " (lower is better)")
     finally:
         process.terminate()
         process.wait(timeout=60)
+        if dovecot is not None:
+            dovecot[0].terminate()
+            dovecot[0].wait(timeout=60)
+        if inotify_limit is not None:
+            INOTIFY_INSTANCES.write_text(str(inotify_limit))
         cluster.stop()
         if args.keep:
             print(f"kept {work}")
