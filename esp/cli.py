@@ -23,10 +23,10 @@ from typing import Any, TextIO
 
 import psycopg2.extensions
 
-from esp.addresses import InvalidAddress, parse_address
+from esp.addresses import InvalidAddress, normalize_domain, parse_address
 from esp.auth import PasswordHasher, WeakPassword, check_new_password
 from esp.config import Config, ConfigError, default_config_path, load_config
-from esp.storage import directory
+from esp.storage import directory, dkimkeys
 from esp.storage.cluster import ClusterError, EmbeddedCluster
 from esp.storage.db import Cursor, DatabaseUnavailable, connect, run_sync
 from esp.storage.maildir import retire
@@ -328,6 +328,44 @@ def cmd_alias_remove(args: argparse.Namespace, config: Config, out: TextIO) -> i
 # -- argument parsing --------------------------------------------------------------------------
 
 
+# -- DKIM keys ---------------------------------------------------------------------------------
+
+
+def _dkim_record(key: dkimkeys.DKIMKey) -> str:
+    # One TXT record, split into strings of at most 255 bytes (RFC 7208 §3.3 style).
+    value = key.dns_value
+    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+    state = "" if key.active else "  ; inactive"
+    return f"{key.dns_name}. IN TXT {chunks}{state}\n"
+
+
+def cmd_dkim_generate(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    domain = normalize_domain(args.domain)
+    selector = args.selector or config.security.dkim.default_selector
+    if args.algorithm == "ed25519" and not args.selector:
+        selector += "-ed25519"  # both kinds side by side under the default selector
+    box = dkimkeys.SecretBox(config.dkim_secret_file)
+    with open_database(config) as connection:
+        key = run_sync(connection, _change(
+            "dkim.generate", domain, dkimkeys.add_key_txn, box, domain, selector,
+            dkimkeys.ALGORITHMS[args.algorithm], selector=selector, algorithm=args.algorithm,
+        ))
+    out.write(f"DKIM key {selector} ({key.algorithm}) generated for {domain}; publish:\n")
+    out.write(_dkim_record(key))
+    return 0
+
+
+def cmd_dkim_show(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    domain = normalize_domain(args.domain)
+    with open_database(config) as connection:
+        keys = run_sync(connection, dkimkeys.list_keys_txn, domain)
+    if not keys:
+        raise UsageProblem(f"{domain} has no DKIM key (esp dkim generate {domain})")
+    for key in keys:
+        out.write(_dkim_record(key))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esp",
@@ -397,6 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("destination", nargs="?")
     p.set_defaults(run=cmd_alias_remove)
+
+    dkim_ = commands.add_parser("dkim", help="DKIM signing keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = dkim_.add_parser("generate", help="make a signing key for a hosted domain")
+    p.add_argument("domain")
+    p.add_argument("--selector", help="default: security.dkim.default_selector "
+                                      "(with -ed25519 for an Ed25519 key)")
+    p.add_argument("--algorithm", choices=sorted(dkimkeys.ALGORITHMS), default="rsa")
+    p.set_defaults(run=cmd_dkim_generate)
+    p = dkim_.add_parser("show", help="print the DNS records a domain's keys need")
+    p.add_argument("domain")
+    p.set_defaults(run=cmd_dkim_show)
     return parser
 
 
@@ -418,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidAddress as e:
         err.write(f"esp: {e}\n")
         return EXIT_USAGE
-    except directory.DirectoryError as e:
+    except (directory.DirectoryError, dkimkeys.DKIMKeyError) as e:
         err.write(f"esp: {e}\n")
         return EXIT_REFUSED
     except (DatabaseUnavailable, ClusterError, MigrationError) as e:

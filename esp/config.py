@@ -213,10 +213,19 @@ class MailAuthConfig(Section):
     reject_spf_fail: bool = True
 
 
+class DKIMConfig(Section):
+    # 32 random bytes that encrypt the DKIM private keys stored in the database (AES-256-GCM);
+    # unset: <data_dir>/dkim-secret.key, generated on first use.  Every node needs the same.
+    secret_file: Path | None = None
+    # Selector given to new keys: <selector>._domainkey.<domain>.
+    default_selector: Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")] = "esp"
+
+
 class SecurityConfig(Section):
     tls: TLSConfig = Field(default_factory=TLSConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     mailauth: MailAuthConfig = Field(default_factory=MailAuthConfig)
+    dkim: DKIMConfig = Field(default_factory=DKIMConfig)
 
 
 class FiltersConfig(Section):
@@ -247,6 +256,10 @@ class Config(Section):
     @property
     def maildir_root(self) -> Path:
         return self.storage.maildir.root or self.storage.data_dir / "maildir"
+
+    @property
+    def dkim_secret_file(self) -> Path:
+        return self.security.dkim.secret_file or self.storage.data_dir / "dkim-secret.key"
 
     @property
     def embedded_database(self) -> bool:
@@ -341,7 +354,10 @@ def _resolve_paths(config: Config, base: Path, source: Path | None) -> Config:
                             "certificate": absolute(tls.certificate),
                             "private_key": absolute(tls.private_key),
                         }
-                    )
+                    ),
+                    "dkim": config.security.dkim.model_copy(
+                        update={"secret_file": absolute(config.security.dkim.secret_file)}
+                    ),
                 }
             ),
         }

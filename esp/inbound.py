@@ -22,6 +22,7 @@ from esp.addresses import Address, InvalidAddress, parse_address
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
 from esp.envelope import Accepted, Envelope, Listener, Refusal, Session, temporary_failure
 from esp.mailauth import MailAuthenticator, SPFResult, Verdict, remove_forged_results
+from esp.signing import DKIMSigner, author_domain
 from esp.storage.db import Database, DatabaseUnavailable
 from esp.storage.directory import (
     DirectoryStore,
@@ -30,6 +31,7 @@ from esp.storage.directory import (
     UnknownRecipient,
     User,
 )
+from esp.storage.dkimkeys import DKIMKeyError
 from esp.storage.mailstore import find_special_use_txn
 
 
@@ -56,11 +58,13 @@ class InboundPolicy:
         directory: DirectoryStore,
         delivery: LocalDelivery,
         mailauth: MailAuthPolicy | None = None,
+        signer: DKIMSigner | None = None,
     ) -> None:
         self._db = db
         self._directory = directory
         self._delivery = delivery
         self._mailauth = mailauth
+        self._signer = signer
 
     async def check_sender(self, session: Session, sender: str, size: int | None) -> object:
         if session.listener is Listener.MX:
@@ -146,6 +150,8 @@ class InboundPolicy:
         if session.user is not None:
             sender = await self._directory.find_user(parse_address(session.user))
             sender_user_id = sender.id if sender else None
+            if remote and self._signer is not None:
+                message = await self._sign(envelope, message)
         try:
             result = await self._delivery.deliver(
                 message,
@@ -165,6 +171,19 @@ class InboundPolicy:
         ids += [f"q{q}" for q in result.queued]
         return " ".join(ids)
 
+
+    async def _sign(self, envelope: Envelope, message: bytes) -> bytes:
+        """DKIM-sign what an authenticated user sends out, with the keys of the From domain
+        when it is the domain of the envelope sender (checked to be theirs); else unsigned."""
+        assert self._signer is not None
+        domain = author_domain(message)
+        if domain is None or domain != envelope.sender.rpartition("@")[2].lower():
+            return message
+        try:
+            return await self._signer.sign(message, domain)
+        except (DatabaseUnavailable, DKIMKeyError) as e:
+            self.log.error("cannot DKIM-sign for {domain}: {error}", domain=domain, error=str(e))
+            raise temporary_failure() from None
 
     async def _quarantined(self, user: User) -> LocalRecipient:
         """Where quarantined mail goes for ``user``: their \\Junk mailbox (RFC 6154), whatever

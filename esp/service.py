@@ -30,10 +30,12 @@ from esp.imap.service import imap_listeners
 from esp.inbound import InboundPolicy, MailAuthPolicy
 from esp.listeners import ListenerService
 from esp.mailauth import MailAuthenticator
+from esp.signing import DKIMSigner
 from esp.smtp.service import smtp_listeners
 from esp.storage.cluster import EmbeddedCluster
 from esp.storage.db import Database
 from esp.storage.directory import DirectoryStore
+from esp.storage.dkimkeys import SecretBox
 from esp.storage.mailboxes import MailboxStore
 from esp.storage.migrations import apply_migrations_txn, load_migrations
 from esp.storage.notify import MailboxNotifier
@@ -410,7 +412,8 @@ def makeService(
             enforce_dmarc=config.security.mailauth.enforce_dmarc,
             reject_spf_fail=config.security.mailauth.reject_spf_fail,
         )
-    policy = InboundPolicy(db, directory, delivery, mailauth)
+    signer = DKIMSigner(db, SecretBox(config.dkim_secret_file), blocking.pool, reactor)
+    policy = InboundPolicy(db, directory, delivery, mailauth, signer)
     root = ESPService(
         config,
         db=db,

@@ -299,7 +299,7 @@ def deliver_unsynced(
 ) -> list[StoredFile]:
     """One file per mailbox (hard links where possible), each fsync'd; the caller fsyncs the
     ``new/`` directories before counting them as delivered."""
-    return publish(stage(root, message, boxes))
+    return publish(stage(root, message, boxes)) if boxes else []
 
 
 @dataclass
