@@ -1,4 +1,4 @@
-"""The one DNS resolver every lookup of ESP goes through (SPF, DKIM, DMARC, and later MX).
+"""The one DNS resolver every lookup of ESP goes through (SPF, DKIM, DMARC, MX).
 
 Nameservers come from configuration (``server.dns``), so tests point ESP at a DNS server with
 test zones on loopback and production at a validating local resolver; with none configured the
@@ -7,6 +7,7 @@ system's ``/etc/resolv.conf`` is used.  dnspython is blocking: call these method
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import dns.exception
@@ -17,6 +18,10 @@ import dns.resolver
 
 class DNSTemporaryError(Exception):
     """The answer could not be had now (timeout, SERVFAIL): try again later."""
+
+
+class NoMailHost(Exception):
+    """The domain takes no mail: a null MX (RFC 7505), or neither MX nor address (permanent)."""
 
 
 class Resolver:
@@ -39,6 +44,34 @@ class Resolver:
         except dns.exception.DNSException as e:
             raise DNSTemporaryError(f"{rdtype} {name}: {e}") from e
         return list(answer)
+
+    def mail_hosts(self, domain: str) -> list[str]:
+        """Where mail for ``domain`` goes, in the order to try (RFC 5321 §5.1): its MX hosts by
+        preference (equal ones in random order, to spread the load), or the domain itself when
+        it has no MX but has an address (the implicit MX).  Raises NoMailHost for a null MX or
+        a domain with neither, DNSTemporaryError when the answer cannot be had now."""
+        records = self.query(domain, "MX")
+        if records:
+            if any(r.exchange.to_text(omit_final_dot=True) in ("", ".") for r in records):
+                raise NoMailHost(f"{domain} accepts no mail (null MX)")
+            by_preference: dict[int, list[str]] = {}
+            for r in records:
+                host = r.exchange.to_text(omit_final_dot=True).lower()
+                by_preference.setdefault(r.preference, []).append(host)
+            hosts: list[str] = []
+            for preference in sorted(by_preference):
+                group = by_preference[preference]
+                random.shuffle(group)
+                hosts.extend(h for h in group if h not in hosts)
+            return hosts
+        if self.addresses(domain):
+            return [domain]
+        raise NoMailHost(f"{domain} has no MX and no address")
+
+    def addresses(self, host: str) -> list[str]:
+        """IPv6 and IPv4 addresses of ``host`` ([] when it has none)."""
+        return ([r.address for r in self.query(host, "AAAA")]
+                + [r.address for r in self.query(host, "A")])
 
     def txt(self, name: str) -> list[bytes]:
         """TXT records, each with its strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""

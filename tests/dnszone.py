@@ -34,6 +34,16 @@ DOMAINS: dict[str, tuple[str | None, str | None, bool]] = {
 }
 
 
+# Zones for outbound delivery: MX records (Twisted's pyzone: MX(name, preference, exchange)).
+MAIL_ZONES: dict[str, list[str]] = {
+    "mx.test": ["MX('mx.test', 20, 'backup.mx.test')", "MX('mx.test', 10, 'primary.mx.test')",
+                "A('primary.mx.test', '127.0.0.1')", "A('backup.mx.test', '127.0.0.1')"],
+    "implicit.test": ["A('implicit.test', '127.0.0.1')"],
+    "nullmx.test": ["MX('nullmx.test', 0, b'')"],  # RFC 7505: the root name
+    "nomail.test": [],
+}
+
+
 @dataclass
 class DNSServer:
     port: int
@@ -84,6 +94,17 @@ def write_zones(directory: Path, public_key_b64: str) -> list[Path]:
         if has_dkim:
             key = f"v=DKIM1; k=rsa; p={public_key_b64}"
             lines.append(f"TXT('{SELECTOR}._domainkey.{domain}', {_txt(key)}),")
+        path = directory / f"{domain}.zone"
+        path.write_text("zone = [\n    " + "\n    ".join(lines) + "\n]\n")
+        files.append(path)
+    for domain, records in MAIL_ZONES.items():
+        lines = [
+            f"SOA({domain!r}, mname='ns.{domain}', rname='hostmaster.{domain}', serial=1, "
+            "refresh='1H', retry='1H', expire='1H', minimum='1M', ttl='1M'),",
+            f"NS({domain!r}, 'ns.{domain}'),",
+            f"A('ns.{domain}', '127.0.0.1'),",
+            *(f"{record}," for record in records),
+        ]
         path = directory / f"{domain}.zone"
         path.write_text("zone = [\n    " + "\n    ".join(lines) + "\n]\n")
         files.append(path)
