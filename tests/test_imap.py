@@ -152,7 +152,7 @@ def raw_session(esp: EspServer) -> ssl.SSLSocket:
     return tls
 
 
-def read_until(sock: ssl.SSLSocket, pattern: bytes) -> bytes:
+def read_until(sock: socket.socket | ssl.SSLSocket, pattern: bytes) -> bytes:
     received = b""
     while not re.search(pattern, received):
         chunk = sock.recv(65536)

@@ -4,7 +4,6 @@ the next change at its next command."""
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import pytest
 
 from tests.dnszone import DNSServer
 from tests.espserver import EspServer, start_esp
-from tests.test_imap import deliver
+from tests.test_imap import deliver, read_until
 
 USER = "ida@example.test"
 PASSWORD = "ida's long password"
@@ -31,15 +30,6 @@ def esp(module_scratch: Path, module_database_dsn: str, test_dns: DNSServer) -> 
 
 
 Sock = socket.socket | ssl.SSLSocket
-
-
-def read_until(sock: Sock, pattern: bytes) -> bytes:
-    received = b""
-    while not re.search(pattern, received):
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed; got {received!r}"
-        received += chunk
-    return received
 
 
 def command(sock: Sock, data: bytes, tag: bytes) -> bytes:

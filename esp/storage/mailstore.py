@@ -120,18 +120,28 @@ def store_params(jobs: Sequence[Sequence[NewMessage]]) -> dict[str, object]:
 JobOutcome = list[StoredMessage] | QuotaExceeded | MailboxNotFound
 
 
-def store_outcomes(
-    jobs: Sequence[Sequence[NewMessage]], rows: Sequence[Sequence[Any]]
-) -> list[JobOutcome]:
-    """What :data:`STORE_MESSAGES` did with each job: the stored messages, or why none was."""
-    outcomes: list[JobOutcome] = []
+def rows_per_job(
+    jobs: Sequence[Sequence[object]], rows: Sequence[Sequence[Any]]
+) -> list[tuple[str, Sequence[Sequence[Any]]]]:
+    """``esp_store_messages``'s rows (one per message, in order: job index, status, mailbox id,
+    UID, MODSEQ) split by job: (status of the job, its rows)."""
+    result: list[tuple[str, Sequence[Sequence[Any]]]] = []
     position = 0
     for index, job in enumerate(jobs):
         mine = rows[position:position + len(job)]
         position += len(job)
         if len(mine) != len(job) or any(row[0] != index for row in mine):
             raise RuntimeError("esp_store_messages answered out of order")
-        status = mine[0][1]
+        result.append((mine[0][1], mine))
+    return result
+
+
+def store_outcomes(
+    jobs: Sequence[Sequence[NewMessage]], rows: Sequence[Sequence[Any]]
+) -> list[JobOutcome]:
+    """What :data:`STORE_MESSAGES` did with each job: the stored messages, or why none was."""
+    outcomes: list[JobOutcome] = []
+    for job, (status, mine) in zip(jobs, rows_per_job(jobs, rows), strict=True):
         if status == "stored":
             outcomes.append([
                 StoredMessage(row[2], m.user_id, row[3], row[4], m.filename, m.size)

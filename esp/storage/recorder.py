@@ -28,7 +28,7 @@ from typing import Any
 import psycopg2
 
 from esp.storage.db import DatabaseUnavailable, Prepared, connect
-from esp.storage.mailstore import STORE_MESSAGES
+from esp.storage.mailstore import STORE_MESSAGES, rows_per_job
 
 Outcome = tuple[str, Any]
 _LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
@@ -108,16 +108,9 @@ class Recorder:
 def outcomes(
     jobs: Sequence[Sequence[object]], rows: Sequence[Sequence[Any]]
 ) -> list[Outcome]:
-    """What ``esp_store_messages`` did with each job, from its rows (one per message, in
-    order: job index, status, mailbox id, UID, MODSEQ)."""
+    """What ``esp_store_messages`` did with each job, from its rows."""
     result: list[Outcome] = []
-    position = 0
-    for index, job in enumerate(jobs):
-        mine = rows[position:position + len(job)]
-        position += len(job)
-        if len(mine) != len(job) or any(row[0] != index for row in mine):
-            raise RuntimeError("esp_store_messages answered out of order")
-        status = mine[0][1]
+    for status, mine in rows_per_job(jobs, rows):
         if status == "stored":
             result.append(("stored", tuple((row[2], row[3], row[4]) for row in mine)))
         elif status == "over_quota":
