@@ -15,6 +15,7 @@ import getpass
 import json
 import os
 import pwd
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -344,7 +345,9 @@ def cmd_dkim_generate(args: argparse.Namespace, config: Config, out: TextIO) -> 
     selector = args.selector or config.security.dkim.default_selector
     if args.algorithm == "ed25519" and not args.selector:
         selector += "-ed25519"  # both kinds side by side under the default selector
-    box = dkimkeys.SecretBox(config.dkim_secret_file)
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", selector):
+        raise UsageProblem(f"{selector!r} is not a DKIM selector (a-z, 0-9 and -)")
+    box = dkimkeys.SecretBox(config.dkim_secret_file, create=True)
     with open_database(config) as connection:
         key = run_sync(connection, _change(
             "dkim.generate", domain, dkimkeys.add_key_txn, box, domain, selector,

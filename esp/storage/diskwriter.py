@@ -174,10 +174,10 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
         while True:
             header = _read_exactly(requests, _LENGTH.size)
             if header is None:
-                return
+                break
             body = _read_exactly(requests, _LENGTH.unpack(header)[0])
             if body is None:
-                return
+                break
             batches.submit(answer, *marshal.loads(body))  # noqa: S302 (our parent, our pipe)
     if recorder is not None:
         recorder.close()

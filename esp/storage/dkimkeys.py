@@ -32,22 +32,30 @@ class DKIMKeyError(Exception):
 
 
 class SecretBox:
-    """Encrypts private keys with the secret in ``path`` (made, mode 0600, if missing)."""
+    """Encrypts private keys with the secret in ``path``.
 
-    def __init__(self, path: Path) -> None:
+    Only the CLI that makes keys creates the file (``create``): a server that finds it missing
+    must not invent another secret, under which the stored keys would never decrypt again.
+    """
+
+    def __init__(self, path: Path, create: bool = False) -> None:
         self._path = path
+        self._create = create
         self._aead: AESGCM | None = None
 
     def _cipher(self) -> AESGCM:
         if self._aead is None:
-            if not self._path.exists():
-                self._path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secrets.token_bytes(32))
-                    f.flush()
-                    os.fsync(f.fileno())
-            secret = self._path.read_bytes()
+            try:
+                if self._create and not self._path.exists():
+                    self._path.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(secrets.token_bytes(32))
+                        f.flush()
+                        os.fsync(f.fileno())
+                secret = self._path.read_bytes()
+            except OSError as e:
+                raise DKIMKeyError(f"cannot read the DKIM secret {self._path}: {e}") from e
             if len(secret) != 32:
                 raise DKIMKeyError(f"{self._path} must hold exactly 32 bytes")
             self._aead = AESGCM(secret)

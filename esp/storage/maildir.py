@@ -366,10 +366,11 @@ def publish(staged: Staged) -> list[StoredFile]:
                 # Another filesystem: a copy of its own, under the same name.
                 box.deliver(staged.message, sync_directory=False, name=staged.name)
             made.append(target)
-    except OSError as e:
+    except (OSError, MaildirError) as e:
         staged.tmp.unlink(missing_ok=True)
         remove_files(made)
-        raise MaildirError(f"cannot deliver into {staged.boxes[0].path}: {e.strerror}") from e
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        raise MaildirError(f"cannot deliver into {staged.boxes[0].path}: {reason}") from e
     return [StoredFile(staged.name, path, staged.size) for path in made]
 
 
@@ -383,6 +384,8 @@ def publish_many(
             return publish(item)
         except MaildirError as e:
             return e
+        except Exception as e:  # a bug: this one fails, the others go on
+            return MaildirError(f"cannot deliver: {e!r}")
 
     if executor is None or len(staged) < 2:
         results = [one(item) for item in staged]

@@ -32,6 +32,9 @@ from esp.storage.mailstore import STORE_MESSAGES, rows_per_job
 
 Outcome = tuple[str, Any]
 _LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
+# Subclasses of OperationalError that leave the connection sound and the transaction surely
+# rolled back (a deadlock, a serialization failure, a cancelled statement).
+_REFUSED = (psycopg2.extensions.TransactionRollbackError, psycopg2.extensions.QueryCanceledError)
 
 
 class Recorder:
@@ -76,11 +79,14 @@ class Recorder:
                     cur, {"batch": json.dumps(jobs, separators=(",", ":"))}
                 )
                 return list(cur.fetchall())
+        except _REFUSED:
+            self.rollback()
+            raise
         except _LOST as e:
             self.close()
             raise DatabaseUnavailable(f"database unavailable: {str(e).strip()}") from e
         except psycopg2.Error:
-            self._connection.rollback()
+            self.rollback()
             raise
 
     def commit(
@@ -88,20 +94,30 @@ class Recorder:
     ) -> list[Outcome]:
         """Commit what :meth:`execute` did; the outcome of each job."""
         try:
+            # Read before the commit: rows that cannot be understood are rolled back, never
+            # committed and then reported failed (their files would be removed).
+            result = outcomes(jobs, rows)
+        except Exception as e:
+            self.rollback()
+            return [("failed", f"unexpected answer: {e}")] * len(jobs)
+        try:
             self._connection.commit()
+        except _REFUSED as e:
+            self.rollback()
+            return [("failed", str(e).strip())] * len(jobs)
         except _LOST as e:
             self.close()
             return [("unknown", f"connection lost during commit: {str(e).strip()}")] * len(jobs)
         except psycopg2.Error as e:
             self.rollback()
             return [("failed", str(e).strip())] * len(jobs)
-        return outcomes(jobs, rows)
+        return result
 
     def rollback(self) -> None:
         try:
-            if self._connection is not None:
+            if self._connection is not None and not self._connection.closed:
                 self._connection.rollback()
-        except _LOST:
+        except psycopg2.Error:
             self.close()
 
 
