@@ -4,7 +4,7 @@ clients away while ESP is still starting."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -88,3 +88,19 @@ class ListenerService(Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+
+def listener_services(
+    label: str,
+    descriptions: Sequence[str],
+    reactor: Any,
+    build: Callable[[], Any],
+    adopted: Mapping[str, tuple[int, int]] | None,
+) -> list[ListenerService]:
+    """One listener per endpoint description, named ``<label>-<index>``; a worker process
+    adopts the socket its parent bound under that name instead of binding it again."""
+    return [
+        ListenerService(f"{label}-{index}", description, reactor, build,
+                        adopted.get(f"{label}-{index}") if adopted is not None else None)
+        for index, description in enumerate(descriptions)
+    ]

@@ -14,7 +14,7 @@ from esp.events import EventBus
 from esp.imap.idle import IdleWaker
 from esp.imap.server import IMAPServer, IMAPSettings
 from esp.limits import ConnectionLimits, SessionCounter
-from esp.listeners import ListenerService, NotReady
+from esp.listeners import ListenerService, NotReady, listener_services
 from esp.storage.mailboxes import MailboxStore
 from esp.storage.notify import MailboxNotifier
 from esp.tls import CertificateStore
@@ -91,7 +91,7 @@ def imap_listeners(
     )
     sessions = SessionCounter(config.sessions_per_user)
     waker = IdleWaker(store, notifier, reactor)
-    services = []
+    services: list[ListenerService] = []
     for implicit_tls, descriptions, label in ((False, config.listen, "imap"),
                                               (True, config.listen_tls, "imaps")):
         settings = IMAPSettings(
@@ -111,8 +111,5 @@ def imap_listeners(
                 return TLSMemoryBIOFactory(certificates.context_factory(), False, factory)
             return factory
 
-        for index, description in enumerate(descriptions):
-            name = f"{label}-{index}"
-            adopt = adopted.get(name) if adopted is not None else None
-            services.append(ListenerService(name, description, reactor, build, adopt))
+        services += listener_services(label, descriptions, reactor, build, adopted)
     return services

@@ -12,7 +12,7 @@ from esp.config import SMTPConfig
 from esp.envelope import Listener
 from esp.events import EventBus
 from esp.limits import ConnectionLimits
-from esp.listeners import ListenerService, NotReady
+from esp.listeners import ListenerService, NotReady, listener_services
 from esp.smtp.server import ESMTPServer, SMTPSettings
 from esp.tls import CertificateStore
 
@@ -70,7 +70,7 @@ def smtp_listeners(
         rate_per_minute=config.connection_rate_per_ip,
         auth_failures_per_ip=config.auth_failures_per_ip,
     )
-    services = []
+    services: list[ListenerService] = []
     for listener, section in (
         (Listener.MX, config.mx),
         (Listener.SUBMISSION, config.submission),
@@ -94,8 +94,7 @@ def smtp_listeners(
                 return TLSMemoryBIOFactory(certificates.context_factory(), False, factory)
             return factory
 
-        for index, description in enumerate(section.listen):
-            name = f"smtp-{listener.value}-{index}"
-            adopt = adopted.get(name) if adopted is not None else None
-            services.append(ListenerService(name, description, reactor, build, adopt))
+        services += listener_services(
+            f"smtp-{listener.value}", section.listen, reactor, build, adopted
+        )
     return services
