@@ -43,7 +43,8 @@ def split_header(message: bytes) -> tuple[bytes, bytes]:
     return message, b""
 
 
-def _unfolded_fields(block: bytes) -> list[tuple[str, str]]:
+def header_fields(block: bytes) -> list[tuple[str, str]]:
+    """The fields of a header block, unfolded: (lower-cased name, value), in order."""
     fields: list[tuple[str, str]] = []
     for raw in block.replace(b"\r\n", b"\n").split(b"\n"):
         if not raw:
@@ -88,7 +89,7 @@ def _parse_date(value: str | None) -> datetime | None:
 def summarize(message: bytes) -> MessageSummary:
     block, _body = split_header(message)
     first: dict[str, str] = {}
-    for name, value in _unfolded_fields(block):
+    for name, value in header_fields(block):
         first.setdefault(name, value)
 
     def get(name: str) -> str | None:

@@ -8,7 +8,6 @@ per domain.  Signing blocks (RSA is ~1 ms of CPU): it runs in a thread pool.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from email.utils import getaddresses
 from typing import Any
@@ -18,6 +17,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from esp.message import header_fields, split_header
 from esp.storage.db import Database
 from esp.storage.dkimkeys import ED25519, SecretBox, SigningKey, signing_keys_txn
 
@@ -29,16 +29,11 @@ SIGNED_HEADERS: tuple[bytes, ...] = (
     b"message-id", b"mime-version", b"content-type", b"content-transfer-encoding",
 )
 KEY_CACHE_SECONDS = 60.0
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 def author_domain(message: bytes) -> str | None:
     """The domain of the (single) From address, lower-cased: the DMARC-aligned domain."""
-    match = _HEADER_END.search(message)
-    header = message[: match.start()] if match else message
-    unfolded = re.sub(rb"\r?\n[ \t]+", b" ", header)
-    values = [line.split(b":", 1)[1].decode("utf-8", "replace")
-              for line in unfolded.splitlines() if line.lower().startswith(b"from:")]
+    values = [value for name, value in header_fields(split_header(message)[0]) if name == "from"]
     addresses = [a for _, a in getaddresses(values) if "@" in a]
     if len(addresses) != 1:
         return None
@@ -64,10 +59,8 @@ def sign_message(message: bytes, keys: Sequence[SigningKey]) -> bytes:
 
 
 def _present_headers(message: bytes) -> list[bytes]:
-    match = _HEADER_END.search(message)
-    header = message[: match.start()] if match else message
-    names = {line.split(b":", 1)[0].strip().lower()
-             for line in header.splitlines() if line[:1] not in (b" ", b"\t") and b":" in line}
+    names = {name.encode("utf-8", "surrogateescape")
+             for name, _ in header_fields(split_header(message)[0])}
     return [name for name in SIGNED_HEADERS if name in names]
 
 

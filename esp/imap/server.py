@@ -447,8 +447,7 @@ class IMAPServer(imap4.IMAP4Server):
         d.addBoth(done)
 
     def _send(self, line: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(line + b"\r\n")
+        self._write(line + b"\r\n")
 
     def _ok(self, tag: bytes, text: str) -> None:
         self._send(tag + b" OK " + text.encode())
