@@ -1,4 +1,5 @@
-"""``esp``: the operator's command line (migrate, domains, users, aliases).
+"""``esp``: the operator's command line (migrate, domains, users, aliases, DKIM keys, the
+outbound queue and the suppression list).
 
 It works on the configured database directly: the embedded cluster of the data directory (started
 for the command and stopped again when ESP is not running) or the server of the DSN.  It runs
@@ -27,7 +28,8 @@ import psycopg2.extensions
 from esp.addresses import InvalidAddress, normalize_domain, parse_address
 from esp.auth import PasswordHasher, WeakPassword, check_new_password
 from esp.config import Config, ConfigError, default_config_path, load_config
-from esp.storage import directory, dkimkeys
+from esp.message import split_header
+from esp.storage import directory, dkimkeys, queue
 from esp.storage.cluster import ClusterError, EmbeddedCluster
 from esp.storage.db import Cursor, DatabaseUnavailable, connect, run_sync
 from esp.storage.maildir import retire
@@ -369,6 +371,120 @@ def cmd_dkim_show(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     return 0
 
 
+# -- outbound queue and suppression list ---------------------------------------------------------
+
+
+class Refused(Exception):
+    """The change cannot be made as asked (exit status 1)."""
+
+
+def _queue_line(entry: queue.QueueEntry) -> str:
+    pending = [a for a, status, _ in entry.recipients if status in ("queued", "deferred")]
+    when = entry.next_attempt_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    error = f"\t{entry.last_error}" if entry.last_error else ""
+    return (f"{entry.queue_id}\t{entry.status}\t{entry.size}\t<{entry.sender}>\t"
+            f"{','.join(pending) or entry.recipient_domain}\tattempts {entry.attempts}\t"
+            f"next {when}{error}\n")
+
+
+def cmd_queue_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        entries = run_sync(connection, queue.list_queue_txn, args.all)
+    if args.json:
+        out.write(json.dumps([_entry_json(e) for e in entries], indent=2) + "\n")
+        return 0
+    for entry in entries:
+        out.write(_queue_line(entry))
+    return 0
+
+
+def _entry_json(entry: queue.QueueEntry) -> dict[str, Any]:
+    return {
+        "id": entry.queue_id, "message_id": entry.message_id, "sender": entry.sender,
+        "domain": entry.recipient_domain, "status": entry.status, "attempts": entry.attempts,
+        "next_attempt_at": entry.next_attempt_at.isoformat(), "last_error": entry.last_error,
+        "created_at": entry.created_at.isoformat(), "size": entry.size,
+        "recipients": [{"address": a, "status": s, "last_error": e}
+                       for a, s, e in entry.recipients],
+    }
+
+
+def cmd_queue_show(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        entry = run_sync(connection, queue.get_queue_entry_txn, args.id)
+    if entry is None:
+        raise Refused(f"no queue entry {args.id}")
+    if args.json:
+        out.write(json.dumps(_entry_json(entry), indent=2) + "\n")
+        return 0
+    out.write(_queue_line(entry))
+    for address, status, error in entry.recipients:
+        out.write(f"  <{address}>\t{status}" + (f"\t{error}" if error else "") + "\n")
+    path = config.spool_dir / "new" / entry.spool_name
+    if args.headers and path.exists():
+        header, _ = split_header(path.read_bytes())
+        out.write(header.decode("utf-8", "replace").replace("\r\n", "\n"))
+    return 0
+
+
+def cmd_queue_retry(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        count = run_sync(connection, _change(
+            "queue.retry", ",".join(map(str, args.ids)), queue.retry_txn, args.ids))
+    if count < len(args.ids):
+        out.write(f"{count} of {len(args.ids)} entries were waiting and are due now\n")
+        return EXIT_REFUSED if count == 0 else 0
+    out.write(f"{count} entries due now\n")
+    return 0
+
+
+def cmd_queue_flush(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        count = run_sync(connection, _change("queue.flush", "*", queue.retry_txn, None))
+    out.write(f"{count} entries due now\n")
+    return 0
+
+
+def cmd_queue_delete(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        deleted, spool = run_sync(connection, _change(
+            "queue.delete", str(args.id), queue.delete_txn, args.id))
+    if not deleted:
+        raise Refused(f"queue entry {args.id} is not waiting (unknown, done or being "
+                      "delivered right now)")
+    if spool is not None:
+        (config.spool_dir / "new" / spool).unlink(missing_ok=True)
+    out.write(f"queue entry {args.id} deleted (no report goes to the sender)\n")
+    return 0
+
+
+def cmd_suppression_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    domain = normalize_domain(args.domain) if args.domain else None
+    with open_database(config) as connection:
+        entries = run_sync(connection, queue.list_suppressions_txn, domain)
+    if args.json:
+        out.write(json.dumps([{**e.__dict__, "created_at": e.created_at.isoformat()}
+                              for e in entries], indent=2) + "\n")
+        return 0
+    for e in entries:
+        when = e.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        out.write(f"{e.domain}\t{e.address}\t{when}\t{e.reason}\n")
+    return 0
+
+
+def cmd_suppression_remove(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    domain = normalize_domain(args.domain)
+    address = str(parse_address(args.address))
+    with open_database(config) as connection:
+        removed = run_sync(connection, _change(
+            "suppression.remove", f"{domain}:{address}", queue.remove_suppression_txn,
+            domain, address))
+    if not removed:
+        raise Refused(f"{address} is not on the suppression list of {domain}")
+    out.write(f"{address} removed from the suppression list of {domain}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esp",
@@ -451,6 +567,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = dkim_.add_parser("show", help="print the DNS records a domain's keys need")
     p.add_argument("domain")
     p.set_defaults(run=cmd_dkim_show)
+
+    queue_ = commands.add_parser("queue", help="the outbound queue").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = queue_.add_parser("list", help="entries still to deliver (one per message and "
+                                       "recipient domain)")
+    p.add_argument("--all", action="store_true", help="include delivered and bounced ones")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_queue_list)
+    p = queue_.add_parser("show", help="one entry: recipients, their last errors")
+    p.add_argument("id", type=int)
+    p.add_argument("--headers", action="store_true", help="print the message header too")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_queue_show)
+    p = queue_.add_parser("retry", help="try waiting entries again now")
+    p.add_argument("ids", type=int, nargs="+", metavar="id")
+    p.set_defaults(run=cmd_queue_retry)
+    p = queue_.add_parser("flush", help="try every waiting entry again now")
+    p.set_defaults(run=cmd_queue_flush)
+    p = queue_.add_parser("delete", help="drop a waiting entry without a report to the sender")
+    p.add_argument("id", type=int)
+    p.set_defaults(run=cmd_queue_delete)
+
+    suppression = commands.add_parser(
+        "suppression", help="addresses refused at submission after a hard bounce"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = suppression.add_parser("list", help="suppressed addresses (of one sending domain)")
+    p.add_argument("domain", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_suppression_list)
+    p = suppression.add_parser("remove", help="let a domain send to an address again")
+    p.add_argument("domain")
+    p.add_argument("address")
+    p.set_defaults(run=cmd_suppression_remove)
     return parser
 
 
@@ -472,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidAddress as e:
         err.write(f"esp: {e}\n")
         return EXIT_USAGE
-    except (directory.DirectoryError, dkimkeys.DKIMKeyError) as e:
+    except (directory.DirectoryError, dkimkeys.DKIMKeyError, Refused) as e:
         err.write(f"esp: {e}\n")
         return EXIT_REFUSED
     except (DatabaseUnavailable, ClusterError, MigrationError) as e:

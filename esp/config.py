@@ -144,6 +144,69 @@ class DNSConfig(Section):
     timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
 
 
+def _relay(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    host, port = parse_host_port(value, 25)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]' or '[v6]:port' → (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host or (port_text and not port_text.isdigit()):
+        raise ValueError("expected 'host', 'host:port' or '[ipv6]:port'")
+    port = int(port_text) if port_text else default_port
+    if not 0 < port < 65536:
+        raise ValueError("the port must be 1-65535")
+    return host.lower(), port
+
+
+class OutboundConfig(Section):
+    """Delivery of queued mail to other servers (``esp.outbound``)."""
+
+    # Run delivery workers in this process; every node may (they share the queue).
+    enabled: bool = True
+    # Port of remote MX hosts (MX records carry none): 25, other values are for tests.
+    port: Annotated[int, Field(ge=1, le=65535)] = 25
+    # A smart host that takes all outbound mail instead of MX lookups: 'host[:port]'.
+    relay: Annotated[str | None, AfterValidator(_relay)] = None
+    # Name given in EHLO; default server.hostname.
+    helo_name: HostName | None = None
+    # Connections open at once, overall and per destination domain.
+    max_connections: Annotated[int, Field(ge=1, le=1000)] = 20
+    max_connections_per_destination: Annotated[int, Field(ge=1, le=100)] = 5
+    # Messages sent over one connection before it is closed.
+    messages_per_connection: Annotated[int, Field(ge=1, le=10000)] = 100
+    # STARTTLS: 'may' uses it when offered (opportunistic, RFC 7435), 'encrypt' requires it,
+    # 'none' never uses it.
+    tls: Literal["may", "encrypt", "none"] = "may"
+    # Seconds: connecting, waiting for a reply (RFC 5321 §4.5.3.2 says 5 min), waiting for the
+    # reply to the end of the message (10 min).
+    connect_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
+    command_timeout: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    data_timeout: Annotated[float, Field(gt=0, le=3600)] = 600.0
+    # Waits after the 1st, 2nd... failed attempt, in seconds; the last one repeats.
+    retry_schedule: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(min_length=1)] = (
+        60, 300, 900, 3600, 7200,
+    )
+    # Seconds a message may stay in the queue before what is undelivered is bounced.
+    max_queue_time: Annotated[int, Field(ge=60)] = 5 * 24 * 3600
+    # Seconds a claimed row stays leased to its worker without renewal; a worker that dies
+    # loses its rows to the others after this long.
+    lease_time: Annotated[float, Field(ge=1, le=3600)] = 300.0
+    # Seconds between looks at the queue when nothing woke the workers (mail queued by other
+    # nodes, `esp queue retry`).
+    poll_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
+
+
 class ServerConfig(Section):
     hostname: HostName = Field(default_factory=_default_hostname)
     # Processes serving the listeners (this one included); 0 means one per CPU core.
@@ -152,6 +215,7 @@ class ServerConfig(Section):
     imap: IMAPConfig = Field(default_factory=IMAPConfig)
     api: APIConfig = Field(default_factory=APIConfig)
     dns: DNSConfig = Field(default_factory=DNSConfig)
+    outbound: OutboundConfig = Field(default_factory=OutboundConfig)
 
 
 class EmbeddedDatabaseConfig(Section):
@@ -182,6 +246,9 @@ class StorageConfig(Section):
     directory_cache_seconds: Annotated[float, Field(ge=0, le=300)] = 1.0
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     maildir: MaildirConfig = Field(default_factory=MaildirConfig)
+    # Bodies of queued outbound mail; default <data_dir>/spool.  Nodes sharing one database
+    # share this directory too (like the Maildir root).
+    spool_dir: Path | None = None
 
 
 class TLSConfig(Section):
@@ -256,6 +323,10 @@ class Config(Section):
     @property
     def maildir_root(self) -> Path:
         return self.storage.maildir.root or self.storage.data_dir / "maildir"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.storage.spool_dir or self.storage.data_dir / "spool"
 
     @property
     def dkim_secret_file(self) -> Path:
@@ -338,6 +409,7 @@ def _resolve_paths(config: Config, base: Path, source: Path | None) -> Config:
                     "maildir": storage.maildir.model_copy(
                         update={"root": absolute(storage.maildir.root)}
                     ),
+                    "spool_dir": absolute(storage.spool_dir),
                     "database": database.model_copy(
                         update={
                             "embedded": database.embedded.model_copy(

@@ -16,7 +16,7 @@ quota) fails alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,6 +106,8 @@ class LocalDelivery:
         self._deliveries: Batcher[Delivery, Outcome] = Batcher(
             self._writer.deliver, BATCH_LIMIT, BATCHES_AT_ONCE
         )
+        # Called after something was queued for remote recipients (wakes the delivery workers).
+        self.on_queued: Callable[[], None] | None = None
 
     def prepare(self) -> None:
         """Create the spool and start the Maildir writer; blocking, at start-up."""
@@ -153,6 +155,8 @@ class LocalDelivery:
         except Exception as e:
             self.log.failure("recording a delivery failed")
             raise DeliveryFailed(str(e)) from e
+        if queued and self.on_queued is not None:
+            self.on_queued()
         for item, recipient in zip(stored, local, strict=True):
             self._events.publish(
                 Event(

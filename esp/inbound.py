@@ -22,6 +22,7 @@ from esp.addresses import Address, InvalidAddress, parse_address
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
 from esp.envelope import Accepted, Envelope, Listener, Refusal, Session, temporary_failure
 from esp.mailauth import MailAuthenticator, SPFResult, Verdict, remove_forged_results
+from esp.message import complete_submission
 from esp.signing import DKIMSigner, author_domain
 from esp.storage.db import Database, DatabaseUnavailable
 from esp.storage.directory import (
@@ -33,6 +34,7 @@ from esp.storage.directory import (
 )
 from esp.storage.dkimkeys import DKIMKeyError
 from esp.storage.mailstore import find_special_use_txn
+from esp.storage.queue import is_suppressed_txn
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,9 @@ class InboundPolicy:
         delivery: LocalDelivery,
         mailauth: MailAuthPolicy | None = None,
         signer: DKIMSigner | None = None,
+        hostname: str = "localhost",
     ) -> None:
+        self._hostname = hostname
         self._db = db
         self._directory = directory
         self._delivery = delivery
@@ -91,7 +95,7 @@ class InboundPolicy:
         return None
 
     async def check_recipient(
-        self, session: Session, recipient: str, size: int | None
+        self, session: Session, recipient: str, size: int | None, sender: str = ""
     ) -> Accepted:
         address = _parse(recipient, 501, "5.1.3", "Bad recipient address syntax")
         try:
@@ -99,6 +103,7 @@ class InboundPolicy:
         except NotHosted:
             if session.user is None:
                 raise Refusal(554, "5.7.1", f"<{address}>: Relay access denied") from None
+            await self._check_suppressed(sender, str(address))
             return Accepted(str(address), Resolution((), (str(address),)))
         except UnknownRecipient:
             raise Refusal(
@@ -108,6 +113,24 @@ class InboundPolicy:
             raise temporary_failure() from None
         await self._check_quota(resolution, size or 0)
         return Accepted(str(address), resolution)
+
+    async def _check_suppressed(self, sender: str, address: str) -> None:
+        """Refuse an address that bounced hard for the sender's domain (until an operator
+        takes it off the list): sending again would only bounce again."""
+        domain = sender.rpartition("@")[2]
+        if not domain:
+            return
+        try:
+            reason = await self._db.run("is_suppressed", is_suppressed_txn, domain, address)
+        except DatabaseUnavailable:
+            raise temporary_failure() from None
+        if reason is not None:
+            reason = "".join(c if " " <= c <= "~" else "?" for c in reason[:200])
+            raise Refusal(
+                550, "5.7.1",
+                f"<{address}>: Recipient is on the suppression list of {domain.lower()} "
+                f"after a permanent failure ({reason})",
+            )
 
     async def _check_quota(self, resolution: Resolution, size: int) -> None:
         # The user rows just read carry the usage: no second round trip per recipient.
@@ -148,6 +171,7 @@ class InboundPolicy:
         ]
         sender_user_id = None
         if session.user is not None:
+            message = complete_submission(message, self._hostname)
             sender = await self._directory.find_user(parse_address(session.user))
             sender_user_id = sender.id if sender else None
             if remote and self._signer is not None:

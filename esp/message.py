@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.errors
 import email.header
 import email.utils
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -41,6 +42,29 @@ def split_header(message: bytes) -> tuple[bytes, bytes]:
             end = index + len(separator)
             return message[:end], message[end:]
     return message, b""
+
+
+def complete_submission(message: bytes, hostname: str, now: datetime | None = None) -> bytes:
+    """A submitted message with the Date and Message-ID an MSA adds when they are missing
+    (RFC 6409 §8.2-8.3; RFC 5322 §3.6 requires Date, and verifiers such as OpenDKIM refuse a
+    message without it).  Added at the end of the header, as Postfix does."""
+    header, body = split_header(message)
+    names = {name for name, _ in header_fields(header)}
+    added = b""
+    if "date" not in names:
+        stamp = email.utils.format_datetime(now or datetime.now(UTC))
+        added += f"Date: {stamp}\r\n".encode()
+    if "message-id" not in names:
+        added += f"Message-ID: <{uuid.uuid4().hex}@{hostname}>\r\n".encode()
+    if not added:
+        return message
+    for ending in (b"\r\n\r\n", b"\n\n"):
+        if header.endswith(ending):
+            return header[: -len(ending) // 2] + added + header[-len(ending) // 2 :] + body
+    # No blank line: all header (or an empty message).
+    if header and not header.endswith(b"\n"):
+        header += b"\r\n"
+    return header + added + b"\r\n" + body
 
 
 def header_fields(block: bytes) -> list[tuple[str, str]]:

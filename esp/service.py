@@ -30,6 +30,7 @@ from esp.imap.service import imap_listeners
 from esp.inbound import InboundPolicy, MailAuthPolicy
 from esp.listeners import ListenerService
 from esp.mailauth import MailAuthenticator
+from esp.outbound import OutboundService
 from esp.signing import DKIMSigner
 from esp.smtp.service import smtp_listeners
 from esp.storage.cluster import EmbeddedCluster
@@ -399,12 +400,19 @@ def makeService(
         directory, PasswordHasher(config.security.auth.argon2), reactor, hashing.pool
     )
     delivery = LocalDelivery(
-        db, config.maildir_root, config.data_dir / "spool", disk.pool, events, reactor, dsn
+        db, config.maildir_root, config.spool_dir, disk.pool, events, reactor, dsn
     )
     children.append(SpoolService(delivery))
+    resolver = Resolver(config.server.dns.nameservers, config.server.dns.timeout)
+    if config.server.outbound.enabled:
+        outbound = OutboundService(
+            config.server.outbound, config.server.hostname, db, resolver, dns_pool.pool,
+            disk.pool, config.spool_dir, directory, delivery, events, reactor,
+        )
+        delivery.on_queued = outbound.wake
+        children.append(outbound)
     mailauth = None
     if config.security.mailauth.enabled:
-        resolver = Resolver(config.server.dns.nameservers, config.server.dns.timeout)
         mailauth = MailAuthPolicy(
             MailAuthenticator(resolver, config.server.hostname),
             dns_pool.pool,
@@ -413,7 +421,7 @@ def makeService(
             reject_spf_fail=config.security.mailauth.reject_spf_fail,
         )
     signer = DKIMSigner(db, SecretBox(config.dkim_secret_file), blocking.pool, reactor)
-    policy = InboundPolicy(db, directory, delivery, mailauth, signer)
+    policy = InboundPolicy(db, directory, delivery, mailauth, signer, config.server.hostname)
     root = ESPService(
         config,
         db=db,

@@ -41,6 +41,11 @@ MAIL_ZONES: dict[str, list[str]] = {
     "implicit.test": ["A('implicit.test', '127.0.0.1')"],
     "nullmx.test": ["MX('nullmx.test', 0, b'')"],  # RFC 7505: the root name
     "nomail.test": [],
+    # Remote MXs for delivery tests: a sink listens on 127.0.0.2; nothing on 127.0.0.3.
+    "remote.test": ["MX('remote.test', 10, 'mx.remote.test')", "A('mx.remote.test', '127.0.0.2')"],
+    "down.test": ["MX('down.test', 10, 'mx.down.test')", "A('mx.down.test', '127.0.0.3')"],
+    "fallback.test": ["MX('fallback.test', 10, 'mx.down.test')",
+                      "MX('fallback.test', 20, 'mx.remote.test')"],
 }
 
 
@@ -55,7 +60,7 @@ class DNSServer:
         return f"127.0.0.1:{self.port}"
 
 
-def _free_port() -> int:
+def free_dns_port() -> int:
     # The same number must be free for UDP and TCP; twistd dns binds both.
     for _ in range(50):
         tcp = socket.socket()
@@ -81,33 +86,17 @@ def _txt(value: str) -> str:
 def write_zones(directory: Path, public_key_b64: str) -> list[Path]:
     files = []
     for domain, (spf_record, dmarc, has_dkim) in DOMAINS.items():
-        lines = [
-            f"SOA({domain!r}, mname='ns.{domain}', rname='hostmaster.{domain}', serial=1, "
-            "refresh='1H', retry='1H', expire='1H', minimum='1M', ttl='1M'),",
-            f"NS({domain!r}, 'ns.{domain}'),",
-            f"A('ns.{domain}', '127.0.0.1'),",
-        ]
+        records = []
         if spf_record:
-            lines.append(f"TXT({domain!r}, {_txt(spf_record)}),")
+            records.append(txt_record(domain, spf_record))
         if dmarc:
-            lines.append(f"TXT('_dmarc.{domain}', {_txt(dmarc)}),")
+            records.append(txt_record(f"_dmarc.{domain}", dmarc))
         if has_dkim:
-            key = f"v=DKIM1; k=rsa; p={public_key_b64}"
-            lines.append(f"TXT('{SELECTOR}._domainkey.{domain}', {_txt(key)}),")
-        path = directory / f"{domain}.zone"
-        path.write_text("zone = [\n    " + "\n    ".join(lines) + "\n]\n")
-        files.append(path)
+            records.append(txt_record(f"{SELECTOR}._domainkey.{domain}",
+                                      f"v=DKIM1; k=rsa; p={public_key_b64}"))
+        files.append(zone_file(directory, domain, records))
     for domain, records in MAIL_ZONES.items():
-        lines = [
-            f"SOA({domain!r}, mname='ns.{domain}', rname='hostmaster.{domain}', serial=1, "
-            "refresh='1H', retry='1H', expire='1H', minimum='1M', ttl='1M'),",
-            f"NS({domain!r}, 'ns.{domain}'),",
-            f"A('ns.{domain}', '127.0.0.1'),",
-            *(f"{record}," for record in records),
-        ]
-        path = directory / f"{domain}.zone"
-        path.write_text("zone = [\n    " + "\n    ".join(lines) + "\n]\n")
-        files.append(path)
+        files.append(zone_file(directory, domain, records))
     return files
 
 
@@ -122,22 +111,52 @@ def start_dns(directory: Path) -> DNSServer:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     zones = write_zones(directory, base64.b64encode(public_der).decode())
-    port = _free_port()
-    argv = [program("twistd"), "-n", "--pidfile=", f"--logfile={directory / 'dns.log'}", "dns",
-            "-i", "127.0.0.1", "-p", str(port)]
+    port = free_dns_port()
+    process = serve_zones(directory, zones, port)
+    return DNSServer(port, private_pem, process)
+
+
+def zone_file(directory: Path, domain: str, records: list[str]) -> Path:
+    """A pyzone file for ``domain`` with its SOA, NS and ``records`` (Twisted's Record_*
+    constructors as text)."""
+    lines = [
+        f"SOA({domain!r}, mname='ns.{domain}', rname='hostmaster.{domain}', serial=1, "
+        "refresh='1H', retry='1H', expire='1H', minimum='1M', ttl='1M'),",
+        f"NS({domain!r}, 'ns.{domain}'),",
+        f"A('ns.{domain}', '127.0.0.1'),",
+        *(f"{record}," for record in records),
+    ]
+    path = directory / f"{domain}.zone"
+    path.write_text("zone = [\n    " + "\n    ".join(lines) + "\n]\n")
+    return path
+
+
+def txt_record(name: str, value: str) -> str:
+    """A TXT record in strings of at most 250 bytes."""
+    return f"TXT({name!r}, {_txt(value)})"
+
+
+def serve_zones(
+    directory: Path, zones: list[Path], port: int, host: str = "127.0.0.1",
+    log: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """``twistd dns`` serving ``zones`` on ``host:port`` (UDP and TCP), once it answers."""
+    log = log or directory / "dns.log"
+    argv = [program("twistd"), "-n", "--pidfile=", f"--logfile={log}", "dns",
+            "-i", host, "-p", str(port)]
     for zone in zones:
         argv += ["--pyzone", str(zone)]
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    query = dns.message.make_query("spf-pass.test", "SOA")
+    probe = zones[0].name.removesuffix(".zone")
+    query = dns.message.make_query(probe, "SOA")
     deadline = time.monotonic() + 30
     while True:  # readiness: the server answers a query (each try waits up to 0.2 s for it)
         try:
-            dns.query.udp(query, "127.0.0.1", port=port, timeout=0.2)
-            break
+            dns.query.udp(query, host, port=port, timeout=0.2)
+            return process
         except (dns.exception.Timeout, OSError):
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                log = (directory / "dns.log").read_text() if (directory / "dns.log").exists() else ""
-                raise AssertionError(f"the test DNS server did not start:\n{log}") from None
-    return DNSServer(port, private_pem, process)
+                text = log.read_text() if log.exists() else ""
+                raise AssertionError(f"the test DNS server did not start:\n{text}") from None

@@ -101,8 +101,12 @@ def connection(dsn: str) -> Iterator[psycopg2.extensions.connection]:
         conn.close()
 
 
+NO_OUTBOUND = "    enabled: false\n"
+
+
 def write_config(
-    directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1, imap: str = ""
+    directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1, imap: str = "",
+    outbound: str = NO_OUTBOUND, storage: str = "",
 ) -> Path:
     config = directory / "esp.yaml"
     config.write_text(
@@ -118,8 +122,10 @@ def write_config(
         "    listen: 'tcp:0:interface=127.0.0.1'\n"
         "    listen_tls: 'tcp:0:interface=127.0.0.1'\n"
         + imap
+        + "  outbound:\n" + outbound
         + f"storage:\n  data_dir: {directory / 'var'}\n  database:\n    dsn: '{dsn}'\n"
-        "security:\n  auth:\n"
+        + storage
+        + "security:\n  auth:\n"
         "    argon2: {time_cost: 1, memory_cost_kib: 8192, parallelism: 1}\n"
         + extra
     )
@@ -130,11 +136,14 @@ _LISTENING = re.compile(r"(?:smtp-(\w+)|(imaps?))-0 listening on 127\.0\.0\.1:(\
 
 
 def start_esp(
-    directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1, imap: str = ""
+    directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1, imap: str = "",
+    outbound: str = NO_OUTBOUND, storage: str = "",
 ) -> EspServer:
     """ESP with its DNS pointed at the test DNS server (``test_dns.nameserver``); ``extra``
-    continues the ``security`` section, ``imap`` the ``server.imap`` one (4 spaces deep)."""
-    config = write_config(directory, dsn, dns, extra, workers, imap)
+    continues the ``security`` section, ``imap`` the ``server.imap`` one, ``outbound`` the
+    ``server.outbound`` one and ``storage`` the ``storage`` one (4 or 2 spaces deep).
+    Outbound delivery is off unless ``outbound`` says otherwise."""
+    config = write_config(directory, dsn, dns, extra, workers, imap, outbound, storage)
     process = start_twistd("esp", "--config", str(config))
     process.wait_for("ready: host")
     ports = {m.group(1) or m.group(2): int(m.group(3)) for m in _LISTENING.finditer(process.log)}

@@ -81,6 +81,24 @@ class Server:
         finally:
             selector.close()
 
+    def drain(self) -> None:
+        """Read what the log has so far without waiting (a busy server must not block on a
+        full pipe while a test waits for something else)."""
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        selector = selectors.DefaultSelector()
+        selector.register(fd, selectors.EVENT_READ)
+        try:
+            while selector.select(0):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return
+                self._partial += chunk
+                *complete, self._partial = self._partial.split(b"\n")
+                self.lines.extend(line.decode("utf-8", "replace") + "\n" for line in complete)
+        finally:
+            selector.close()
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)

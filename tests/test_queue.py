@@ -12,7 +12,7 @@ import pytest
 
 from esp.storage.db import connect, run_sync
 from esp.storage.queue import (
-    BACKOFF_MAX,
+    DEFAULT_RETRY_SCHEDULE,
     Claim,
     LeaseLost,
     RecipientOutcome,
@@ -80,8 +80,9 @@ def test_a_dead_workers_lease_runs_out_and_it_cannot_finish_afterwards(db: Any) 
     assert taken.queue_id == queue_id and taken.attempts == 2
     with pytest.raises(LeaseLost):
         run_sync(db, finish_txn, lost, "dead-worker", {"a@one.test": RecipientOutcome("sent")})
-    assert run_sync(db, finish_txn, taken, "live-worker",
-                    {"a@one.test": RecipientOutcome("sent", 250, "ok")}) == "sent"
+    finished = run_sync(db, finish_txn, taken, "live-worker",
+                        {"a@one.test": RecipientOutcome("sent", 250, "ok")})
+    assert finished.status == "sent" and finished.message_done
     assert row(db, queue_id)[0] == "sent"
     assert claim(db, "anyone") == []
 
@@ -89,11 +90,11 @@ def test_a_dead_workers_lease_runs_out_and_it_cannot_finish_afterwards(db: Any) 
 def test_deferred_recipients_are_retried_on_the_backoff_schedule(db: Any) -> None:
     [queue_id] = enqueue(db, "m3", "a@one.test", "b@one.test")
     [first] = claim(db, "w")
-    status = run_sync(db, finish_txn, first, "w", {
+    finished = run_sync(db, finish_txn, first, "w", {
         "a@one.test": RecipientOutcome("sent", 250),
         "b@one.test": RecipientOutcome("deferred", 451, "4.7.1 greylisted"),
     })
-    assert status == "queued"
+    assert finished.status == "queued" and not finished.message_done
     state, attempts, wait = row(db, queue_id)
     assert (state, attempts) == ("queued", 1)
     assert backoff_seconds(1) - 5 < wait <= backoff_seconds(1)
@@ -103,8 +104,10 @@ def test_deferred_recipients_are_retried_on_the_backoff_schedule(db: Any) -> Non
     db.commit()
     [second] = claim(db, "w")
     assert second.recipients == ("b@one.test",) and second.attempts == 2
-    assert [backoff_seconds(n) for n in (1, 2, 3)] == [300, 600, 1200]
-    assert backoff_seconds(30) == BACKOFF_MAX
+    assert [backoff_seconds(n) for n in (1, 2, 3, 4, 5, 6, 30)] == [
+        60, 300, 900, 3600, 7200, 7200, 7200]
+    assert DEFAULT_RETRY_SCHEDULE[-1] == 7200
+    assert backoff_seconds(3, (10, 20)) == 20
 
 
 def test_an_expired_message_bounces_what_is_left(db: Any) -> None:
@@ -115,11 +118,11 @@ def test_an_expired_message_bounces_what_is_left(db: Any) -> None:
     db.commit()
     [expired] = claim(db, "w")
     assert expired.expired
-    status = run_sync(db, finish_txn, expired, "w", {
+    finished = run_sync(db, finish_txn, expired, "w", {
         "a@one.test": RecipientOutcome("sent", 250),
         "b@one.test": RecipientOutcome("deferred", 421, "4.4.2 timeout"),
     })
-    assert status == "bounced"
+    assert finished.status == "bounced" and finished.message_done
     with db.cursor() as cur:
         cur.execute("SELECT address, status FROM queue_recipients WHERE queue_id = %s "
                     "ORDER BY address", (queue_id,))

@@ -56,7 +56,9 @@ class RecordingPolicy:
         if self.sender_gate is not None:
             await self.sender_gate
 
-    async def check_recipient(self, session: Session, rcpt: str, size: int | None) -> Accepted:
+    async def check_recipient(
+        self, session: Session, rcpt: str, size: int | None, sender: str = ""
+    ) -> Accepted:
         if not rcpt.endswith("@example.test"):
             raise Refusal(554, "5.7.1", "Relay access denied")
         return Accepted(rcpt)

@@ -575,7 +575,7 @@ class ESMTPServer(smtp.ESMTP):
     async def _rcpt(self, address: str) -> None:
         try:
             accepted = await self._policy.check_recipient(
-                self.session(), address, self._size_declared
+                self.session(), address, self._size_declared, self._sender or ""
             )
         except Refusal as refusal:
             if not refusal.temporary:

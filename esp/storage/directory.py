@@ -363,6 +363,11 @@ def remove_alias_txn(
     return removed
 
 
+def is_hosted_txn(cur: Cursor, domain: str) -> bool:
+    """Whether mail for ``domain`` is delivered here."""
+    return _is_hosted(cur, domain.lower())
+
+
 def _is_hosted(cur: Cursor, domain: str) -> bool:
     cur.execute("SELECT 1 FROM domains WHERE name = %s", (domain,))
     return cur.fetchone() is not None

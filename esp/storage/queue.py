@@ -1,13 +1,18 @@
 """The outbound queue: a spooled body plus one row per message and recipient domain.
 
-The body is durable in the spool before the rows are committed; delivery workers claim rows with
-``FOR UPDATE SKIP LOCKED`` (the outbound issue builds them).
+The body is durable in the spool before the rows are committed.  Delivery workers
+(:mod:`esp.outbound`) lease rows with ``FOR UPDATE SKIP LOCKED``, so any number of workers and
+nodes drain one queue without taking the same row twice; a worker renews its leases while it
+delivers, and the rows of a worker that died fall due again when their leases run out.  An
+attempt's outcome, the suppression of hard-bounced addresses and the queuing of the bounce
+report to the sender are one transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from esp.storage.db import Cursor
 
@@ -54,16 +59,14 @@ def enqueue_txn(
 
 # -- delivery workers: claims, leases, outcomes ------------------------------------------------
 
-# Retry schedule after a temporary failure, as Postfix's (minimal_backoff_time 300 s doubling to
-# maximal_backoff_time 4000 s, here 4 h): 5, 10, 20, 40, 80 min, then every 4 h until the
-# message expires (5 days, then a bounce).
-BACKOFF_FIRST = 300
-BACKOFF_MAX = 4 * 3600
+# Waits after the 1st, 2nd... failed attempt; the last one repeats until the message expires.
+DEFAULT_RETRY_SCHEDULE = (60, 300, 900, 3600, 7200)
+DEFAULT_MAX_QUEUE_TIME = 5 * 24 * 3600
 
 
-def backoff_seconds(attempts: int) -> int:
+def backoff_seconds(attempts: int, schedule: Sequence[int] = DEFAULT_RETRY_SCHEDULE) -> int:
     """Wait before attempt ``attempts + 1`` after ``attempts`` failed ones (at least 1)."""
-    return int(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, min(attempts - 1, 20))))
+    return int(schedule[min(max(attempts, 1), len(schedule)) - 1])
 
 
 @dataclass(frozen=True)
@@ -77,33 +80,46 @@ class Claim:
     recipient_domain: str
     recipients: tuple[str, ...]
     attempts: int  # including this one
-    expired: bool  # past expires_at: bounce what is still undelivered
+    expired: bool  # past the longest time in the queue: bounce what is still undelivered
+    created_at: datetime | None = None
+    user_id: int | None = None
 
 
-def claim_due_txn(cur: Cursor, owner: str, lease_seconds: int, limit: int) -> list[Claim]:
-    """Lease up to ``limit`` rows due for an attempt (or whose lease expired: a worker that died)
-    to ``owner``.  ``FOR UPDATE SKIP LOCKED``: any number of workers and nodes share the queue
-    without ever taking the same row."""
+def claim_due_txn(
+    cur: Cursor,
+    owner: str,
+    lease_seconds: float,
+    limit: int,
+    now: datetime | None = None,
+    max_queue_seconds: int = DEFAULT_MAX_QUEUE_TIME,
+) -> list[Claim]:
+    """Lease up to ``limit`` rows due for an attempt at ``now`` (or whose lease expired: a
+    worker that died) to ``owner``.  ``FOR UPDATE SKIP LOCKED``: any number of workers and
+    nodes share the queue without ever taking the same row."""
     cur.execute(
         """
-        WITH due AS (
-            SELECT id FROM queue
-            WHERE (status = 'queued' AND next_attempt_at <= now())
-               OR (status = 'delivering' AND lease_expires_at < now())
+        WITH clock AS (SELECT coalesce(%(now)s::timestamptz, now()) AS now),
+        due AS (
+            SELECT id FROM queue, clock
+            WHERE (status = 'queued' AND next_attempt_at <= clock.now)
+               OR (status = 'delivering' AND lease_expires_at < clock.now)
             ORDER BY next_attempt_at
-            LIMIT %s
-            FOR UPDATE SKIP LOCKED
+            LIMIT %(limit)s
+            FOR UPDATE OF queue SKIP LOCKED
         )
         UPDATE queue AS q
-        SET status = 'delivering', lease_owner = %s,
-            lease_expires_at = now() + make_interval(secs => %s),
+        SET status = 'delivering', lease_owner = %(owner)s,
+            lease_expires_at = clock.now + make_interval(secs => %(lease)s),
             attempts = q.attempts + 1, updated_at = now()
-        FROM due, outbound_messages AS m
+        FROM due, clock, outbound_messages AS m
         WHERE q.id = due.id AND m.id = q.message_id
         RETURNING q.id, q.message_id, m.spool_name, m.sender, q.recipient_domain, q.attempts,
-                  q.expires_at <= now()
+                  least(q.expires_at, q.created_at + make_interval(secs => %(max_age)s))
+                      <= clock.now,
+                  m.created_at, m.user_id
         """,
-        (limit, owner, lease_seconds),
+        {"now": now, "limit": limit, "owner": owner, "lease": lease_seconds,
+         "max_age": max_queue_seconds},
     )
     rows = cur.fetchall()
     if not rows:
@@ -118,9 +134,45 @@ def claim_due_txn(cur: Cursor, owner: str, lease_seconds: int, limit: int) -> li
         recipients.setdefault(queue_id, []).append(address)
     return [
         Claim(queue_id, message_id, spool, sender, domain,
-              tuple(recipients.get(queue_id, ())), attempts, expired)
-        for queue_id, message_id, spool, sender, domain, attempts, expired in sorted(rows)
+              tuple(recipients.get(queue_id, ())), attempts, expired, created, user_id)
+        for queue_id, message_id, spool, sender, domain, attempts, expired, created, user_id
+        in sorted(rows)
     ]
+
+
+def renew_leases_txn(
+    cur: Cursor, owner: str, queue_ids: Sequence[int], lease_seconds: float,
+    now: datetime | None = None,
+) -> int:
+    """Push back the lease of rows ``owner`` still delivers; returns how many it still holds."""
+    cur.execute(
+        "UPDATE queue SET lease_expires_at = coalesce(%s::timestamptz, now()) "
+        "+ make_interval(secs => %s) "
+        "WHERE id = ANY(%s) AND status = 'delivering' AND lease_owner = %s",
+        (now, lease_seconds, list(queue_ids), owner),
+    )
+    return int(cur.rowcount)
+
+
+def release_txn(cur: Cursor, owner: str, queue_ids: Sequence[int]) -> None:
+    """Give back rows claimed but not attempted (a worker stopping): due again at once, and
+    the claim does not count as an attempt."""
+    cur.execute(
+        "UPDATE queue SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
+        "attempts = greatest(attempts - 1, 0), updated_at = now() "
+        "WHERE id = ANY(%s) AND status = 'delivering' AND lease_owner = %s",
+        (list(queue_ids), owner),
+    )
+
+
+def next_due_txn(cur: Cursor) -> datetime | None:
+    """When the next row falls due (a queued row's attempt, or a lease running out)."""
+    cur.execute(
+        "SELECT least((SELECT min(next_attempt_at) FROM queue WHERE status = 'queued'), "
+        "(SELECT min(lease_expires_at) FROM queue WHERE status = 'delivering'))"
+    )
+    row = cur.fetchone()
+    return row[0] if row else None
 
 
 @dataclass(frozen=True)
@@ -128,18 +180,62 @@ class RecipientOutcome:
     status: str  # 'sent', 'deferred' (try again) or 'bounced' (permanent)
     code: int | None = None
     text: str = ""
+    status_code: str | None = None  # RFC 3463, e.g. '5.1.1'
+    remote_mta: str | None = None
+    # A permanent refusal by the recipient's server (not an expiry, not a local reason):
+    # the address goes on the sender domain's suppression list.
+    hard: bool = False
+
+
+def final_outcomes(
+    claim: Claim, outcomes: Mapping[str, RecipientOutcome]
+) -> dict[str, RecipientOutcome]:
+    """The outcomes as recorded: a recipient still deferred when the message has expired is
+    bounced (with its last temporary status, as Postfix reports it)."""
+    if not claim.expired:
+        return dict(outcomes)
+    return {
+        address: RecipientOutcome("bounced", o.code, o.text or "delivery time expired",
+                                  o.status_code or "4.4.7", o.remote_mta)
+        if o.status == "deferred" else o
+        for address, o in outcomes.items()
+    }
 
 
 class LeaseLost(Exception):
     """The row is no longer leased to this worker (its lease expired and another took it)."""
 
 
+@dataclass(frozen=True)
+class Notification:
+    """A delivery status notification spooled for the sender, queued in the same transaction
+    as the bounce it reports."""
+
+    spool_name: str
+    size: int
+    recipient: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    status: str  # the row's new status: 'sent', 'queued' (to retry) or 'bounced'
+    message_done: bool  # no row of the message is left to deliver: its spool file can go
+    notification_ids: tuple[int, ...] = ()
+
+
 def finish_txn(
-    cur: Cursor, claim: Claim, owner: str, outcomes: dict[str, RecipientOutcome]
-) -> str:
+    cur: Cursor,
+    claim: Claim,
+    owner: str,
+    outcomes: Mapping[str, RecipientOutcome],
+    now: datetime | None = None,
+    schedule: Sequence[int] = DEFAULT_RETRY_SCHEDULE,
+    notification: Notification | None = None,
+) -> Finished:
     """Record an attempt's outcome per recipient; the row becomes 'sent' (nothing left to do),
     'queued' again with the next attempt scheduled, or 'bounced' (expired with recipients still
-    deferred: those are bounced too).  Returns the row's new status."""
+    deferred: those are bounced too).  Hard bounces go on the suppression list of the sender's
+    domain; ``notification`` (the bounce report) is queued to the sender."""
     cur.execute(
         "SELECT 1 FROM queue WHERE id = %s AND status = 'delivering' AND lease_owner = %s "
         "FOR UPDATE",
@@ -147,14 +243,28 @@ def finish_txn(
     )
     if cur.fetchone() is None:
         raise LeaseLost(f"queue row {claim.queue_id} is no longer leased to {owner}")
-    for address, outcome in outcomes.items():
-        status = outcome.status
-        if status == "deferred" and claim.expired:
-            status = "bounced"
+    final = final_outcomes(claim, outcomes)
+    for address, outcome in final.items():
         cur.execute(
             "UPDATE queue_recipients SET status = %s, last_code = %s, last_error = %s, "
-            "updated_at = now() WHERE queue_id = %s AND address = %s",
-            (status, outcome.code, outcome.text or None, claim.queue_id, address),
+            "status_code = %s, remote_mta = %s, updated_at = now() "
+            "WHERE queue_id = %s AND address = %s",
+            (outcome.status, outcome.code, outcome.text or None, outcome.status_code,
+             outcome.remote_mta, claim.queue_id, address),
+        )
+    hard = [(a.lower(), o.text or "") for a, o in final.items()
+            if o.status == "bounced" and o.hard]
+    if hard and claim.sender:
+        cur.execute(
+            """
+            INSERT INTO suppressions (domain_id, address, reason)
+            SELECT d.id, a.address, a.reason FROM domains d,
+                   unnest(%s::text[], %s::text[]) AS a (address, reason)
+            WHERE d.name = lower(split_part(%s, '@', 2))
+            ON CONFLICT (domain_id, address) DO UPDATE SET reason = excluded.reason,
+                created_at = now()
+            """,
+            ([a for a, _ in hard], [reason for _, reason in hard], claim.sender),
         )
     cur.execute(
         "SELECT count(*) FILTER (WHERE status IN ('queued', 'deferred')), "
@@ -164,14 +274,15 @@ def finish_txn(
     row = cur.fetchone()
     assert row is not None
     pending, bounced = row
-    errors = [o.text for o in outcomes.values() if o.status != "sent" and o.text]
+    errors = [o.text for o in final.values() if o.status != "sent" and o.text]
     if pending:
         status = "queued"
         cur.execute(
             "UPDATE queue SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
-            "next_attempt_at = now() + make_interval(secs => %s), last_error = %s, "
-            "updated_at = now() WHERE id = %s",
-            (backoff_seconds(claim.attempts), errors[0] if errors else None, claim.queue_id),
+            "next_attempt_at = coalesce(%s::timestamptz, now()) + make_interval(secs => %s), "
+            "last_error = %s, updated_at = now() WHERE id = %s",
+            (now, backoff_seconds(claim.attempts, schedule), errors[0] if errors else None,
+             claim.queue_id),
         )
     else:
         status = "bounced" if bounced else "sent"
@@ -180,4 +291,133 @@ def finish_txn(
             "last_error = %s, updated_at = now() WHERE id = %s",
             (status, errors[0] if errors else None, claim.queue_id),
         )
-    return status
+    notification_ids: list[int] = []
+    if notification is not None:
+        notification_ids = enqueue_txn(
+            cur, notification.spool_name, "", [notification.recipient], notification.size
+        )
+    cur.execute(
+        "SELECT NOT EXISTS (SELECT 1 FROM queue WHERE message_id = %s "
+        "AND status IN ('queued', 'delivering'))",
+        (claim.message_id,),
+    )
+    done = cur.fetchone()
+    return Finished(status, bool(done and done[0]), tuple(notification_ids))
+
+
+# -- suppression list ----------------------------------------------------------------------------
+
+
+def is_suppressed_txn(cur: Cursor, sender_domain: str, address: str) -> str | None:
+    """The reason ``address`` is suppressed for mail from ``sender_domain``, or None."""
+    cur.execute(
+        "SELECT s.reason FROM suppressions s JOIN domains d ON d.id = s.domain_id "
+        "WHERE d.name = lower(%s) AND s.address = lower(%s)",
+        (sender_domain, address),
+    )
+    row = cur.fetchone()
+    return str(row[0]) if row else None
+
+
+@dataclass(frozen=True)
+class Suppression:
+    domain: str
+    address: str
+    reason: str
+    created_at: datetime
+
+
+def list_suppressions_txn(cur: Cursor, domain: str | None = None) -> list[Suppression]:
+    cur.execute(
+        "SELECT d.name, s.address, s.reason, s.created_at FROM suppressions s "
+        "JOIN domains d ON d.id = s.domain_id WHERE %(domain)s::text IS NULL "
+        "OR d.name = lower(%(domain)s) ORDER BY d.name, s.address",
+        {"domain": domain},
+    )
+    return [Suppression(*row) for row in cur.fetchall()]
+
+
+def remove_suppression_txn(cur: Cursor, domain: str, address: str) -> bool:
+    cur.execute(
+        "DELETE FROM suppressions s USING domains d WHERE d.id = s.domain_id "
+        "AND d.name = lower(%s) AND s.address = lower(%s)",
+        (domain, address),
+    )
+    return cur.rowcount > 0
+
+
+# -- operators' view (esp queue ...) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    queue_id: int
+    message_id: int
+    spool_name: str
+    sender: str
+    recipient_domain: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    created_at: datetime
+    size: int
+    recipients: tuple[tuple[str, str, str | None], ...]  # address, status, last error
+
+
+_ENTRY = """
+    SELECT q.id, q.message_id, m.spool_name, m.sender, q.recipient_domain, q.status,
+           q.attempts, q.next_attempt_at, q.last_error, q.created_at, m.size,
+           coalesce((SELECT array_agg(ARRAY[r.address, r.status, coalesce(r.last_error, '')]
+                     ORDER BY r.address)
+                     FROM queue_recipients r WHERE r.queue_id = q.id), '{}')
+    FROM queue q JOIN outbound_messages m ON m.id = q.message_id
+"""
+
+
+def _entry(row: Sequence[object]) -> QueueEntry:
+    recipients = tuple((a, s, e or None) for a, s, e in row[11])  # type: ignore[attr-defined]
+    return QueueEntry(*row[:11], recipients=recipients)  # type: ignore[arg-type, misc]
+
+
+def list_queue_txn(cur: Cursor, all_rows: bool = False, limit: int = 1000) -> list[QueueEntry]:
+    """Rows still to deliver (or every row, with ``all_rows``), oldest first."""
+    where = "" if all_rows else "WHERE q.status IN ('queued', 'delivering')"
+    cur.execute(f"{_ENTRY} {where} ORDER BY q.id LIMIT %s", (limit,))
+    return [_entry(row) for row in cur.fetchall()]
+
+
+def get_queue_entry_txn(cur: Cursor, queue_id: int) -> QueueEntry | None:
+    cur.execute(f"{_ENTRY} WHERE q.id = %s", (queue_id,))
+    row = cur.fetchone()
+    return _entry(row) if row else None
+
+
+def retry_txn(cur: Cursor, queue_ids: Sequence[int] | None = None) -> int:
+    """Make queued rows due now (all of them when ``queue_ids`` is None: a flush)."""
+    cur.execute(
+        "UPDATE queue SET next_attempt_at = now(), updated_at = now() "
+        "WHERE status = 'queued' AND (%(all)s OR id = ANY(%(ids)s))",
+        {"all": queue_ids is None, "ids": list(queue_ids or ())},
+    )
+    return int(cur.rowcount)
+
+
+def delete_txn(cur: Cursor, queue_id: int) -> tuple[bool, str | None]:
+    """Drop a row that is not being delivered right now (no report is sent).  Returns whether
+    it was dropped and the spool file to remove when no other row needs it."""
+    cur.execute(
+        "UPDATE queue SET status = 'deleted', updated_at = now() "
+        "WHERE id = %s AND status = 'queued' RETURNING message_id",
+        (queue_id,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        return False, None
+    cur.execute(
+        "SELECT m.spool_name FROM outbound_messages m WHERE m.id = %s AND NOT EXISTS "
+        "(SELECT 1 FROM queue WHERE message_id = m.id AND status IN ('queued', 'delivering'))",
+        (row[0],),
+    )
+    spool = cur.fetchone()
+    return True, spool[0] if spool else None

@@ -1,0 +1,679 @@
+"""Outbound delivery: workers that drain the shared queue to other servers (RFC 5321 §5).
+
+One :class:`OutboundService` per process leases due rows (:mod:`esp.storage.queue`, ``FOR
+UPDATE SKIP LOCKED``, so nodes share the work), groups them by destination domain, and serves
+each destination over a few connections, several messages per connection:
+
+- MX lookup through :mod:`esp.dns` (preference order, implicit MX, null MX → bounce), or the
+  configured relay; each host's addresses are tried in turn, a few at most (as Postfix does).
+- STARTTLS when offered (or required, by config), then one transaction per message for all its
+  recipients in that domain, pipelined when the server allows.
+- Each recipient's reply decides: 2xx sent (message.sent), 4xx or a broken connection deferred
+  (retried on the schedule from config), 5xx bounced: an RFC 3464 report to the sender and the
+  address on the sender domain's suppression list (message.bounced).  What is still deferred
+  when the message has been queued too long is bounced too.
+- Recipients in hosted domains (a bounce report to a local sender, say) are delivered locally
+  without a network hop.
+
+Time comes from ``clock`` (the reactor in production), so tests drive retries by advancing it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from esp.addresses import InvalidAddress, parse_address
+from esp.config import OutboundConfig, parse_host_port
+from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
+from esp.dns import DNSTemporaryError, NoMailHost, Resolver
+from esp.dsn import FailedRecipient, delivery_status_notification
+from esp.events import MESSAGE_BOUNCED, MESSAGE_SENT, Event, EventBus
+from esp.smtp.client import (
+    Reply,
+    SMTPClientProtocol,
+    SMTPConnectionError,
+    TransactionResult,
+    connect,
+    opportunistic_tls,
+)
+from esp.storage.db import Database, DatabaseUnavailable
+from esp.storage.directory import DirectoryStore, NotHosted, UnknownRecipient, is_hosted_txn
+from esp.storage.maildir import Maildir, MaildirError, remove_files
+from esp.storage.queue import (
+    Claim,
+    Finished,
+    Notification,
+    RecipientOutcome,
+    claim_due_txn,
+    final_outcomes,
+    finish_txn,
+    next_due_txn,
+    release_txn,
+    renew_leases_txn,
+)
+
+T = TypeVar("T")
+
+# Postfix's smtp_mx_address_limit and smtp_mx_session_limit: addresses tried per attempt, and
+# servers that may be talked to before the attempt is given up.
+MAX_ADDRESSES = 5
+MAX_SESSIONS = 2
+# Seconds a stopping service gives deliveries under way before it cuts them off.
+STOP_GRACE = 10.0
+
+
+class DestinationUnavailable(Exception):
+    """No server of the destination could be reached or would talk: every recipient gets
+    ``outcome``."""
+
+    def __init__(self, outcome: RecipientOutcome) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome
+
+
+@dataclass
+class Connection:
+    protocol: SMTPClientProtocol
+    host: str  # the MX host name (or relay) it goes to
+    address: str
+    sent: int = 0
+
+
+@dataclass
+class Destination:
+    domain: str
+    pending: deque[Claim] = field(default_factory=deque)
+    connections: int = 0
+
+
+def _deferred(text: str, status: str, host: str | None = None,
+              code: int | None = None) -> RecipientOutcome:
+    return RecipientOutcome("deferred", code, text, status, host)
+
+
+def _bounced(text: str, status: str, host: str | None = None, code: int | None = None,
+             hard: bool = False) -> RecipientOutcome:
+    return RecipientOutcome("bounced", code, text, status, host, hard)
+
+
+def outcome_of(reply: Reply, host: str) -> RecipientOutcome:
+    """What a reply means for a recipient."""
+    if reply.positive:
+        return RecipientOutcome("sent", reply.code, reply.text, reply.status or "2.0.0", host)
+    if reply.temporary:
+        return _deferred(reply.text, reply.status or "4.0.0", host, reply.code)
+    return _bounced(reply.text, reply.status or "5.0.0", host, reply.code, hard=True)
+
+
+def transaction_outcomes(
+    recipients: Sequence[str], result: TransactionResult, host: str
+) -> dict[str, RecipientOutcome]:
+    """Each recipient's outcome from one transaction's replies."""
+    if not result.mail.positive:
+        return dict.fromkeys(recipients, outcome_of(result.mail, host))
+    outcomes: dict[str, RecipientOutcome] = {}
+    for address, reply in result.recipients:
+        if not reply.positive:
+            outcomes[address] = outcome_of(reply, host)
+        elif result.data is None:
+            # Accepted, but the transaction went no further: nothing was sent.
+            outcomes[address] = _deferred("no data was sent", "4.0.0", host)
+        else:
+            outcomes[address] = outcome_of(result.data, host)
+    return outcomes
+
+
+class OutboundService(Service):
+    log = Logger()
+
+    def __init__(
+        self,
+        settings: OutboundConfig,
+        hostname: str,
+        db: Database,
+        resolver: Resolver,
+        dns_pool: ThreadPool,
+        disk_pool: ThreadPool,
+        spool_dir: Path,
+        directory: DirectoryStore,
+        delivery: LocalDelivery,
+        events: EventBus,
+        reactor: Any,
+        clock: Any = None,
+        owner: str | None = None,
+    ) -> None:
+        self.setName("outbound")
+        self.settings = settings
+        self.hostname = hostname
+        self._helo = settings.helo_name or hostname
+        self._db = db
+        self._resolver = resolver
+        self._dns_pool = dns_pool
+        self._disk_pool = disk_pool
+        self._spool = Maildir(spool_dir)
+        self._directory = directory
+        self._delivery = delivery
+        self._events = events
+        self._reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self._destinations: dict[str, Destination] = {}
+        self._held: set[int] = set()  # queue ids leased to us, in hand or under way
+        self._connections = 0
+        self._tasks: set[Deferred[None]] = set()
+        self._protocols: set[SMTPClientProtocol] = set()
+        self._timer: IDelayedCall | None = None
+        self._passing = False
+        self._again = False
+        self._renewal: LoopingCall | None = None
+        self._tls = opportunistic_tls()
+        # Called with each finished claim's outcome (tests and metrics wait on it).
+        self.finished_hooks: list[Callable[[Claim, Finished, dict[str, RecipientOutcome]],
+                                           None]] = []
+
+    # -- service ---------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._renewal = LoopingCall(lambda: Deferred.fromCoroutine(self._renew_leases()))
+        self._renewal.clock = self.clock
+        self._renewal.start(self.settings.lease_time / 3, now=False).addErrback(
+            lambda f: self.log.failure("lease renewal stopped", f)
+        )
+        self.wake()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._renewal is not None and self._renewal.running:
+            self._renewal.stop()
+        waiting = [c.queue_id for d in self._destinations.values() for c in d.pending]
+        for destination in self._destinations.values():
+            destination.pending.clear()
+        if waiting:
+            try:
+                await self._db.run("queue_release", release_txn, self.owner, waiting)
+            except Exception as e:
+                self.log.warn("could not give back {count} queue rows: {error}",
+                              count=len(waiting), error=str(e))
+            self._held.difference_update(waiting)
+        if self._tasks:
+            cutoff = self._reactor.callLater(STOP_GRACE, self._cut_off)
+            await DeferredList(list(self._tasks), consumeErrors=True)
+            if cutoff.active():
+                cutoff.cancel()
+
+    def _cut_off(self) -> None:
+        for protocol in list(self._protocols):
+            _abort(protocol)
+
+    def wake(self) -> None:
+        """Look at the queue now (mail was just queued, or a delivery finished)."""
+        if not self.running:
+            return
+        if self._passing:
+            self._again = True
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.clock.callLater(0, self._pass)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a look at the queue or a delivery is under way (tests wait for quiet)."""
+        return self._passing or bool(self._held) or bool(self._tasks)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), UTC)
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    def _pass(self) -> None:
+        self._timer = None
+        self._passing = True
+        Deferred.fromCoroutine(self._claim_and_start()).addErrback(
+            lambda f: self.log.failure("queue pass failed", f)
+        ).addBoth(self._passed)
+
+    def _passed(self, delay: object) -> None:
+        self._passing = False
+        if not self.running:
+            return
+        if self._again:
+            self._again = False
+            self.wake()
+            return
+        wait = delay if isinstance(delay, float) else self.settings.poll_interval
+        self._timer = self.clock.callLater(wait, self._pass)
+
+    async def _claim_and_start(self) -> float:
+        """Claim what is due while there is room; how long until the next look."""
+        # Rows in hand beyond the open connections wait for a connection to their destination;
+        # a few more than the connections keeps each connection busy with its next message.
+        room = 2 * self.settings.max_connections - len(self._held)
+        if room <= 0:
+            return self.settings.poll_interval
+        now = self._now()
+        try:
+            claims = await self._db.run(
+                "queue_claim", claim_due_txn, self.owner, self.settings.lease_time, room, now,
+                self.settings.max_queue_time,
+            )
+        except DatabaseUnavailable as e:
+            self.log.warn("cannot look at the queue: {error}", error=str(e))
+            return self.settings.poll_interval
+        for claim in claims:
+            self._held.add(claim.queue_id)
+            destination = self._destinations.get(claim.recipient_domain)
+            if destination is None:
+                destination = self._destinations[claim.recipient_domain] = Destination(
+                    claim.recipient_domain
+                )
+            destination.pending.append(claim)
+        self._start_connections()
+        if len(claims) == room:
+            return self.settings.poll_interval  # full: finished deliveries wake us
+        due = await self._db.run("queue_next_due", next_due_txn)
+        if due is None:
+            return self.settings.poll_interval
+        wait = (due - self._now()).total_seconds()
+        return float(min(max(wait, 0.0), self.settings.poll_interval))
+
+    def _start_connections(self) -> None:
+        for destination in list(self._destinations.values()):
+            while (
+                destination.pending
+                and destination.connections < self.settings.max_connections_per_destination
+                and self._connections < self.settings.max_connections
+                and self.running
+            ):
+                destination.connections += 1
+                self._connections += 1
+                task = Deferred.fromCoroutine(self._serve(destination))
+                self._tasks.add(task)
+                task.addErrback(lambda f: self.log.failure("delivery task failed", f))
+                task.addBoth(self._task_done, task)
+            if not destination.pending and not destination.connections:
+                del self._destinations[destination.domain]
+
+    def _task_done(self, result: object, task: Deferred[None]) -> None:
+        self._tasks.discard(task)
+
+    async def _renew_leases(self) -> None:
+        if not self._held:
+            return
+        try:
+            await self._db.run(
+                "queue_renew", renew_leases_txn, self.owner, sorted(self._held),
+                self.settings.lease_time, self._now(),
+            )
+        except DatabaseUnavailable as e:
+            self.log.warn("cannot renew queue leases: {error}", error=str(e))
+
+    # -- one destination ---------------------------------------------------------------------
+
+    async def _serve(self, destination: Destination) -> None:
+        """Deliver the destination's claims in hand, over one connection at a time."""
+        connection: Connection | None = None
+        try:
+            hosted = await self._is_hosted(destination.domain)
+            while destination.pending and self.running:
+                claim = destination.pending.popleft()
+                if hosted:
+                    await self._finish(claim, await self._deliver_locally(claim), None)
+                    continue
+                if connection is not None and (
+                    connection.sent >= self.settings.messages_per_connection
+                ):
+                    await self._close(connection)
+                    connection = None
+                if connection is None:
+                    try:
+                        connection = await self._open(destination.domain)
+                    except DestinationUnavailable as e:
+                        outcomes = dict.fromkeys(claim.recipients, e.outcome)
+                        await self._finish(claim, outcomes, None)
+                        # The same holds for the others in hand: they wait for their retry.
+                        while destination.pending:
+                            other = destination.pending.popleft()
+                            await self._finish(other, dict.fromkeys(other.recipients,
+                                                                    e.outcome), None)
+                        break
+                outcomes, usable = await self._send(connection, claim)
+                await self._finish(claim, outcomes, connection)
+                connection.sent += 1
+                if not usable:
+                    self._drop(connection)
+                    connection = None
+        finally:
+            if connection is not None:
+                await self._close(connection)
+            destination.connections -= 1
+            self._connections -= 1
+            self._start_connections()
+            self.wake()
+
+    async def _is_hosted(self, domain: str) -> bool:
+        try:
+            return bool(await self._db.run("is_hosted", is_hosted_txn, domain))
+        except DatabaseUnavailable:
+            return False  # then the remote path: its outcome is recorded the same way
+
+    async def _thread(self, pool: ThreadPool, fn: Callable[..., T], *args: Any) -> T:
+        return await deferToThreadPool(self._reactor, pool, fn, *args)
+
+    async def _open(self, domain: str) -> Connection:
+        """A connection to a server of ``domain`` that has said EHLO (and STARTTLS)."""
+        relay = self.settings.relay
+        if relay is not None:
+            host, port = parse_host_port(relay, 25)
+            hosts = [host]
+        else:
+            port = self.settings.port
+            try:
+                hosts = await self._thread(self._dns_pool, self._resolver.mail_hosts, domain)
+            except NoMailHost as e:
+                status = "5.1.10" if "null MX" in str(e) else "5.1.2"
+                raise DestinationUnavailable(_bounced(str(e), status)) from None
+            except DNSTemporaryError as e:
+                raise DestinationUnavailable(
+                    _deferred(f"MX lookup of {domain} failed: {e}", "4.4.3")
+                ) from None
+        errors: list[RecipientOutcome] = []
+        tried = sessions = 0
+        for host in hosts:
+            if tried >= MAX_ADDRESSES or sessions >= MAX_SESSIONS:
+                break
+            try:
+                addresses = await self._addresses(host)
+            except DNSTemporaryError as e:
+                errors.append(_deferred(f"lookup of {host} failed: {e}", "4.4.3", host))
+                continue
+            if not addresses:
+                errors.append(_deferred(f"{host} has no address", "4.4.4", host))
+                continue
+            for address in addresses:
+                if tried >= MAX_ADDRESSES or sessions >= MAX_SESSIONS:
+                    break
+                tried += 1
+                try:
+                    protocol = await connect(
+                        self._reactor, address, port, self.settings.connect_timeout,
+                        self.settings.command_timeout, self.settings.data_timeout,
+                    )
+                except SMTPConnectionError as e:
+                    errors.append(_deferred(str(e), "4.4.1", host))
+                    continue
+                sessions += 1
+                self._protocols.add(protocol)
+                connection = Connection(protocol, host, address)
+                try:
+                    problem = await self._hello(connection)
+                except SMTPConnectionError as e:
+                    problem = _deferred(f"{host}[{address}]: {e}", "4.4.2", host)
+                if problem is None:
+                    return connection
+                errors.append(problem)
+                await self._close(connection)
+                if problem.status == "bounced":
+                    raise DestinationUnavailable(problem)
+        raise DestinationUnavailable(
+            errors[-1] if errors else _deferred(f"no server of {domain} to try", "4.4.1")
+        )
+
+    async def _addresses(self, host: str) -> list[str]:
+        if _is_ip(host):
+            return [host]
+        return await self._thread(self._dns_pool, self._resolver.addresses, host)
+
+    async def _hello(self, connection: Connection) -> RecipientOutcome | None:
+        """Greeting, EHLO and STARTTLS; what went wrong (None: ready for mail)."""
+        protocol, host = connection.protocol, connection.host
+        where = f"{host}[{connection.address}]"
+        greeting = await protocol.greeting()
+        if greeting.code != 220:
+            return _deferred(f"{where} refused to talk: {greeting.text}",
+                             greeting.status or "4.4.2", host, greeting.code)
+        if self._helo.lower() in greeting.lines[0].lower().split()[:1]:
+            # RFC 5321 §5.1: an MX that is this server itself would loop the mail.
+            return _bounced(f"mail for {host} loops back to myself", "5.4.6", host)
+        reply = await protocol.ehlo(self._helo)
+        if reply.code != 250:
+            return _deferred(f"{where} refused EHLO/HELO: {reply.text}",
+                             reply.status or "4.4.2", host, reply.code)
+        if self.settings.tls != "none" and "STARTTLS" in protocol.extensions:
+            reply = await protocol.starttls(self._tls, self._helo)
+            if reply.code != 250:
+                return _deferred(f"{where}: STARTTLS failed: {reply.text}",
+                                 reply.status or "4.7.5", host, reply.code)
+        elif self.settings.tls == "encrypt":
+            return _deferred(f"{where} offers no STARTTLS and TLS is required", "4.7.4", host)
+        return None
+
+    async def _send(
+        self, connection: Connection, claim: Claim
+    ) -> tuple[dict[str, RecipientOutcome], bool]:
+        """One message over an open connection: each recipient's outcome, and whether the
+        connection can carry another."""
+        protocol, host = connection.protocol, connection.host
+        try:
+            message = await self._read_spool(claim)
+        except (OSError, MaildirError) as e:
+            self.log.error("queue {id}: cannot read its spool file: {error}",
+                           id=claim.queue_id, error=str(e))
+            return dict.fromkeys(claim.recipients, _deferred(
+                f"the queued message cannot be read: {e}", "4.3.0")), True
+        limit = protocol.size_limit()
+        if limit is not None and len(message) > limit:
+            return dict.fromkeys(claim.recipients, _bounced(
+                f"message size {len(message)} exceeds the limit of {host} ({limit})",
+                "5.3.4", host)), True
+        needs_utf8 = not (claim.sender.isascii() and all(r.isascii() for r in claim.recipients))
+        if needs_utf8 and "SMTPUTF8" not in protocol.extensions:
+            # RFC 6531 §3.2: an internationalized address cannot go to a server without it.
+            return dict.fromkeys(claim.recipients, _bounced(
+                f"{host} does not support SMTPUTF8", "5.6.7", host)), True
+        try:
+            result = await protocol.transaction(claim.sender, claim.recipients, message)
+        except SMTPConnectionError as e:
+            return dict.fromkeys(claim.recipients, _deferred(
+                f"{host}[{connection.address}]: {e}", "4.4.2", host)), False
+        outcomes = transaction_outcomes(claim.recipients, result, host)
+        if not result.complete:
+            try:  # a transaction that ended early: start clean for the next one
+                if (await protocol.reset()).code != 250:
+                    return outcomes, False
+            except SMTPConnectionError:
+                return outcomes, False
+        return outcomes, True
+
+    async def _read_spool(self, claim: Claim) -> bytes:
+        path = self._spool.path / "new" / claim.spool_name
+        return await self._thread(self._disk_pool, path.read_bytes)
+
+    def _drop(self, connection: Connection) -> None:
+        self._protocols.discard(connection.protocol)
+        _abort(connection.protocol)
+
+    async def _close(self, connection: Connection) -> None:
+        self._protocols.discard(connection.protocol)
+        await connection.protocol.quit()
+
+    # -- hosted recipients -------------------------------------------------------------------
+
+    async def _deliver_locally(self, claim: Claim) -> dict[str, RecipientOutcome]:
+        try:
+            message = await self._read_spool(claim)
+        except (OSError, MaildirError) as e:
+            return dict.fromkeys(claim.recipients, _deferred(
+                f"the queued message cannot be read: {e}", "4.3.0"))
+        outcomes: dict[str, RecipientOutcome] = {}
+        local: dict[int, LocalRecipient] = {}
+        remote: list[str] = []
+        delivered: list[str] = []
+        for address in claim.recipients:
+            try:
+                resolution = await self._directory.resolve_recipient(parse_address(address))
+            except (UnknownRecipient, InvalidAddress):
+                outcomes[address] = _bounced(f"<{address}>: no such user here", "5.1.1",
+                                             self.hostname, 550)
+                continue
+            except NotHosted:
+                outcomes[address] = _deferred(f"{address}: domain no longer hosted here",
+                                              "4.3.0")
+                continue
+            except DatabaseUnavailable as e:
+                outcomes[address] = _deferred(str(e), "4.3.0")
+                continue
+            for user in resolution.users:
+                local.setdefault(user.id, LocalRecipient(user.id, user.address, user.maildir))
+            remote.extend(resolution.external)
+            delivered.append(address)
+        if delivered:
+            try:
+                await self._delivery.deliver(
+                    message, claim.sender, list(local.values()), tuple(dict.fromkeys(remote)),
+                    event_payload={"queue_id": claim.queue_id},
+                )
+                ok = RecipientOutcome("sent", 250, "delivered locally", "2.0.0", self.hostname)
+                outcomes.update(dict.fromkeys(delivered, ok))
+            except MailboxFull as e:
+                outcomes.update(dict.fromkeys(delivered, _deferred(str(e), "4.2.2")))
+            except DeliveryFailed as e:
+                outcomes.update(dict.fromkeys(delivered, _deferred(str(e), "4.3.0")))
+        return outcomes
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    async def _finish(
+        self, claim: Claim, outcomes: dict[str, RecipientOutcome],
+        connection: Connection | None,
+    ) -> None:
+        """Record the outcome (with a bounce report for the sender when something bounced),
+        then announce it."""
+        final = final_outcomes(claim, outcomes)
+        bounced = [(a, o) for a, o in final.items() if o.status == "bounced"]
+        notification: Notification | None = None
+        report_path: Path | None = None
+        if bounced and claim.sender:
+            try:
+                report = await self._report(claim, bounced)
+                stored = await self._thread(self._disk_pool, self._spool.deliver, report)
+                notification = Notification(stored.name, stored.size, claim.sender)
+                report_path = stored.path
+            except (OSError, MaildirError) as e:
+                self.log.error("queue {id}: cannot write its bounce report: {error}",
+                               id=claim.queue_id, error=str(e))
+                outcomes = {a: (_deferred(f"bounce report not written: {e}", "4.3.0")
+                                if o.status == "bounced" else o) for a, o in final.items()}
+                final = outcomes
+        try:
+            finished: Finished = await self._db.run(
+                "queue_finish", finish_txn, claim, self.owner, final, self._now(),
+                self.settings.retry_schedule, notification,
+            )
+        except Exception as e:  # LeaseLost, DatabaseUnavailable...
+            # Not recorded: the row's lease runs out and it is tried again (a remote that
+            # accepted may then get the message twice: RFC 5321 §6.1 prefers that to loss).
+            self.log.warn("queue {id}: outcome not recorded: {error}", id=claim.queue_id,
+                          error=str(e))
+            if report_path is not None:
+                remove_files([report_path])
+            return
+        finally:
+            self._held.discard(claim.queue_id)
+        if finished.message_done:
+            try:
+                await self._thread(self._disk_pool, remove_files,
+                                   [self._spool.path / "new" / claim.spool_name])
+            except OSError as e:
+                self.log.warn("cannot remove spool file {name}: {error}",
+                              name=claim.spool_name, error=str(e))
+        self._announce(claim, final, connection)
+        self.log.info(
+            "queue {id}: {recipients} {status} via {host} (attempt {attempt})",
+            id=claim.queue_id, status=finished.status, attempt=claim.attempts,
+            recipients=", ".join(f"<{a}> {o.status} {o.text}".strip() for a, o in final.items()),
+            host=connection.host if connection else "-",
+        )
+        for hook in self.finished_hooks:
+            hook(claim, finished, final)
+        if finished.notification_ids:
+            self.wake()
+
+    async def _report(
+        self, claim: Claim, bounced: list[tuple[str, RecipientOutcome]]
+    ) -> bytes:
+        try:
+            original = await self._read_spool(claim)
+        except (OSError, MaildirError):
+            original = b""
+        failed = [
+            FailedRecipient(
+                address, outcome.status_code or "5.0.0",
+                diagnostic=outcome.text if outcome.code else None,
+                remote_mta=outcome.remote_mta if outcome.code else None,
+                reason=outcome.text,
+            )
+            for address, outcome in bounced
+        ]
+        return delivery_status_notification(
+            reporting_mta=self.hostname, sender=claim.sender, recipients=failed,
+            original=original, arrival=claim.created_at, queue_id=str(claim.queue_id),
+            now=self._now(),
+        )
+
+    def _announce(
+        self, claim: Claim, final: dict[str, RecipientOutcome], connection: Connection | None
+    ) -> None:
+        domain = claim.sender.rpartition("@")[2].lower() or None
+        sent = [a for a, o in final.items() if o.status == "sent"]
+        if sent:
+            self._events.publish(Event(MESSAGE_SENT, {
+                "queue_id": claim.queue_id, "sender": claim.sender, "recipients": sent,
+                "remote_mta": connection.host if connection else self.hostname,
+                "tls": bool(connection and connection.protocol.tls),
+                "attempts": claim.attempts,
+            }, domain=domain))
+        for address, outcome in final.items():
+            if outcome.status == "bounced":
+                self._events.publish(Event(MESSAGE_BOUNCED, {
+                    "queue_id": claim.queue_id, "sender": claim.sender, "recipient": address,
+                    "status": outcome.status_code, "diagnostic": outcome.text,
+                    "remote_mta": outcome.remote_mta, "suppressed": outcome.hard,
+                }, domain=domain))
+
+
+def _is_ip(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _abort(protocol: SMTPClientProtocol) -> None:
+    if protocol.transport is not None:
+        protocol.transport.abortConnection()  # type: ignore[attr-defined]
+
