@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from esp.addresses import InvalidAddress, parse_address
+from esp.batching import Batcher
 from esp.config import OutboundConfig, parse_host_port
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
 from esp.dns import DNSTemporaryError, NoMailHost, Resolver
@@ -55,16 +57,19 @@ from esp.storage.db import Database, DatabaseUnavailable
 from esp.storage.directory import DirectoryStore, NotHosted, UnknownRecipient, is_hosted_txn
 from esp.storage.maildir import Maildir, MaildirError, remove_files
 from esp.storage.queue import (
+    Attempt,
     Claim,
     Finished,
+    LeaseLost,
     Notification,
     RecipientOutcome,
     claim_due_txn,
     final_outcomes,
-    finish_txn,
+    finish_many_txn,
     next_due_txn,
     release_txn,
     renew_leases_txn,
+    spent_spool_files_txn,
 )
 
 T = TypeVar("T")
@@ -75,6 +80,11 @@ MAX_ADDRESSES = 5
 MAX_SESSIONS = 2
 # Seconds a stopping service gives deliveries under way before it cuts them off.
 STOP_GRACE = 10.0
+# The spool is swept this often for files no queue row needs (a node that died between
+# recording a delivery and removing its file); only files older than SPOOL_GRACE are
+# considered, so a submission still writing its rows is never touched.
+SWEEP_INTERVAL = 3600.0
+SPOOL_GRACE = 3600.0
 
 
 class DestinationUnavailable(Exception):
@@ -181,7 +191,9 @@ class OutboundService(Service):
         self._passing = False
         self._again = False
         self._renewal: LoopingCall | None = None
+        self._sweeper: LoopingCall | None = None
         self._tls = opportunistic_tls()
+        self._finisher: Batcher[Attempt, Finished] = Batcher(self._finish_batch, 64, 2)
         # Called with each finished claim's outcome (tests and metrics wait on it).
         self.finished_hooks: list[Callable[[Claim, Finished, dict[str, RecipientOutcome]],
                                            None]] = []
@@ -195,7 +207,33 @@ class OutboundService(Service):
         self._renewal.start(self.settings.lease_time / 3, now=False).addErrback(
             lambda f: self.log.failure("lease renewal stopped", f)
         )
+        self._sweeper = LoopingCall(lambda: Deferred.fromCoroutine(self.sweep_spool()))
+        self._sweeper.clock = self.clock
+        self._sweeper.start(SWEEP_INTERVAL, now=False).addErrback(
+            lambda f: self.log.failure("spool sweeping stopped", f)
+        )
         self.wake()
+
+    async def sweep_spool(self, min_age: float = SPOOL_GRACE) -> list[str]:
+        """Remove spool files that no queue row needs and that are older than ``min_age``
+        seconds; returns their names."""
+        try:
+            candidates = await self._thread(self._disk_pool, _old_files,
+                                            self._spool.path / "new", min_age)
+            if not candidates:
+                return []
+            spent: list[str] = await self._db.run(
+                "spool_sweep", spent_spool_files_txn, candidates
+            )
+            await self._thread(self._disk_pool, remove_files,
+                               [self._spool.path / "new" / name for name in spent])
+        except (OSError, DatabaseUnavailable) as e:
+            self.log.warn("spool sweep failed: {error}", error=str(e))
+            return []
+        if spent:
+            self.log.info("removed {count} spool files no queue entry needed",
+                          count=len(spent))
+        return spent
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -204,8 +242,9 @@ class OutboundService(Service):
     async def _stop(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        if self._renewal is not None and self._renewal.running:
-            self._renewal.stop()
+        for loop in (self._renewal, self._sweeper):
+            if loop is not None and loop.running:
+                loop.stop()
         waiting = [c.queue_id for d in self._destinations.values() for c in d.pending]
         for destination in self._destinations.values():
             destination.pending.clear()
@@ -587,10 +626,7 @@ class OutboundService(Service):
                                 if o.status == "bounced" else o) for a, o in final.items()}
                 final = outcomes
         try:
-            finished: Finished = await self._db.run(
-                "queue_finish", finish_txn, claim, self.owner, final, self._now(),
-                self.settings.retry_schedule, notification,
-            )
+            finished = await self._finisher.submit((claim, final, notification))
         except Exception as e:  # LeaseLost, DatabaseUnavailable...
             # Not recorded: the row's lease runs out and it is tried again (a remote that
             # accepted may then get the message twice: RFC 5321 §6.1 prefers that to loss).
@@ -601,13 +637,6 @@ class OutboundService(Service):
             return
         finally:
             self._held.discard(claim.queue_id)
-        if finished.message_done:
-            try:
-                await self._thread(self._disk_pool, remove_files,
-                                   [self._spool.path / "new" / claim.spool_name])
-            except OSError as e:
-                self.log.warn("cannot remove spool file {name}: {error}",
-                              name=claim.spool_name, error=str(e))
         self._announce(claim, final, connection)
         self.log.info(
             "queue {id}: {recipients} {status} via {host} (attempt {attempt})",
@@ -619,6 +648,23 @@ class OutboundService(Service):
             hook(claim, finished, final)
         if finished.notification_ids:
             self.wake()
+
+    async def _finish_batch(self, attempts: list[Attempt]) -> list[Finished | BaseException]:
+        """Record the outcomes that arrived together in one transaction (group commit), then
+        remove the spool files of messages with nothing left to deliver."""
+        results: list[Finished | LeaseLost] = await self._db.run(
+            "queue_finish", finish_many_txn, self.owner, attempts, self._now(),
+            self.settings.retry_schedule,
+        )
+        spent = [self._spool.path / "new" / claim.spool_name
+                 for (claim, _, _), result in zip(attempts, results, strict=True)
+                 if isinstance(result, Finished) and result.message_done]
+        if spent:
+            try:
+                await self._thread(self._disk_pool, remove_files, spent)
+            except OSError as e:
+                self.log.warn("cannot remove spool files: {error}", error=str(e))
+        return list(results)
 
     async def _report(
         self, claim: Claim, bounced: list[tuple[str, RecipientOutcome]]
@@ -677,3 +723,12 @@ def _abort(protocol: SMTPClientProtocol) -> None:
     if protocol.transport is not None:
         protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
+
+
+def _old_files(directory: Path, min_age: float) -> list[str]:
+    cutoff = time.time() - min_age
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    return [e.name for e in entries if e.is_file() and e.stat().st_mtime <= cutoff]

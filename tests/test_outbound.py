@@ -276,3 +276,18 @@ async def test_mx_fallback_null_mx_and_an_unreachable_mx(
     _, (_, dave) = report_of(world.inbox()[1])
     assert dave["Final-Recipient"] == "rfc822; dave@down.test"
     assert dave["Status"] == "4.4.1" and dave["Action"] == "failed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_spool_sweep_removes_only_files_no_queue_entry_needs(
+    make_world: MakeWorld, scratch: Path,
+) -> None:
+    world = await make_world(port=9, poll_interval=3600)  # nothing is delivered meanwhile
+    await world.queue("bob@remote.test")
+    spool = scratch / "spool" / "new"
+    [needed] = list(spool.iterdir())
+    orphan = spool / "1.M1P1.orphan,S=5"  # a node died after recording, before removing it
+    orphan.write_bytes(b"hello")
+    assert await world.service.sweep_spool(min_age=3600) == []  # both too young to judge
+    assert await world.service.sweep_spool(min_age=0) == [orphan.name]
+    assert list(spool.iterdir()) == [needed]

@@ -232,77 +232,155 @@ def finish_txn(
     schedule: Sequence[int] = DEFAULT_RETRY_SCHEDULE,
     notification: Notification | None = None,
 ) -> Finished:
-    """Record an attempt's outcome per recipient; the row becomes 'sent' (nothing left to do),
-    'queued' again with the next attempt scheduled, or 'bounced' (expired with recipients still
-    deferred: those are bounced too).  Hard bounces go on the suppression list of the sender's
-    domain; ``notification`` (the bounce report) is queued to the sender."""
+    """Record one attempt's outcome (see :func:`finish_many_txn`); raises LeaseLost."""
+    [result] = finish_many_txn(cur, owner, [(claim, outcomes, notification)], now, schedule)
+    if isinstance(result, LeaseLost):
+        raise result
+    return result
+
+
+Attempt = tuple[Claim, Mapping[str, RecipientOutcome], "Notification | None"]
+
+
+def finish_many_txn(
+    cur: Cursor,
+    owner: str,
+    attempts: Sequence[Attempt],
+    now: datetime | None = None,
+    schedule: Sequence[int] = DEFAULT_RETRY_SCHEDULE,
+) -> list[Finished | LeaseLost]:
+    """Record the outcome of several attempts, per recipient, in a few set-based statements.
+
+    Each row becomes 'sent' (nothing left to do), 'queued' again with its next attempt
+    scheduled, or 'bounced' (expired with recipients still deferred: those are bounced too).
+    Hard bounces go on the suppression list of the sender's domain; each notification (a
+    bounce report) is queued to its sender.  A row no longer leased to ``owner`` is left alone
+    and gets a LeaseLost in its place."""
     cur.execute(
-        "SELECT 1 FROM queue WHERE id = %s AND status = 'delivering' AND lease_owner = %s "
-        "FOR UPDATE",
-        (claim.queue_id, owner),
+        "SELECT id FROM queue WHERE id = ANY(%s) AND status = 'delivering' "
+        "AND lease_owner = %s ORDER BY id FOR UPDATE",
+        (sorted({c.queue_id for c, _, _ in attempts}), owner),
     )
-    if cur.fetchone() is None:
-        raise LeaseLost(f"queue row {claim.queue_id} is no longer leased to {owner}")
-    final = final_outcomes(claim, outcomes)
-    for address, outcome in final.items():
+    held = {row[0] for row in cur.fetchall()}
+    live = [(claim, final_outcomes(claim, outcomes), notification)
+            for claim, outcomes, notification in attempts if claim.queue_id in held]
+    counts: dict[int, tuple[int, int]] = {}
+    if live:
+        _record_outcomes(cur, live)
+        counts = _recipient_counts(cur, [claim.queue_id for claim, _, _ in live])
+    statuses: dict[int, str] = {}
+    ids: list[int] = []
+    waits: list[int] = []
+    errors: list[str | None] = []
+    for claim, final, _ in live:
+        pending, bounced = counts.get(claim.queue_id, (0, 0))
+        status = "queued" if pending else ("bounced" if bounced else "sent")
+        statuses[claim.queue_id] = status
+        texts = [o.text for o in final.values() if o.status != "sent" and o.text]
+        ids.append(claim.queue_id)
+        waits.append(backoff_seconds(claim.attempts, schedule))
+        errors.append(texts[0] if texts else None)
+    if ids:
         cur.execute(
-            "UPDATE queue_recipients SET status = %s, last_code = %s, last_error = %s, "
-            "status_code = %s, remote_mta = %s, updated_at = now() "
-            "WHERE queue_id = %s AND address = %s",
-            (outcome.status, outcome.code, outcome.text or None, outcome.status_code,
-             outcome.remote_mta, claim.queue_id, address),
+            """
+            UPDATE queue AS q
+            SET status = u.status, lease_owner = NULL, lease_expires_at = NULL,
+                next_attempt_at = CASE WHEN u.status = 'queued'
+                    THEN coalesce(%s::timestamptz, now()) + make_interval(secs => u.wait)
+                    ELSE q.next_attempt_at END,
+                last_error = u.error, updated_at = now()
+            FROM unnest(%s::bigint[], %s::text[], %s::int[], %s::text[])
+                 AS u (id, status, wait, error)
+            WHERE q.id = u.id
+            """,
+            (now, ids, [statuses[i] for i in ids], waits, errors),
         )
-    hard = [(a.lower(), o.text or "") for a, o in final.items()
-            if o.status == "bounced" and o.hard]
-    if hard and claim.sender:
+    notification_ids: dict[int, list[int]] = {}
+    for claim, _, notification in live:
+        if notification is not None:
+            notification_ids[claim.queue_id] = enqueue_txn(
+                cur, notification.spool_name, "", [notification.recipient], notification.size
+            )
+    done: set[int] = set()
+    if live:
+        cur.execute(
+            "SELECT m.id FROM unnest(%s::bigint[]) AS m (id) WHERE NOT EXISTS "
+            "(SELECT 1 FROM queue q WHERE q.message_id = m.id "
+            "AND q.status IN ('queued', 'delivering'))",
+            (sorted({claim.message_id for claim, _, _ in live}),),
+        )
+        done = {row[0] for row in cur.fetchall()}
+    results: list[Finished | LeaseLost] = []
+    for claim, _, _ in attempts:
+        if claim.queue_id not in held:
+            results.append(LeaseLost(f"queue row {claim.queue_id} is no longer leased to "
+                                     f"{owner}"))
+        else:
+            results.append(Finished(statuses[claim.queue_id], claim.message_id in done,
+                                    tuple(notification_ids.get(claim.queue_id, ()))))
+    return results
+
+
+def _record_outcomes(
+    cur: Cursor, live: Sequence[tuple[Claim, dict[str, RecipientOutcome], object]]
+) -> None:
+    columns: list[list[object]] = [[], [], [], [], [], [], []]
+    hard: dict[tuple[str, str], str] = {}
+    for claim, final, _ in live:
+        for address, o in final.items():
+            for column, value in zip(columns, (claim.queue_id, address, o.status, o.code,
+                                               o.text or None, o.status_code, o.remote_mta),
+                                     strict=True):
+                column.append(value)
+            if o.status == "bounced" and o.hard and claim.sender:
+                domain = claim.sender.rpartition("@")[2].lower()
+                hard[(domain, address.lower())] = o.text or ""
+    cur.execute(
+        """
+        UPDATE queue_recipients AS r
+        SET status = o.status, last_code = o.code, last_error = o.error,
+            status_code = o.status_code, remote_mta = o.mta, updated_at = now()
+        FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[],
+                    %s::text[]) AS o (queue_id, address, status, code, error, status_code, mta)
+        WHERE r.queue_id = o.queue_id AND r.address = o.address
+        """,
+        columns,
+    )
+    if hard:
         cur.execute(
             """
             INSERT INTO suppressions (domain_id, address, reason)
-            SELECT d.id, a.address, a.reason FROM domains d,
-                   unnest(%s::text[], %s::text[]) AS a (address, reason)
-            WHERE d.name = lower(split_part(%s, '@', 2))
+            SELECT d.id, a.address, a.reason
+            FROM unnest(%s::text[], %s::text[], %s::text[]) AS a (domain, address, reason)
+            JOIN domains d ON d.name = a.domain
             ON CONFLICT (domain_id, address) DO UPDATE SET reason = excluded.reason,
                 created_at = now()
             """,
-            ([a for a, _ in hard], [reason for _, reason in hard], claim.sender),
+            ([d for d, _ in hard], [a for _, a in hard], list(hard.values())),
         )
+
+
+def _recipient_counts(cur: Cursor, queue_ids: list[int]) -> dict[int, tuple[int, int]]:
+    """(still to deliver, bounced) recipients per row."""
     cur.execute(
-        "SELECT count(*) FILTER (WHERE status IN ('queued', 'deferred')), "
-        "count(*) FILTER (WHERE status = 'bounced') FROM queue_recipients WHERE queue_id = %s",
-        (claim.queue_id,),
+        "SELECT queue_id, count(*) FILTER (WHERE status IN ('queued', 'deferred')), "
+        "count(*) FILTER (WHERE status = 'bounced') FROM queue_recipients "
+        "WHERE queue_id = ANY(%s) GROUP BY queue_id",
+        (queue_ids,),
     )
-    row = cur.fetchone()
-    assert row is not None
-    pending, bounced = row
-    errors = [o.text for o in final.values() if o.status != "sent" and o.text]
-    if pending:
-        status = "queued"
-        cur.execute(
-            "UPDATE queue SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
-            "next_attempt_at = coalesce(%s::timestamptz, now()) + make_interval(secs => %s), "
-            "last_error = %s, updated_at = now() WHERE id = %s",
-            (now, backoff_seconds(claim.attempts, schedule), errors[0] if errors else None,
-             claim.queue_id),
-        )
-    else:
-        status = "bounced" if bounced else "sent"
-        cur.execute(
-            "UPDATE queue SET status = %s, lease_owner = NULL, lease_expires_at = NULL, "
-            "last_error = %s, updated_at = now() WHERE id = %s",
-            (status, errors[0] if errors else None, claim.queue_id),
-        )
-    notification_ids: list[int] = []
-    if notification is not None:
-        notification_ids = enqueue_txn(
-            cur, notification.spool_name, "", [notification.recipient], notification.size
-        )
+    return {row[0]: (row[1], row[2]) for row in cur.fetchall()}
+
+
+def spent_spool_files_txn(cur: Cursor, names: Sequence[str]) -> list[str]:
+    """Which of ``names`` (spool files) no queue row needs any more: their message is done,
+    deleted, or was never queued (a submission that failed after writing its file)."""
     cur.execute(
-        "SELECT NOT EXISTS (SELECT 1 FROM queue WHERE message_id = %s "
-        "AND status IN ('queued', 'delivering'))",
-        (claim.message_id,),
+        "SELECT n.name FROM unnest(%s::text[]) AS n (name) WHERE NOT EXISTS "
+        "(SELECT 1 FROM outbound_messages m JOIN queue q ON q.message_id = m.id "
+        "WHERE m.spool_name = n.name AND q.status IN ('queued', 'delivering'))",
+        (list(names),),
     )
-    done = cur.fetchone()
-    return Finished(status, bool(done and done[0]), tuple(notification_ids))
+    return [row[0] for row in cur.fetchall()]
 
 
 # -- suppression list ----------------------------------------------------------------------------
