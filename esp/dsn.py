@@ -32,9 +32,18 @@ def _ascii(text: str) -> str:
                    .replace("\n", " "))
 
 
+# Longest remote reply quoted, so that every line stays well inside RFC 5322's 998 octets.
+MAX_DIAGNOSTIC = 900
+
+
 def _address_field(address: str) -> str:
-    # RFC 6533 §3: an internationalized address is given as utf-8 address type.
-    return f"rfc822; {address}" if address.isascii() else f"utf-8; {_ascii(address)}"
+    """RFC 3464 address field; an internationalized address as RFC 6533's utf-8 type, in
+    utf-8-addr-xtext (each non-ASCII character, '+', '=' and '\\' as \\x{HEX})."""
+    if address.isascii():
+        return f"rfc822; {_ascii(address)}"
+    encoded = "".join(c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}"
+                      for c in address)
+    return f"utf-8; {encoded}"
 
 
 def delivery_status_notification(
@@ -49,7 +58,7 @@ def delivery_status_notification(
 ) -> bytes:
     """The bounce report for ``recipients`` of ``original``, to ``sender``, as CRLF bytes."""
     now = now or datetime.now(UTC)
-    boundary = f"{uuid.uuid4().hex}/{_ascii(reporting_mta)}"
+    boundary = f"=_{uuid.uuid4().hex}"  # RFC 2046: at most 70 characters
     explanation = [
         f"This is the mail system at host {reporting_mta}.",
         "",
@@ -58,7 +67,7 @@ def delivery_status_notification(
         "",
     ]
     for r in recipients:
-        why = r.diagnostic or r.reason or f"status {r.status}"
+        why = (r.diagnostic or r.reason or f"status {r.status}")[:MAX_DIAGNOSTIC]
         host = f" (host {r.remote_mta} said: " if r.remote_mta else " ("
         explanation.append(f"<{_ascii(r.address)}>:{host}{_ascii(why)})")
     per_message = [f"Reporting-MTA: dns; {reporting_mta}"]
@@ -77,7 +86,7 @@ def delivery_status_notification(
         if r.remote_mta:
             fields.append(f"Remote-MTA: dns; {_ascii(r.remote_mta)}")
         if r.diagnostic:
-            fields.append(f"Diagnostic-Code: smtp; {_ascii(r.diagnostic)}")
+            fields.append(f"Diagnostic-Code: smtp; {_ascii(r.diagnostic)[:MAX_DIAGNOSTIC]}")
         fields.append(f"Last-Attempt-Date: {format_datetime(now.astimezone(UTC))}")
         status_part.append("\r\n".join(fields))
     header, _ = split_header(original)

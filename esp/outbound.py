@@ -25,7 +25,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,13 +121,25 @@ def _bounced(text: str, status: str, host: str | None = None, code: int | None =
     return RecipientOutcome("bounced", code, text, status, host, hard)
 
 
-def outcome_of(reply: Reply, host: str) -> RecipientOutcome:
-    """What a reply means for a recipient."""
+# Refusals of a recipient that say the address itself is bad (RFC 3463): only these put it on
+# the suppression list.  A refusal of the sender, of the content, of our IP (5.7.x), a full
+# mailbox (5.2.x) or a size (5.3.x) says nothing lasting about the address.
+ADDRESS_STATUSES = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10"})
+# Recipients per transaction, as Postfix's smtp_destination_recipient_limit.
+RECIPIENTS_PER_TRANSACTION = 50
+
+
+def outcome_of(reply: Reply, host: str, at_rcpt: bool = False) -> RecipientOutcome:
+    """What a reply means for a recipient (``at_rcpt``: the reply to its RCPT)."""
     if reply.positive:
         return RecipientOutcome("sent", reply.code, reply.text, reply.status or "2.0.0", host)
     if reply.temporary:
         return _deferred(reply.text, reply.status or "4.0.0", host, reply.code)
-    return _bounced(reply.text, reply.status or "5.0.0", host, reply.code, hard=True)
+    if reply.code < 500:  # 1xx/3xx where a completion was due: a broken server
+        return _deferred(f"unexpected reply {reply.text}", "4.5.0", host, reply.code)
+    hard = at_rcpt and (reply.status in ADDRESS_STATUSES
+                        or (reply.status is None and reply.code in (550, 551, 553)))
+    return _bounced(reply.text, reply.status or "5.0.0", host, reply.code, hard=hard)
 
 
 def transaction_outcomes(
@@ -139,10 +151,13 @@ def transaction_outcomes(
     outcomes: dict[str, RecipientOutcome] = {}
     for address, reply in result.recipients:
         if not reply.positive:
-            outcomes[address] = outcome_of(reply, host)
+            outcomes[address] = outcome_of(reply, host, at_rcpt=True)
         elif result.data is None:
             # Accepted, but the transaction went no further: nothing was sent.
             outcomes[address] = _deferred("no data was sent", "4.0.0", host)
+        elif not result.complete and result.data.code < 400:
+            outcomes[address] = _deferred(f"unexpected reply to DATA: {result.data.text}",
+                                          "4.5.0", host, result.data.code)
         else:
             outcomes[address] = outcome_of(result.data, host)
     return outcomes
@@ -181,6 +196,7 @@ class OutboundService(Service):
         self._events = events
         self._reactor = reactor
         self.clock = clock if clock is not None else reactor
+        self._own_clock = clock is not None
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self._destinations: dict[str, Destination] = {}
         self._held: set[int] = set()  # queue ids leased to us, in hand or under way
@@ -284,6 +300,11 @@ class OutboundService(Service):
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
 
+    def _sql_now(self) -> datetime | None:
+        """The time leases and retries are reckoned by: the database's (None), one clock for
+        every node; a test's own clock when it gave one."""
+        return self._now() if self._own_clock else None
+
     # -- claiming ----------------------------------------------------------------------------
 
     def _pass(self) -> None:
@@ -311,11 +332,12 @@ class OutboundService(Service):
         room = 2 * self.settings.max_connections - len(self._held)
         if room <= 0:
             return self.settings.poll_interval
-        now = self._now()
+        now = self._sql_now()
         try:
             claims = await self._db.run(
                 "queue_claim", claim_due_txn, self.owner, self.settings.lease_time, room, now,
-                self.settings.max_queue_time,
+                self.settings.max_queue_time, sorted(self._held),
+                2 * self.settings.max_connections_per_destination,
             )
         except DatabaseUnavailable as e:
             self.log.warn("cannot look at the queue: {error}", error=str(e))
@@ -331,10 +353,9 @@ class OutboundService(Service):
         self._start_connections()
         if len(claims) == room:
             return self.settings.poll_interval  # full: finished deliveries wake us
-        due = await self._db.run("queue_next_due", next_due_txn)
-        if due is None:
+        wait = await self._db.run("queue_next_due", next_due_txn, self._sql_now())
+        if wait is None:
             return self.settings.poll_interval
-        wait = (due - self._now()).total_seconds()
         return float(min(max(wait, 0.0), self.settings.poll_interval))
 
     def _start_connections(self) -> None:
@@ -360,13 +381,24 @@ class OutboundService(Service):
     async def _renew_leases(self) -> None:
         if not self._held:
             return
+        asked = sorted(self._held)
         try:
-            await self._db.run(
-                "queue_renew", renew_leases_txn, self.owner, sorted(self._held),
-                self.settings.lease_time, self._now(),
-            )
-        except DatabaseUnavailable as e:
+            kept: set[int] = set(await self._db.run(
+                "queue_renew", renew_leases_txn, self.owner, asked,
+                self.settings.lease_time, self._sql_now(),
+            ))
+        except Exception as e:  # the loop must go on: log, try again
             self.log.warn("cannot renew queue leases: {error}", error=str(e))
+            return
+        lost = set(asked) - kept
+        if lost:
+            # Leases that ran out (the database was away too long): another worker may have
+            # the rows now.  Drop those not started; one under way will find its lease gone.
+            self.log.warn("lost the lease of queue rows {ids}", ids=sorted(lost))
+            for destination in self._destinations.values():
+                for claim in [c for c in destination.pending if c.queue_id in lost]:
+                    destination.pending.remove(claim)
+                    self._held.discard(claim.queue_id)
 
     # -- one destination ---------------------------------------------------------------------
 
@@ -374,35 +406,48 @@ class OutboundService(Service):
         """Deliver the destination's claims in hand, over one connection at a time."""
         connection: Connection | None = None
         try:
-            hosted = await self._is_hosted(destination.domain)
+            try:
+                hosted = bool(await self._db.run("is_hosted", is_hosted_txn,
+                                                 destination.domain))
+            except DatabaseUnavailable as e:
+                await self._give_up(destination, _deferred(
+                    f"cannot tell whether {destination.domain} is hosted here: {e}", "4.3.0"))
+                return
             while destination.pending and self.running:
                 claim = destination.pending.popleft()
-                if hosted:
-                    await self._finish(claim, await self._deliver_locally(claim), None)
-                    continue
-                if connection is not None and (
-                    connection.sent >= self.settings.messages_per_connection
-                ):
-                    await self._close(connection)
-                    connection = None
-                if connection is None:
-                    try:
-                        connection = await self._open(destination.domain)
-                    except DestinationUnavailable as e:
-                        outcomes = dict.fromkeys(claim.recipients, e.outcome)
-                        await self._finish(claim, outcomes, None)
-                        # The same holds for the others in hand: they wait for their retry.
-                        while destination.pending:
-                            other = destination.pending.popleft()
-                            await self._finish(other, dict.fromkeys(other.recipients,
-                                                                    e.outcome), None)
-                        break
-                outcomes, usable = await self._send(connection, claim)
-                await self._finish(claim, outcomes, connection)
-                connection.sent += 1
-                if not usable:
-                    self._drop(connection)
-                    connection = None
+                used: Connection | None = None
+                try:
+                    if hosted:
+                        outcomes = await self._deliver_locally(claim)
+                    else:
+                        if connection is not None and (
+                            connection.sent >= self.settings.messages_per_connection
+                        ):
+                            await self._close(connection)
+                            connection = None
+                        if connection is None:
+                            try:
+                                connection = await self._open(destination.domain)
+                            except DestinationUnavailable as e:
+                                # The same holds for the others in hand: they wait for
+                                # their retry (or bounce, for a null MX).
+                                destination.pending.appendleft(claim)
+                                await self._give_up(destination, e.outcome)
+                                break
+                        outcomes, usable = await self._send(connection, claim)
+                        used = connection
+                        connection.sent += 1
+                        if not usable:
+                            self._drop(connection)
+                            connection = None
+                except Exception:
+                    self.log.failure("queue {id}: delivery attempt failed", id=claim.queue_id)
+                    outcomes = dict.fromkeys(claim.recipients, _deferred(
+                        "internal error during the delivery attempt", "4.3.0"))
+                    if connection is not None:
+                        self._drop(connection)
+                        connection = None
+                await self._finish(claim, outcomes, used)
         finally:
             if connection is not None:
                 await self._close(connection)
@@ -411,11 +456,11 @@ class OutboundService(Service):
             self._start_connections()
             self.wake()
 
-    async def _is_hosted(self, domain: str) -> bool:
-        try:
-            return bool(await self._db.run("is_hosted", is_hosted_txn, domain))
-        except DatabaseUnavailable:
-            return False  # then the remote path: its outcome is recorded the same way
+    async def _give_up(self, destination: Destination, outcome: RecipientOutcome) -> None:
+        """Every claim in hand for the destination gets ``outcome``."""
+        while destination.pending:
+            claim = destination.pending.popleft()
+            await self._finish(claim, dict.fromkeys(claim.recipients, outcome), None)
 
     async def _thread(self, pool: ThreadPool, fn: Callable[..., T], *args: Any) -> T:
         return await deferToThreadPool(self._reactor, pool, fn, *args)
@@ -466,9 +511,20 @@ class OutboundService(Service):
                 self._protocols.add(protocol)
                 connection = Connection(protocol, host, address)
                 try:
-                    problem = await self._hello(connection)
+                    problem = await self._hello(connection, use_tls=True)
                 except SMTPConnectionError as e:
                     problem = _deferred(f"{host}[{address}]: {e}", "4.4.2", host)
+                    if protocol.tls and self.settings.tls == "may":
+                        # The TLS handshake failed: opportunistic TLS goes on without, as
+                        # Postfix does, over a new connection.
+                        self.log.info("{host}[{address}]: TLS failed ({error}); trying "
+                                      "without", host=host, address=address, error=str(e))
+                        self._protocols.discard(protocol)
+                        try:
+                            connection = await self._plain(host, address, port)
+                            return connection
+                        except SMTPConnectionError as again:
+                            problem = _deferred(f"{host}[{address}]: {again}", "4.4.2", host)
                 if problem is None:
                     return connection
                 errors.append(problem)
@@ -479,12 +535,30 @@ class OutboundService(Service):
             errors[-1] if errors else _deferred(f"no server of {domain} to try", "4.4.1")
         )
 
+    async def _plain(self, host: str, address: str, port: int) -> Connection:
+        """A connection without TLS, after a failed handshake (tls: may)."""
+        protocol = await connect(
+            self._reactor, address, port, self.settings.connect_timeout,
+            self.settings.command_timeout, self.settings.data_timeout,
+        )
+        self._protocols.add(protocol)
+        connection = Connection(protocol, host, address)
+        try:
+            problem = await self._hello(connection, use_tls=False)
+        except SMTPConnectionError:
+            self._drop(connection)
+            raise
+        if problem is not None:
+            await self._close(connection)
+            raise SMTPConnectionError(problem.text)
+        return connection
+
     async def _addresses(self, host: str) -> list[str]:
         if _is_ip(host):
             return [host]
         return await self._thread(self._dns_pool, self._resolver.addresses, host)
 
-    async def _hello(self, connection: Connection) -> RecipientOutcome | None:
+    async def _hello(self, connection: Connection, use_tls: bool) -> RecipientOutcome | None:
         """Greeting, EHLO and STARTTLS; what went wrong (None: ready for mail)."""
         protocol, host = connection.protocol, connection.host
         where = f"{host}[{connection.address}]"
@@ -499,8 +573,10 @@ class OutboundService(Service):
         if reply.code != 250:
             return _deferred(f"{where} refused EHLO/HELO: {reply.text}",
                              reply.status or "4.4.2", host, reply.code)
-        if self.settings.tls != "none" and "STARTTLS" in protocol.extensions:
+        if use_tls and self.settings.tls != "none" and "STARTTLS" in protocol.extensions:
             reply = await protocol.starttls(self._tls, self._helo)
+            if not protocol.tls and reply.code // 100 in (4, 5) and self.settings.tls == "may":
+                return None  # STARTTLS refused: the session goes on in plain text
             if reply.code != 250:
                 return _deferred(f"{where}: STARTTLS failed: {reply.text}",
                                  reply.status or "4.7.5", host, reply.code)
@@ -531,18 +607,25 @@ class OutboundService(Service):
             # RFC 6531 §3.2: an internationalized address cannot go to a server without it.
             return dict.fromkeys(claim.recipients, _bounced(
                 f"{host} does not support SMTPUTF8", "5.6.7", host)), True
-        try:
-            result = await protocol.transaction(claim.sender, claim.recipients, message)
-        except SMTPConnectionError as e:
-            return dict.fromkeys(claim.recipients, _deferred(
-                f"{host}[{connection.address}]: {e}", "4.4.2", host)), False
-        outcomes = transaction_outcomes(claim.recipients, result, host)
-        if not result.complete:
-            try:  # a transaction that ended early: start clean for the next one
-                if (await protocol.reset()).code != 250:
-                    return outcomes, False
-            except SMTPConnectionError:
+        outcomes: dict[str, RecipientOutcome] = {}
+        recipients = list(claim.recipients)
+        for start in range(0, len(recipients), RECIPIENTS_PER_TRANSACTION):
+            chunk = recipients[start:start + RECIPIENTS_PER_TRANSACTION]
+            try:
+                result = await protocol.transaction(claim.sender, chunk, message)
+            except SMTPConnectionError as e:
+                broken = _deferred(f"{host}[{connection.address}]: {e}", "4.4.2", host)
+                outcomes.update({r: broken for r in recipients if r not in outcomes})
                 return outcomes, False
+            outcomes.update(transaction_outcomes(chunk, result, host))
+            if not result.complete:
+                try:  # a transaction that ended early: start clean for the next one
+                    if (await protocol.reset()).code != 250:
+                        raise SMTPConnectionError("RSET refused")
+                except SMTPConnectionError as e:
+                    broken = _deferred(f"{host}[{connection.address}]: {e}", "4.4.2", host)
+                    outcomes.update({r: broken for r in recipients if r not in outcomes})
+                    return outcomes, False
         return outcomes, True
 
     async def _read_spool(self, claim: Claim) -> bytes:
@@ -608,7 +691,18 @@ class OutboundService(Service):
         connection: Connection | None,
     ) -> None:
         """Record the outcome (with a bounce report for the sender when something bounced),
-        then announce it."""
+        then announce it.  Never raises: the claim leaves our hands either way."""
+        try:
+            await self._record(claim, outcomes, connection)
+        except Exception:
+            self.log.failure("queue {id}: recording the outcome failed", id=claim.queue_id)
+        finally:
+            self._held.discard(claim.queue_id)
+
+    async def _record(
+        self, claim: Claim, outcomes: dict[str, RecipientOutcome],
+        connection: Connection | None,
+    ) -> None:
         final = final_outcomes(claim, outcomes)
         bounced = [(a, o) for a, o in final.items() if o.status == "bounced"]
         notification: Notification | None = None
@@ -620,11 +714,12 @@ class OutboundService(Service):
                 notification = Notification(stored.name, stored.size, claim.sender)
                 report_path = stored.path
             except (OSError, MaildirError) as e:
+                # No bounce without its report: what bounced waits for another attempt.
                 self.log.error("queue {id}: cannot write its bounce report: {error}",
                                id=claim.queue_id, error=str(e))
-                outcomes = {a: (_deferred(f"bounce report not written: {e}", "4.3.0")
-                                if o.status == "bounced" else o) for a, o in final.items()}
-                final = outcomes
+                claim = replace(claim, expired=False)
+                final = {a: (_deferred(f"bounce report not written: {e}", "4.3.0")
+                             if o.status == "bounced" else o) for a, o in final.items()}
         try:
             finished = await self._finisher.submit((claim, final, notification))
         except Exception as e:  # LeaseLost, DatabaseUnavailable...
@@ -635,8 +730,7 @@ class OutboundService(Service):
             if report_path is not None:
                 remove_files([report_path])
             return
-        finally:
-            self._held.discard(claim.queue_id)
+        self._held.discard(claim.queue_id)
         self._announce(claim, final, connection)
         self.log.info(
             "queue {id}: {recipients} {status} via {host} (attempt {attempt})",
@@ -653,7 +747,7 @@ class OutboundService(Service):
         """Record the outcomes that arrived together in one transaction (group commit), then
         remove the spool files of messages with nothing left to deliver."""
         results: list[Finished | LeaseLost] = await self._db.run(
-            "queue_finish", finish_many_txn, self.owner, attempts, self._now(),
+            "queue_finish", finish_many_txn, self.owner, attempts, self._sql_now(),
             self.settings.retry_schedule,
         )
         spent = [self._spool.path / "new" / claim.spool_name

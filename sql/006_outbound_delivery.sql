@@ -13,5 +13,5 @@ CREATE TABLE suppressions (
     PRIMARY KEY (domain_id, address)
 );
 
--- Leases that a worker renews while it delivers, by owner.
-CREATE INDEX queue_lease_owner ON queue (lease_owner) WHERE status = 'delivering';
+-- queue.expires_at is not used: how long a message may stay queued is server.outbound's
+-- max_queue_time, counted from the row's created_at.

@@ -291,3 +291,33 @@ async def test_the_spool_sweep_removes_only_files_no_queue_entry_needs(
     assert await world.service.sweep_spool(min_age=3600) == []  # both too young to judge
     assert await world.service.sweep_spool(min_age=0) == [orphan.name]
     assert list(spool.iterdir()) == [needed]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_that_says_nothing_about_the_address_bounces_without_suppressing(
+    make_world: MakeWorld, sinks: list[Sink], scratch: Path,
+) -> None:
+    sink = start_sink(scratch / "sink", options=[
+        "-f", "RCPT", "-B", "550 5.7.1 Service unavailable; client host blocked"])
+    sinks.append(sink)
+    world = await make_world(port=sink.port)
+    await world.queue("bob@remote.test")
+    await world.settle()
+    [report] = world.inbox()
+    _, (_, bob) = report_of(report)
+    assert bob["Status"] == "5.7.1"
+    assert world.suppressed() == []  # our IP was refused, not bob's address
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_recipients_go_fifty_per_transaction(
+    make_world: MakeWorld, sinks: list[Sink], scratch: Path,
+) -> None:
+    sink = start_sink(scratch / "sink")
+    sinks.append(sink)
+    world = await make_world(port=sink.port)
+    recipients = [f"user{n}@remote.test" for n in range(60)]
+    await world.queue(*recipients)
+    await world.settle()
+    assert {status for _, status, _, _, _ in world.rows()} == {"sent"}
+    assert len(sink.messages()) == 2  # smtp-sink dumps one file per transaction

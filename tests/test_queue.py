@@ -113,8 +113,8 @@ def test_deferred_recipients_are_retried_on_the_backoff_schedule(db: Any) -> Non
 def test_an_expired_message_bounces_what_is_left(db: Any) -> None:
     [queue_id] = enqueue(db, "m4", "a@one.test", "b@one.test")
     with db.cursor() as cur:
-        cur.execute("UPDATE queue SET expires_at = now() - interval '1 second' WHERE id = %s",
-                    (queue_id,))
+        cur.execute("UPDATE queue SET created_at = now() - interval '5 days 1 second' "
+                    "WHERE id = %s", (queue_id,))
     db.commit()
     [expired] = claim(db, "w")
     assert expired.expired
@@ -128,3 +128,21 @@ def test_an_expired_message_bounces_what_is_left(db: Any) -> None:
                     "ORDER BY address", (queue_id,))
         assert cur.fetchall() == [("a@one.test", "sent"), ("b@one.test", "bounced")]
     db.commit()
+
+
+def test_one_domains_backlog_does_not_crowd_out_the_others(db: Any) -> None:
+    for n in range(30):
+        enqueue(db, f"busy{n}", f"u{n}@busy.test")
+    enqueue(db, "quiet1", "a@quiet.test")
+    enqueue(db, "quiet2", "b@quiet.test")
+    claims = run_sync(db, claim_due_txn, "w", 600, 10, None, 3600, (), 4)
+    domains = sorted(c.recipient_domain for c in claims)
+    assert domains == ["busy.test"] * 4 + ["quiet.test"] * 2
+
+
+def test_a_worker_does_not_reclaim_rows_it_still_holds(db: Any) -> None:
+    [queue_id] = enqueue(db, "m5", "a@one.test")
+    [held] = claim(db, "w", lease=0)  # its lease lapsed (the database was away)
+    assert run_sync(db, claim_due_txn, "w", 600, 10, None, 3600, [held.queue_id]) == []
+    [again] = claim(db, "w")
+    assert again.queue_id == queue_id and again.attempts == 2

@@ -53,7 +53,8 @@ class Reply:
 
     @property
     def positive(self) -> bool:
-        return 200 <= self.code < 400
+        """A completion reply (2xx); an intermediate 3xx is only right where asked for."""
+        return 200 <= self.code < 300
 
     @property
     def temporary(self) -> bool:
@@ -86,28 +87,51 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self.timeout = timeout
         self.data_timeout = data_timeout
         self._partial: list[str] = []
+        self._code: str | None = None
         self._replies: deque[Reply] = deque()
         self._waiting: deque[tuple[Deferred[Reply], Any]] = deque()
         self._lost: Failure | None = None
         self.extensions: dict[str, str] = {}
         self.tls = False
+        # STARTTLS: set while its reply is awaited, then while the rest of the packet that
+        # carried it is read (anything there was sent in plain text before TLS: refused).
+        self._awaiting_tls = False
+        self._tls_boundary = False
 
     # -- receiving ------------------------------------------------------------------------------
 
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self._tls_boundary:
+            # The STARTTLS reply ended this packet; a partial line left behind would be
+            # joined to what TLS decrypts (the CVE-2011-0411 class, client side).
+            self._tls_boundary = False
+            if self._buffer:
+                self._abort("data after the STARTTLS reply")
+
     def lineReceived(self, line: bytes) -> None:
+        if self._tls_boundary:
+            self._abort("data after the STARTTLS reply")
+            return
         text = line.decode("utf-8", "replace")
         if (
             len(text) < 3 or not text[:3].isdigit() or text[0] not in "2345"
             or (len(text) > 3 and text[3] not in " -")
             or len(self._partial) >= MAX_REPLY_LINES
+            or (self._code is not None and text[:3] != self._code)
         ):
             self._abort(f"not an SMTP reply: {text[:80]!r}")
             return
         self._partial.append(text[4:])
         if len(text) > 3 and text[3] == "-":
+            self._code = text[:3]  # RFC 5321 §4.2.1: every line carries the same code
             return
         reply = Reply(int(text[:3]), tuple(self._partial))
         self._partial = []
+        self._code = None
+        if self._awaiting_tls:
+            self._awaiting_tls = False
+            self._tls_boundary = reply.code == 220
         if self._waiting:
             waiter, timer = self._waiting.popleft()
             if timer.active():
@@ -178,13 +202,13 @@ class SMTPClientProtocol(LineOnlyReceiver):
 
     async def starttls(self, context: ssl.CertificateOptions, name: str) -> Reply:
         """STARTTLS, then EHLO again inside TLS (RFC 3207 §4.2: forget what was learnt)."""
+        if self._replies:
+            self._abort("unexpected replies before STARTTLS")
+            raise SMTPConnectionError("unexpected replies before STARTTLS")
+        self._awaiting_tls = True
         reply = await self.command(b"STARTTLS")
         if reply.code != 220:
             return reply
-        if self._replies:
-            # Anything the server sent after 220 and before the handshake could be injected.
-            self._abort("data after the STARTTLS reply")
-            raise SMTPConnectionError("data after the STARTTLS reply")
         assert self.transport is not None
         self.transport.startTLS(context)  # type: ignore[attr-defined]
         self.tls = True
@@ -219,6 +243,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
                 return TransactionResult(mail_reply, tuple(results), None)
             data_reply = await self.command(b"DATA")
         if data_reply.code != 354:
+            # Refused (4xx/5xx), or an answer that makes no sense here: nothing was sent.
             return TransactionResult(mail_reply, tuple(results), data_reply)
         assert self.transport is not None
         self.transport.write(encode_data(message))
@@ -257,8 +282,12 @@ class SMTPClientProtocol(LineOnlyReceiver):
 
 def encode_data(message: bytes) -> bytes:
     """The message as DATA carries it: CRLF line ends, leading dots doubled, then CRLF.CRLF."""
-    if message.count(b"\n") != message.count(b"\r\n"):
-        message = re.sub(rb"\r?\n", b"\r\n", message)
+    if message.count(b"\n") != message.count(b"\r\n") or message.count(b"\r") != message.count(
+        b"\r\n"
+    ):
+        # A bare CR or LF is a line end to some receivers and not to others (SMTP smuggling):
+        # every one becomes CRLF.
+        message = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
     if message.startswith(b"."):
         message = b"." + message
     message = message.replace(b"\r\n.", b"\r\n..")

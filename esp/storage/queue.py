@@ -92,34 +92,60 @@ def claim_due_txn(
     limit: int,
     now: datetime | None = None,
     max_queue_seconds: int = DEFAULT_MAX_QUEUE_TIME,
+    exclude: Sequence[int] = (),
+    per_domain: int = 1000,
 ) -> list[Claim]:
-    """Lease up to ``limit`` rows due for an attempt at ``now`` (or whose lease expired: a
-    worker that died) to ``owner``.  ``FOR UPDATE SKIP LOCKED``: any number of workers and
-    nodes share the queue without ever taking the same row."""
+    """Lease up to ``limit`` rows to ``owner``: rows whose lease ran out (a worker that died)
+    first, then rows due for an attempt at ``now`` (the database's clock by default), at
+    most ``per_domain`` per recipient domain so that one domain's backlog does not keep the
+    others waiting.  ``FOR UPDATE SKIP LOCKED``: any number of workers and nodes share the
+    queue without ever taking the same row.  ``exclude``: rows the caller holds already."""
     cur.execute(
         """
         WITH clock AS (SELECT coalesce(%(now)s::timestamptz, now()) AS now),
-        due AS (
-            SELECT id FROM queue, clock
-            WHERE (status = 'queued' AND next_attempt_at <= clock.now)
-               OR (status = 'delivering' AND lease_expires_at < clock.now)
-            ORDER BY next_attempt_at
+        lapsed AS (
+            SELECT q.id FROM queue q, clock
+            WHERE q.status = 'delivering' AND q.lease_expires_at < clock.now
+              AND q.id <> ALL(%(exclude)s::bigint[])
+            ORDER BY q.lease_expires_at
             LIMIT %(limit)s
-            FOR UPDATE OF queue SKIP LOCKED
-        )
+            FOR UPDATE OF q SKIP LOCKED
+        ),
+        candidates AS (
+            SELECT q.id, q.recipient_domain, q.next_attempt_at FROM queue q, clock
+            WHERE q.status = 'queued' AND q.next_attempt_at <= clock.now
+            ORDER BY q.next_attempt_at
+            LIMIT %(scan)s
+        ),
+        fair AS (
+            SELECT id FROM (
+                SELECT id, next_attempt_at, row_number() OVER (
+                    PARTITION BY recipient_domain ORDER BY next_attempt_at) AS n
+                FROM candidates
+            ) c
+            WHERE c.n <= %(per_domain)s
+            ORDER BY c.next_attempt_at
+            LIMIT %(limit)s
+        ),
+        due AS (
+            SELECT q.id FROM queue q
+            WHERE q.id IN (SELECT id FROM fair) AND q.status = 'queued'
+            FOR UPDATE OF q SKIP LOCKED
+        ),
+        picked AS (SELECT id FROM lapsed UNION ALL SELECT id FROM due LIMIT %(limit)s)
         UPDATE queue AS q
         SET status = 'delivering', lease_owner = %(owner)s,
             lease_expires_at = clock.now + make_interval(secs => %(lease)s),
             attempts = q.attempts + 1, updated_at = now()
-        FROM due, clock, outbound_messages AS m
-        WHERE q.id = due.id AND m.id = q.message_id
+        FROM picked, clock, outbound_messages AS m
+        WHERE q.id = picked.id AND m.id = q.message_id
         RETURNING q.id, q.message_id, m.spool_name, m.sender, q.recipient_domain, q.attempts,
-                  least(q.expires_at, q.created_at + make_interval(secs => %(max_age)s))
-                      <= clock.now,
+                  q.created_at + make_interval(secs => %(max_age)s) <= clock.now,
                   m.created_at, m.user_id
         """,
         {"now": now, "limit": limit, "owner": owner, "lease": lease_seconds,
-         "max_age": max_queue_seconds},
+         "max_age": max_queue_seconds, "exclude": list(exclude),
+         "scan": max(20 * limit, 1000), "per_domain": per_domain},
     )
     rows = cur.fetchall()
     if not rows:
@@ -143,15 +169,15 @@ def claim_due_txn(
 def renew_leases_txn(
     cur: Cursor, owner: str, queue_ids: Sequence[int], lease_seconds: float,
     now: datetime | None = None,
-) -> int:
-    """Push back the lease of rows ``owner`` still delivers; returns how many it still holds."""
+) -> list[int]:
+    """Push back the lease of rows ``owner`` still delivers; returns those it still holds."""
     cur.execute(
         "UPDATE queue SET lease_expires_at = coalesce(%s::timestamptz, now()) "
         "+ make_interval(secs => %s) "
-        "WHERE id = ANY(%s) AND status = 'delivering' AND lease_owner = %s",
+        "WHERE id = ANY(%s) AND status = 'delivering' AND lease_owner = %s RETURNING id",
         (now, lease_seconds, list(queue_ids), owner),
     )
-    return int(cur.rowcount)
+    return [row[0] for row in cur.fetchall()]
 
 
 def release_txn(cur: Cursor, owner: str, queue_ids: Sequence[int]) -> None:
@@ -165,14 +191,18 @@ def release_txn(cur: Cursor, owner: str, queue_ids: Sequence[int]) -> None:
     )
 
 
-def next_due_txn(cur: Cursor) -> datetime | None:
-    """When the next row falls due (a queued row's attempt, or a lease running out)."""
+def next_due_txn(cur: Cursor, now: datetime | None = None) -> float | None:
+    """Seconds until the next row falls due (a queued row's attempt, or a lease running
+    out); None when the queue is empty."""
     cur.execute(
-        "SELECT least((SELECT min(next_attempt_at) FROM queue WHERE status = 'queued'), "
-        "(SELECT min(lease_expires_at) FROM queue WHERE status = 'delivering'))"
+        "SELECT extract(epoch FROM least("
+        "(SELECT min(next_attempt_at) FROM queue WHERE status = 'queued'), "
+        "(SELECT min(lease_expires_at) FROM queue WHERE status = 'delivering')) "
+        "- coalesce(%s::timestamptz, now()))",
+        (now,),
     )
     row = cur.fetchone()
-    return row[0] if row else None
+    return float(row[0]) if row and row[0] is not None else None
 
 
 @dataclass(frozen=True)
