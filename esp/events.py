@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import secrets
+import random as _random_module
 import socket
 import time
 import uuid
@@ -44,10 +44,30 @@ EVENT_TYPES = frozenset(
 )
 
 
+class _Node:
+    """This process's name for events, and a fast random source for their ids, both made
+    again after a fork."""
+
+    pid = -1
+    name = ""
+    random = _random_module.Random()  # noqa: S311 (ids, not secrets)
+
+    @classmethod
+    def current(cls) -> type[_Node]:
+        pid = os.getpid()
+        if pid != cls.pid:
+            cls.pid = pid
+            cls.name = f"{socket.gethostname()}:{pid}"
+            cls.random = _random_module.Random(os.urandom(32))  # noqa: S311
+        return cls
+
+
 def uuid7() -> uuid.UUID:
-    """A time-ordered UUID (RFC 9562 version 7): sorts by creation time, unique across nodes."""
+    """A time-ordered UUID (RFC 9562 version 7): sorts by creation time, unique across nodes.
+    The 74 random bits come from a generator seeded from the OS once per process: ids must be
+    unique, not secret, and os.urandom per event costs a system call."""
     millis = time.time_ns() // 1_000_000
-    value = (millis & ((1 << 48) - 1)) << 80 | secrets.randbits(80)
+    value = (millis & ((1 << 48) - 1)) << 80 | _Node.current().random.getrandbits(80)
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant
     return uuid.UUID(int=value)
@@ -63,7 +83,7 @@ class Event:
     actor: str | None = None
     id: uuid.UUID = field(default_factory=uuid7)
     occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    node: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    node: str = field(default_factory=lambda: _Node.current().name)
 
 
 Handler = Callable[[Event], Coroutine[Any, Any, None] | Deferred[None] | None]

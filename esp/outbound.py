@@ -78,6 +78,11 @@ T = TypeVar("T")
 # servers that may be talked to before the attempt is given up.
 MAX_ADDRESSES = 5
 MAX_SESSIONS = 2
+# Seconds the answer to "is this domain hosted here?" is remembered.
+HOSTED_CACHE_TIME = 10.0
+# Seconds an idle connection is kept for the next message to its destination (Postfix's
+# smtp_connection_cache_time_limit).
+IDLE_CONNECTION_TIME = 2.0
 # Seconds a stopping service gives deliveries under way before it cuts them off.
 STOP_GRACE = 10.0
 # The spool is swept this often for files no queue row needs (a node that died between
@@ -108,7 +113,10 @@ class Connection:
 class Destination:
     domain: str
     pending: deque[Claim] = field(default_factory=deque)
-    connections: int = 0
+    connections: int = 0  # delivery tasks serving it
+    # Open connections with nothing to send right now, kept a moment for the next claims
+    # (Postfix's connection cache); each with the timer that closes it.
+    idle: list[tuple[Connection, IDelayedCall]] = field(default_factory=list)
 
 
 def _deferred(text: str, status: str, host: str | None = None,
@@ -202,6 +210,7 @@ class OutboundService(Service):
         self._held: set[int] = set()  # queue ids leased to us, in hand or under way
         self._connections = 0
         self._tasks: set[Deferred[None]] = set()
+        self._hosted: dict[str, tuple[float, bool]] = {}
         self._protocols: set[SMTPClientProtocol] = set()
         self._timer: IDelayedCall | None = None
         self._passing = False
@@ -209,7 +218,7 @@ class OutboundService(Service):
         self._renewal: LoopingCall | None = None
         self._sweeper: LoopingCall | None = None
         self._tls = opportunistic_tls()
-        self._finisher: Batcher[Attempt, Finished] = Batcher(self._finish_batch, 64, 2)
+        self._finisher: Batcher[Attempt, Finished] = Batcher(self._finish_batch, 64, 1)
         # Called with each finished claim's outcome (tests and metrics wait on it).
         self.finished_hooks: list[Callable[[Claim, Finished, dict[str, RecipientOutcome]],
                                            None]] = []
@@ -261,6 +270,12 @@ class OutboundService(Service):
         for loop in (self._renewal, self._sweeper):
             if loop is not None and loop.running:
                 loop.stop()
+        for destination in self._destinations.values():
+            for connection, timer in destination.idle:
+                if timer.active():
+                    timer.cancel()
+                _abort(connection.protocol)
+            destination.idle.clear()
         waiting = [c.queue_id for d in self._destinations.values() for c in d.pending]
         for destination in self._destinations.values():
             destination.pending.clear()
@@ -356,6 +371,9 @@ class OutboundService(Service):
         wait = await self._db.run("queue_next_due", next_due_txn, self._sql_now())
         if wait is None:
             return self.settings.poll_interval
+        if not claims:
+            # Due rows that could not be had (another node is claiming them): no spinning.
+            wait = max(wait, 0.05)
         return float(min(max(wait, 0.0), self.settings.poll_interval))
 
     def _start_connections(self) -> None:
@@ -365,6 +383,10 @@ class OutboundService(Service):
                 and destination.connections < self.settings.max_connections_per_destination
                 and self._connections < self.settings.max_connections
                 and self.running
+                # Another connection only when those open have a backlog: a few messages
+                # go faster one after another over one connection than each over its own.
+                and (destination.connections == 0 or destination.idle
+                     or len(destination.pending) > 2 * destination.connections)
             ):
                 destination.connections += 1
                 self._connections += 1
@@ -372,7 +394,7 @@ class OutboundService(Service):
                 self._tasks.add(task)
                 task.addErrback(lambda f: self.log.failure("delivery task failed", f))
                 task.addBoth(self._task_done, task)
-            if not destination.pending and not destination.connections:
+            if not destination.pending and not destination.connections and not destination.idle:
                 del self._destinations[destination.domain]
 
     def _task_done(self, result: object, task: Deferred[None]) -> None:
@@ -407,8 +429,7 @@ class OutboundService(Service):
         connection: Connection | None = None
         try:
             try:
-                hosted = bool(await self._db.run("is_hosted", is_hosted_txn,
-                                                 destination.domain))
+                hosted = await self._is_hosted(destination.domain)
             except DatabaseUnavailable as e:
                 await self._give_up(destination, _deferred(
                     f"cannot tell whether {destination.domain} is hosted here: {e}", "4.3.0"))
@@ -425,6 +446,13 @@ class OutboundService(Service):
                         ):
                             await self._close(connection)
                             connection = None
+                        while connection is None and destination.idle:
+                            connection, timer = destination.idle.pop()
+                            if timer.active():
+                                timer.cancel()
+                            if not connection.protocol.alive:  # closed by the server
+                                self._drop(connection)
+                                connection = None
                         if connection is None:
                             try:
                                 connection = await self._open(destination.domain)
@@ -450,11 +478,44 @@ class OutboundService(Service):
                 await self._finish(claim, outcomes, used)
         finally:
             if connection is not None:
-                await self._close(connection)
+                self._park(destination, connection)
             destination.connections -= 1
             self._connections -= 1
             self._start_connections()
             self.wake()
+
+    def _park(self, destination: Destination, connection: Connection) -> None:
+        """Keep a usable connection a moment for the destination's next claims."""
+        idle = sum(len(d.idle) for d in self._destinations.values())
+        if (
+            not self.running or connection.protocol.transport is None
+            or connection.sent >= self.settings.messages_per_connection
+            or idle >= self.settings.max_connections
+        ):
+            Deferred.fromCoroutine(self._close(connection))
+            return
+        timer = self._reactor.callLater(IDLE_CONNECTION_TIME, self._unpark, destination,
+                                        connection)
+        destination.idle.append((connection, timer))
+
+    def _unpark(self, destination: Destination, connection: Connection) -> None:
+        destination.idle[:] = [(c, t) for c, t in destination.idle if c is not connection]
+        Deferred.fromCoroutine(self._close(connection))
+        if (not destination.pending and not destination.connections and not destination.idle
+                and self._destinations.get(destination.domain) is destination):
+            del self._destinations[destination.domain]
+
+    async def _is_hosted(self, domain: str) -> bool:
+        """Whether ``domain`` is delivered here, remembered for HOSTED_CACHE_TIME seconds."""
+        now = self._reactor.seconds()
+        cached = self._hosted.get(domain)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        hosted = bool(await self._db.run("is_hosted", is_hosted_txn, domain))
+        if len(self._hosted) > 10_000:
+            self._hosted.clear()
+        self._hosted[domain] = (now + HOSTED_CACHE_TIME, hosted)
+        return hosted
 
     async def _give_up(self, destination: Destination, outcome: RecipientOutcome) -> None:
         """Every claim in hand for the destination gets ``outcome``."""
@@ -732,16 +793,18 @@ class OutboundService(Service):
             return
         self._held.discard(claim.queue_id)
         self._announce(claim, final, connection)
-        self.log.info(
-            "queue {id}: {recipients} {status} via {host} (attempt {attempt})",
-            id=claim.queue_id, status=finished.status, attempt=claim.attempts,
-            recipients=", ".join(f"<{a}> {o.status} {o.text}".strip() for a, o in final.items()),
-            host=connection.host if connection else "-",
-        )
+        # One line per attempt, as Postfix logs; built here (the logger's own formatting of
+        # several fields costs more than the delivery's bookkeeping).
+        self.log.info("{line}", line=(
+            f"queue {claim.queue_id}: "
+            + ", ".join(f"<{a}> {o.status} {o.text}".strip() for a, o in final.items())
+            + f" {finished.status} via {connection.host if connection else '-'}"
+            f" (attempt {claim.attempts})"
+        ), queue_id=claim.queue_id)
         for hook in self.finished_hooks:
             hook(claim, finished, final)
-        if finished.notification_ids:
-            self.wake()
+        if finished.notification_ids or len(self._held) <= self.settings.max_connections:
+            self.wake()  # a report to deliver, or room for more claims: keep them coming
 
     async def _finish_batch(self, attempts: list[Attempt]) -> list[Finished | BaseException]:
         """Record the outcomes that arrived together in one transaction (group commit), then

@@ -274,6 +274,12 @@ class SMTPClientProtocol(LineOnlyReceiver):
         if self.transport is not None:
             self.transport.loseConnection()
 
+    @property
+    def alive(self) -> bool:
+        """The connection is open and the server has not said goodbye."""
+        return self._lost is None and self.transport is not None and not getattr(
+            self.transport, "disconnecting", False)
+
     def size_limit(self) -> int | None:
         """The server's SIZE limit (RFC 1870), if it announced one."""
         value = self.extensions.get("SIZE", "").strip()

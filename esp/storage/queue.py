@@ -100,6 +100,7 @@ def claim_due_txn(
     most ``per_domain`` per recipient domain so that one domain's backlog does not keep the
     others waiting.  ``FOR UPDATE SKIP LOCKED``: any number of workers and nodes share the
     queue without ever taking the same row.  ``exclude``: rows the caller holds already."""
+    _relaxed_commit(cur)
     cur.execute(
         """
         WITH clock AS (SELECT coalesce(%(now)s::timestamptz, now()) AS now),
@@ -141,29 +142,34 @@ def claim_due_txn(
         WHERE q.id = picked.id AND m.id = q.message_id
         RETURNING q.id, q.message_id, m.spool_name, m.sender, q.recipient_domain, q.attempts,
                   q.created_at + make_interval(secs => %(max_age)s) <= clock.now,
-                  m.created_at, m.user_id
+                  m.created_at, m.user_id,
+                  ARRAY(SELECT r.address FROM queue_recipients r
+                        WHERE r.queue_id = q.id AND r.status IN ('queued', 'deferred')
+                        ORDER BY r.address)
         """,
         {"now": now, "limit": limit, "owner": owner, "lease": lease_seconds,
          "max_age": max_queue_seconds, "exclude": list(exclude),
-         "scan": max(20 * limit, 1000), "per_domain": per_domain},
+         "scan": max(5 * limit, 200), "per_domain": per_domain},
     )
-    rows = cur.fetchall()
-    if not rows:
-        return []
-    cur.execute(
-        "SELECT queue_id, address FROM queue_recipients "
-        "WHERE queue_id = ANY(%s) AND status IN ('queued', 'deferred') ORDER BY address",
-        ([r[0] for r in rows],),
-    )
-    recipients: dict[int, list[str]] = {}
-    for queue_id, address in cur.fetchall():
-        recipients.setdefault(queue_id, []).append(address)
     return [
-        Claim(queue_id, message_id, spool, sender, domain,
-              tuple(recipients.get(queue_id, ())), attempts, expired, created, user_id)
-        for queue_id, message_id, spool, sender, domain, attempts, expired, created, user_id
-        in sorted(rows)
+        Claim(queue_id, message_id, spool, sender, domain, tuple(recipients), attempts,
+              expired, created, user_id)
+        for (queue_id, message_id, spool, sender, domain, attempts, expired, created, user_id,
+             recipients) in sorted(cur.fetchall())
     ]
+
+
+def _relaxed_commit(cur: Cursor) -> None:
+    """The delivery workers' bookkeeping commits without waiting for the WAL flush.
+
+    Nothing acknowledged to anyone rests on these commits alone: if PostgreSQL itself crashes
+    and loses the last few of them, the rows fall back to an earlier state (leased, with a
+    lease that runs out) and are tried again.  The worst case is a message sent twice, the
+    same as a worker dying between a remote's 250 and the commit (RFC 5321 §6.1 prefers a
+    duplicate to a loss), and the same as Postfix, which does not fsync the removal of a
+    delivered queue file.  A bounce report is queued in the same transaction as the bounce,
+    so both are lost or kept together; its file is fsync'd before."""
+    cur.execute("SET LOCAL synchronous_commit = off")
 
 
 def renew_leases_txn(
@@ -171,6 +177,7 @@ def renew_leases_txn(
     now: datetime | None = None,
 ) -> list[int]:
     """Push back the lease of rows ``owner`` still delivers; returns those it still holds."""
+    _relaxed_commit(cur)
     cur.execute(
         "UPDATE queue SET lease_expires_at = coalesce(%s::timestamptz, now()) "
         "+ make_interval(secs => %s) "
@@ -279,103 +286,68 @@ def finish_many_txn(
     now: datetime | None = None,
     schedule: Sequence[int] = DEFAULT_RETRY_SCHEDULE,
 ) -> list[Finished | LeaseLost]:
-    """Record the outcome of several attempts, per recipient, in a few set-based statements.
+    """Record the outcome of several attempts, per recipient, with one call of
+    ``esp_finish_attempts`` (sql/007).
 
     Each row becomes 'sent' (nothing left to do), 'queued' again with its next attempt
     scheduled, or 'bounced' (expired with recipients still deferred: those are bounced too).
     Hard bounces go on the suppression list of the sender's domain; each notification (a
     bounce report) is queued to its sender.  A row no longer leased to ``owner`` is left alone
     and gets a LeaseLost in its place."""
-    cur.execute(
-        "SELECT id FROM queue WHERE id = ANY(%s) AND status = 'delivering' "
-        "AND lease_owner = %s ORDER BY id FOR UPDATE",
-        (sorted({c.queue_id for c, _, _ in attempts}), owner),
-    )
-    held = {row[0] for row in cur.fetchall()}
-    live = [(claim, final_outcomes(claim, outcomes), notification)
-            for claim, outcomes, notification in attempts if claim.queue_id in held]
-    counts: dict[int, tuple[int, int]] = {}
-    if live:
-        _record_outcomes(cur, live)
-        counts = _recipient_counts(cur, [claim.queue_id for claim, _, _ in live])
-    statuses: dict[int, str] = {}
+    _relaxed_commit(cur)
+    finals = [(claim, final_outcomes(claim, outcomes), notification)
+              for claim, outcomes, notification in attempts]
     ids: list[int] = []
     waits: list[int] = []
     errors: list[str | None] = []
-    for claim, final, _ in live:
-        pending, bounced = counts.get(claim.queue_id, (0, 0))
-        status = "queued" if pending else ("bounced" if bounced else "sent")
-        statuses[claim.queue_id] = status
+    columns: list[list[object]] = [[], [], [], [], [], [], []]
+    for claim, final, _ in finals:
         texts = [o.text for o in final.values() if o.status != "sent" and o.text]
         ids.append(claim.queue_id)
         waits.append(backoff_seconds(claim.attempts, schedule))
         errors.append(texts[0] if texts else None)
-    if ids:
-        cur.execute(
-            """
-            UPDATE queue AS q
-            SET status = u.status, lease_owner = NULL, lease_expires_at = NULL,
-                next_attempt_at = CASE WHEN u.status = 'queued'
-                    THEN coalesce(%s::timestamptz, now()) + make_interval(secs => u.wait)
-                    ELSE q.next_attempt_at END,
-                last_error = u.error, updated_at = now()
-            FROM unnest(%s::bigint[], %s::text[], %s::int[], %s::text[])
-                 AS u (id, status, wait, error)
-            WHERE q.id = u.id
-            """,
-            (now, ids, [statuses[i] for i in ids], waits, errors),
-        )
+        for address, o in final.items():
+            for column, value in zip(columns, (claim.queue_id, address, o.status, o.code,
+                                               o.text or None, o.status_code, o.remote_mta),
+                                     strict=True):
+                column.append(value)
+    cur.execute(
+        "SELECT queue_id, status, message_done FROM esp_finish_attempts("
+        "%s, coalesce(%s::timestamptz, now()), %s::bigint[], %s::int[], %s::text[], "
+        "%s::bigint[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[])",
+        (owner, now, ids, waits, errors, *columns),
+    )
+    rows = {row[0]: (row[1], row[2]) for row in cur.fetchall()}
+    live = [item for item in finals if item[0].queue_id in rows]
+    _suppress(cur, live)
     notification_ids: dict[int, list[int]] = {}
     for claim, _, notification in live:
         if notification is not None:
             notification_ids[claim.queue_id] = enqueue_txn(
                 cur, notification.spool_name, "", [notification.recipient], notification.size
             )
-    done: set[int] = set()
-    if live:
-        cur.execute(
-            "SELECT m.id FROM unnest(%s::bigint[]) AS m (id) WHERE NOT EXISTS "
-            "(SELECT 1 FROM queue q WHERE q.message_id = m.id "
-            "AND q.status IN ('queued', 'delivering'))",
-            (sorted({claim.message_id for claim, _, _ in live}),),
-        )
-        done = {row[0] for row in cur.fetchall()}
     results: list[Finished | LeaseLost] = []
     for claim, _, _ in attempts:
-        if claim.queue_id not in held:
+        if claim.queue_id not in rows:
             results.append(LeaseLost(f"queue row {claim.queue_id} is no longer leased to "
                                      f"{owner}"))
         else:
-            results.append(Finished(statuses[claim.queue_id], claim.message_id in done,
+            status, done = rows[claim.queue_id]
+            results.append(Finished(status, bool(done),
                                     tuple(notification_ids.get(claim.queue_id, ()))))
     return results
 
 
-def _record_outcomes(
+def _suppress(
     cur: Cursor, live: Sequence[tuple[Claim, dict[str, RecipientOutcome], object]]
 ) -> None:
-    columns: list[list[object]] = [[], [], [], [], [], [], []]
+    """Put hard-bounced addresses on the suppression list of their sender's domain."""
     hard: dict[tuple[str, str], str] = {}
     for claim, final, _ in live:
         for address, o in final.items():
-            for column, value in zip(columns, (claim.queue_id, address, o.status, o.code,
-                                               o.text or None, o.status_code, o.remote_mta),
-                                     strict=True):
-                column.append(value)
             if o.status == "bounced" and o.hard and claim.sender:
                 domain = claim.sender.rpartition("@")[2].lower()
                 hard[(domain, address.lower())] = o.text or ""
-    cur.execute(
-        """
-        UPDATE queue_recipients AS r
-        SET status = o.status, last_code = o.code, last_error = o.error,
-            status_code = o.status_code, remote_mta = o.mta, updated_at = now()
-        FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[],
-                    %s::text[]) AS o (queue_id, address, status, code, error, status_code, mta)
-        WHERE r.queue_id = o.queue_id AND r.address = o.address
-        """,
-        columns,
-    )
     if hard:
         cur.execute(
             """
@@ -388,17 +360,6 @@ def _record_outcomes(
             """,
             ([d for d, _ in hard], [a for _, a in hard], list(hard.values())),
         )
-
-
-def _recipient_counts(cur: Cursor, queue_ids: list[int]) -> dict[int, tuple[int, int]]:
-    """(still to deliver, bounced) recipients per row."""
-    cur.execute(
-        "SELECT queue_id, count(*) FILTER (WHERE status IN ('queued', 'deferred')), "
-        "count(*) FILTER (WHERE status = 'bounced') FROM queue_recipients "
-        "WHERE queue_id = ANY(%s) GROUP BY queue_id",
-        (queue_ids,),
-    )
-    return {row[0]: (row[1], row[2]) for row in cur.fetchall()}
 
 
 def spent_spool_files_txn(cur: Cursor, names: Sequence[str]) -> list[str]:
