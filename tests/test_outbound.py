@@ -17,11 +17,12 @@ import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 
 from esp.addresses import parse_address
-from esp.config import OutboundConfig
+from esp.config import OutboundConfig, TLSConfig
 from esp.delivery import LocalDelivery
 from esp.dns import Resolver
 from esp.events import Event, EventBus
@@ -30,9 +31,11 @@ from esp.storage import directory
 from esp.storage.db import Database, connect, run_sync
 from esp.storage.directory import DirectoryStore
 from esp.storage.queue import Claim, Finished, RecipientOutcome
+from esp.tls import CertificateStore
 from tests.dnszone import DNSServer
 from tests.helpers import until
 from tests.sink import Sink, start_sink
+from tests.test_smtp_client import Scenario, ScriptedServer
 
 
 @dataclass
@@ -321,3 +324,67 @@ async def test_many_recipients_go_fifty_per_transaction(
     await world.settle()
     assert {status for _, status, _, _, _ in world.rows()} == {"sent"}
     assert len(sink.messages()) == 2  # smtp-sink dumps one file per transaction
+
+
+@dataclass
+class TLSMX:
+    """A remote MX on 127.0.0.2 that offers STARTTLS (the scripted server of
+    test_smtp_client) and notes what each connection did."""
+
+    port: Any
+    sessions: list[ScriptedServer]
+
+
+def start_tls_mx(scratch: Path, break_handshake: bool = False) -> TLSMX:
+    store = CertificateStore(TLSConfig(), "mx.remote.test", scratch / "remote-tls")
+    store.load()
+    scenario = Scenario(extensions=["PIPELINING", "8BITMIME"],
+                        tls_options=store.context_factory())
+    # Says yes to STARTTLS, then hangs up where the handshake should be.
+    scenario.break_tls = break_handshake
+    sessions: list[ScriptedServer] = []
+
+    def build() -> ScriptedServer:
+        server = ScriptedServer(scenario)
+        sessions.append(server)
+        return server
+
+    port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.2")
+    return TLSMX(port, sessions)
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_is_used_when_the_mx_offers_it(
+    make_world: MakeWorld, scratch: Path,
+) -> None:
+    mx = start_tls_mx(scratch)
+    try:
+        world = await make_world(port=mx.port.getHost().port)
+        await world.queue("bob@remote.test")
+        await world.settle()
+        assert [status for _, status, _, _, _ in world.rows()] == ["sent"]
+        [session] = mx.sessions
+        assert session.tls and session.scenario.received.count(b"EHLO mx.example.test") == 2
+        [sent] = [e for e in world.events if e.type == "message.sent"]
+        assert sent.payload["tls"] is True
+    finally:
+        await mx.port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_tls_handshake_falls_back_to_plain_text(
+    make_world: MakeWorld, scratch: Path,
+) -> None:
+    mx = start_tls_mx(scratch, break_handshake=True)
+    try:
+        world = await make_world(port=mx.port.getHost().port)
+        await world.queue("bob@remote.test")
+        await world.settle()
+        assert [status for _, status, _, _, _ in world.rows()] == ["sent"]
+        first, second = mx.sessions  # the failed handshake, then plain text
+        assert b"STARTTLS" in first.scenario.received
+        assert not second.tls
+        [sent] = [e for e in world.events if e.type == "message.sent"]
+        assert sent.payload["tls"] is False
+    finally:
+        await mx.port.stopListening()

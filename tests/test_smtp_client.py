@@ -34,6 +34,8 @@ class Scenario:
     replies: dict[bytes, bytes] = field(default_factory=dict)
     received: list[bytes] = field(default_factory=list)
     tls_options: object = None
+    # A broken STARTTLS: 220, then the connection closes where the handshake should be.
+    break_tls: bool = False
 
 
 class ScriptedServer(LineOnlyReceiver):
@@ -55,6 +57,10 @@ class ScriptedServer(LineOnlyReceiver):
                 self.transport.write(self.scenario.replies.get(b".", b"250 2.0.0 Ok\r\n"))
             return
         verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+        if verb == b"STARTTLS" and self.scenario.break_tls:
+            self.transport.write(b"220 go ahead\r\n")
+            self.transport.loseConnection()
+            return
         if verb in self.scenario.replies:
             self.transport.write(self.scenario.replies[verb])
             if verb == b"DATA" and self.scenario.replies[verb].startswith(b"354"):

@@ -89,7 +89,8 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._partial: list[str] = []
         self._code: str | None = None
         self._replies: deque[Reply] = deque()
-        self._waiting: deque[tuple[Deferred[Reply], Any]] = deque()
+        # Who waits for how many replies, with its timer and the replies so far.
+        self._waiting: deque[tuple[Deferred[list[Reply]], Any, int, list[Reply]]] = deque()
         self._lost: Failure | None = None
         self.extensions: dict[str, str] = {}
         self.tls = False
@@ -133,10 +134,13 @@ class SMTPClientProtocol(LineOnlyReceiver):
             self._awaiting_tls = False
             self._tls_boundary = reply.code == 220
         if self._waiting:
-            waiter, timer = self._waiting.popleft()
-            if timer.active():
-                timer.cancel()
-            waiter.callback(reply)
+            waiter, timer, count, collected = self._waiting[0]
+            collected.append(reply)
+            if len(collected) == count:
+                self._waiting.popleft()
+                if timer.active():
+                    timer.cancel()
+                waiter.callback(collected)
         else:
             self._replies.append(reply)
 
@@ -146,7 +150,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
     def connectionLost(self, reason: Failure = Failure(ConnectError())) -> None:  # noqa: B008
         self._lost = reason
         while self._waiting:
-            waiter, timer = self._waiting.popleft()
+            waiter, timer, _, _ = self._waiting.popleft()
             if timer.active():
                 timer.cancel()
             waiter.errback(SMTPConnectionError(f"connection lost: {reason.getErrorMessage()}"))
@@ -154,7 +158,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
     def _abort(self, why: str) -> None:
         error = SMTPConnectionError(why)
         while self._waiting:
-            waiter, timer = self._waiting.popleft()
+            waiter, timer, _, _ = self._waiting.popleft()
             if timer.active():
                 timer.cancel()
             waiter.errback(error)
@@ -166,13 +170,21 @@ class SMTPClientProtocol(LineOnlyReceiver):
         """The next reply from the server."""
         if self._replies:
             return self._replies.popleft()
+        return (await self.replies(1, limit))[0]
+
+    async def replies(self, count: int, limit: float | None = None) -> list[Reply]:
+        """The next ``count`` replies (a pipelined group), with one wait for all of them
+        (``limit`` seconds at most)."""
+        got = [self._replies.popleft() for _ in range(min(count, len(self._replies)))]
+        if len(got) == count:
+            return got
         if self._lost is not None:
             raise SMTPConnectionError(f"connection lost: {self._lost.getErrorMessage()}")
-        waiter: Deferred[Reply] = Deferred()
+        waiter: Deferred[list[Reply]] = Deferred()
         limit = self.timeout if limit is None else limit
         timer = self._reactor.callLater(limit, self._abort, f"no reply within {limit:g} s")
-        self._waiting.append((waiter, timer))
-        return await waiter
+        self._waiting.append((waiter, timer, count - len(got), []))
+        return got + await waiter
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -225,9 +237,8 @@ class SMTPClientProtocol(LineOnlyReceiver):
         rcpts = [b"RCPT TO:<" + r.encode("utf-8") + b">" for r in recipients]
         if "PIPELINING" in self.extensions:
             self.send(mail, *rcpts, b"DATA")
-            mail_reply = await self.reply()
-            results = [(r, await self.reply()) for r in recipients]
-            data_reply = await self.reply()
+            mail_reply, *rcpt_replies, data_reply = await self.replies(len(recipients) + 2)
+            results = list(zip(recipients, rcpt_replies, strict=True))
             if not mail_reply.positive or not any(reply.positive for _, reply in results):
                 if data_reply.code == 354:
                     # RFC 2920 §3.1: DATA accepted though nothing can go: end it empty.
