@@ -108,10 +108,10 @@ def wait_for_sink(sink: subprocess.Popen[bytes], started: float, what: str) -> f
 
 
 def esp_config(work: Path, dsn: str, sink_port: int, args: argparse.Namespace,
-               enabled: bool) -> Path:
+               enabled: bool, workers: int = 1) -> Path:
     config = work / "esp.yaml"
     config.write_text(
-        "server:\n  hostname: mx.example.test\n"
+        f"server:\n  hostname: mx.example.test\n  workers: {workers}\n"
         "  dns: {nameservers: ['127.0.0.1:9']}\n"
         "  smtp:\n    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
         "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
@@ -147,7 +147,7 @@ def start_esp(work: Path, config: Path, name: str) -> tuple[subprocess.Popen[byt
         time.sleep(0.05)  # a benchmark harness, not a test: polling the log is fine
 
 
-def run_esp(work: Path, args: argparse.Namespace) -> Result:
+def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
     work.mkdir(parents=True)
     os.chmod(work, 0o711)  # noqa: S103 (the cluster's account must reach it when run as root)
     cluster = EmbeddedCluster(work / "pg")
@@ -183,7 +183,7 @@ def run_esp(work: Path, args: argparse.Namespace) -> Result:
         with conn.cursor() as cur:
             cur.execute("UPDATE queue SET next_attempt_at = now() + interval '1 day'")
         conn.commit()
-        config = esp_config(work, cluster.dsn, sink_port, args, enabled=True)
+        config = esp_config(work, cluster.dsn, sink_port, args, enabled=True, workers=workers)
         process, _ = start_esp(work, config, "drain")
         sink = start_sink(work, sink_port, args.messages)
         ours = (f"--config {config}", "esp.worker", "esp.storage.diskwriter")
@@ -216,7 +216,8 @@ def run_esp(work: Path, args: argparse.Namespace) -> Result:
               f"included) {machine / args.messages * 1000:.2f} ms/msg")
         process.terminate()
         process.wait(timeout=60)
-        return Result("ESP (1 process, DKIM)", args.messages, seconds, used, memory)
+        label = f"ESP ({workers} process{'es' if workers > 1 else ''}, DKIM)"
+        return Result(label, args.messages, seconds, used, memory)
     finally:
         cluster.stop()
 
@@ -304,6 +305,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=10, help="sessions filling the queue")
     parser.add_argument("--connections", type=int, default=20,
                         help="connections per destination, for both servers")
+    parser.add_argument("--workers", type=int, nargs="*", default=[1],
+                        help="ESP processes (server.workers) to try, e.g. --workers 1 2")
     parser.add_argument("--no-anchor", action="store_true")
     args = parser.parse_args()
     if not shutil.which("smtp-sink"):
@@ -313,13 +316,16 @@ def main() -> None:
     print(f"{args.messages} messages of {args.size} bytes to {args.domains} domains, "
           f"{args.connections} connections per destination, {os.cpu_count()} cores")
     try:
-        result = run_esp(work / "esp", args)
-        print(result.line(), flush=True)
+        results = []
+        for workers in dict.fromkeys(args.workers):
+            results.append(run_esp(work / f"esp-{workers}", args, workers))
+            print(results[-1].line(), flush=True)
         if not args.no_anchor:
             anchor = run_postfix(work / "postfix", args)
             if anchor is not None:
                 print(anchor.line())
-                print(f"ESP / Postfix: {result.rate / anchor.rate:.2f}x")
+                for result in results:
+                    print(f"{result.name} / Postfix: {result.rate / anchor.rate:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -211,6 +211,8 @@ class OutboundService(Service):
         self._connections = 0
         self._tasks: set[Deferred[None]] = set()
         self._hosted: dict[str, tuple[float, bool]] = {}
+        self._bodies: dict[int, bytes] = {}  # spool files read ahead, by queue id
+        self._log_lines: list[str] = []
         self._protocols: set[SMTPClientProtocol] = set()
         self._timer: IDelayedCall | None = None
         self._passing = False
@@ -357,6 +359,8 @@ class OutboundService(Service):
         except DatabaseUnavailable as e:
             self.log.warn("cannot look at the queue: {error}", error=str(e))
             return self.settings.poll_interval
+        if claims:
+            await self._prefetch(claims)
         for claim in claims:
             self._held.add(claim.queue_id)
             destination = self._destinations.get(claim.recipient_domain)
@@ -421,6 +425,7 @@ class OutboundService(Service):
                 for claim in [c for c in destination.pending if c.queue_id in lost]:
                     destination.pending.remove(claim)
                     self._held.discard(claim.queue_id)
+                    self._bodies.pop(claim.queue_id, None)
 
     # -- one destination ---------------------------------------------------------------------
 
@@ -690,8 +695,20 @@ class OutboundService(Service):
         return outcomes, True
 
     async def _read_spool(self, claim: Claim) -> bytes:
+        body = self._bodies.pop(claim.queue_id, None)
+        if body is not None:
+            return body
         path = self._spool.path / "new" / claim.spool_name
         return await self._thread(self._disk_pool, path.read_bytes)
+
+    async def _prefetch(self, claims: Sequence[Claim]) -> None:
+        """Read the small spool files of new claims in one trip to a disk thread (one hand-off
+        for many messages); the others are read when their turn comes."""
+        paths = {c.queue_id: self._spool.path / "new" / c.spool_name for c in claims}
+        try:
+            self._bodies.update(await self._thread(self._disk_pool, _read_small, paths))
+        except OSError as e:
+            self.log.warn("cannot read spool files ahead: {error}", error=str(e))
 
     def _drop(self, connection: Connection) -> None:
         self._protocols.discard(connection.protocol)
@@ -759,6 +776,7 @@ class OutboundService(Service):
             self.log.failure("queue {id}: recording the outcome failed", id=claim.queue_id)
         finally:
             self._held.discard(claim.queue_id)
+            self._bodies.pop(claim.queue_id, None)
 
     async def _record(
         self, claim: Claim, outcomes: dict[str, RecipientOutcome],
@@ -793,18 +811,29 @@ class OutboundService(Service):
             return
         self._held.discard(claim.queue_id)
         self._announce(claim, final, connection)
-        # One line per attempt, as Postfix logs; built here (the logger's own formatting of
-        # several fields costs more than the delivery's bookkeeping).
-        self.log.info("{line}", line=(
+        self._log_attempt(
             f"queue {claim.queue_id}: "
             + ", ".join(f"<{a}> {o.status} {o.text}".strip() for a, o in final.items())
             + f" {finished.status} via {connection.host if connection else '-'}"
             f" (attempt {claim.attempts})"
-        ), queue_id=claim.queue_id)
+        )
         for hook in self.finished_hooks:
             hook(claim, finished, final)
         if finished.notification_ids or len(self._held) <= self.settings.max_connections:
             self.wake()  # a report to deliver, or room for more claims: keep them coming
+
+    def _log_attempt(self, line: str) -> None:
+        """One line per attempt, as Postfix logs, written as one log event for all the
+        attempts recorded together (continuation lines start with a tab): a log event costs
+        more than a delivery's bookkeeping."""
+        if not self._log_lines:
+            self._reactor.callLater(0, self._flush_log)
+        self._log_lines.append(line)
+
+    def _flush_log(self) -> None:
+        lines, self._log_lines = self._log_lines, []
+        if lines:
+            self.log.info("{lines}", lines="\n".join(lines))
 
     async def _finish_batch(self, attempts: list[Attempt]) -> list[Finished | BaseException]:
         """Record the outcomes that arrived together in one transaction (group commit), then
@@ -880,6 +909,21 @@ def _abort(protocol: SMTPClientProtocol) -> None:
     if protocol.transport is not None:
         protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
+
+
+# Spool files up to this size are read ahead with their claim.
+PREFETCH_LIMIT = 256 * 1024
+
+
+def _read_small(paths: dict[int, Path]) -> dict[int, bytes]:
+    found = {}
+    for queue_id, path in paths.items():
+        try:
+            if path.stat().st_size <= PREFETCH_LIMIT:
+                found[queue_id] = path.read_bytes()
+        except FileNotFoundError:
+            continue  # reported when its delivery reads it
+    return found
 
 
 def _old_files(directory: Path, min_age: float) -> list[str]:
