@@ -45,6 +45,7 @@ from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxF
 from esp.dns import DNSTemporaryError, NoMailHost, Resolver
 from esp.dsn import FailedRecipient, delivery_status_notification
 from esp.events import MESSAGE_BOUNCED, MESSAGE_SENT, Event, EventBus
+from esp.loglines import LineLog
 from esp.smtp.client import (
     Reply,
     SMTPClientProtocol,
@@ -212,7 +213,7 @@ class OutboundService(Service):
         self._tasks: set[Deferred[None]] = set()
         self._hosted: dict[str, tuple[float, bool]] = {}
         self._bodies: dict[int, bytes] = {}  # spool files read ahead, by queue id
-        self._log_lines: list[str] = []
+        self._attempts_log = LineLog(self.log, reactor)
         self._protocols: set[SMTPClientProtocol] = set()
         self._timer: IDelayedCall | None = None
         self._passing = False
@@ -811,7 +812,8 @@ class OutboundService(Service):
             return
         self._held.discard(claim.queue_id)
         self._announce(claim, final, connection)
-        self._log_attempt(
+        # One line per attempt, as Postfix logs (esp.loglines: one event per reactor turn).
+        self._attempts_log.line(
             f"queue {claim.queue_id}: "
             + ", ".join(f"<{a}> {o.status} {o.text}".strip() for a, o in final.items())
             + f" {finished.status} via {connection.host if connection else '-'}"
@@ -821,19 +823,6 @@ class OutboundService(Service):
             hook(claim, finished, final)
         if finished.notification_ids or len(self._held) <= self.settings.max_connections:
             self.wake()  # a report to deliver, or room for more claims: keep them coming
-
-    def _log_attempt(self, line: str) -> None:
-        """One line per attempt, as Postfix logs, written as one log event for all the
-        attempts recorded together (continuation lines start with a tab): a log event costs
-        more than a delivery's bookkeeping."""
-        if not self._log_lines:
-            self._reactor.callLater(0, self._flush_log)
-        self._log_lines.append(line)
-
-    def _flush_log(self) -> None:
-        lines, self._log_lines = self._log_lines, []
-        if lines:
-            self.log.info("{lines}", lines="\n".join(lines))
 
     async def _finish_batch(self, attempts: list[Attempt]) -> list[Finished | BaseException]:
         """Record the outcomes that arrived together in one transaction (group commit), then

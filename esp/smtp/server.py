@@ -41,6 +41,7 @@ from esp.auth import AuthenticationBusy
 from esp.envelope import Accepted, Envelope, Listener, Refusal, Session
 from esp.events import USER_LOGIN, Event, EventBus
 from esp.limits import ConnectionLimits
+from esp.loglines import LineLog
 from esp.smtp.commands import parse_path_argument, parse_size
 
 MAX_COMMAND_LINE = 4096  # RFC 5321 §4.5.3.1.4 says 512; AUTH responses and extensions need more
@@ -61,6 +62,7 @@ class SMTPSettings:
 
 class ESMTPServer(smtp.ESMTP):
     log = Logger()
+    accepted_log = LineLog(log)
     # A TCP or TLS transport once connected (Twisted types it as the bare ITransport).
     transport: Any
 
@@ -703,10 +705,10 @@ class ESMTPServer(smtp.ESMTP):
         except Refusal as refusal:
             self._refused(refusal)
         else:
-            self.log.info(
-                "accepted {queue_id} from=<{sender}> to={recipients} size={size} stored={stored}",
-                queue_id=queue_id, sender=envelope.sender, recipients=list(envelope.recipients),
-                size=len(message), stored=stored,
+            # One line per message (esp.loglines: one log event per reactor turn).
+            self.accepted_log.line(
+                f"accepted {queue_id} from=<{envelope.sender}> "
+                f"to={list(envelope.recipients)} size={len(message)} stored={stored}"
             )
             self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         finally:
