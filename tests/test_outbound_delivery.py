@@ -227,6 +227,11 @@ def test_operators_see_and_drive_the_queue(setup: Setup) -> None:
         retried = run_esp("queue", "retry", str(queue_id), config=setup.config)
         assert retried.returncode == 0 and "1 entries due now" in retried.stdout
         wait_for(lambda: "queued" in waiting() and "attempts 2" in waiting(), "the retry")
+        flushed = run_esp("queue", "flush", config=setup.config)
+        # Every waiting entry (the one here, and any other for this closed MX).
+        assert flushed.returncode == 0 and re.fullmatch(r"[1-9]\d* entries due now\n",
+                                                        flushed.stdout)
+        wait_for(lambda: "queued" in waiting() and "attempts 3" in waiting(), "the flush")
         deleted = run_esp("queue", "delete", str(queue_id), config=setup.config)
         assert deleted.returncode == 0, deleted.stderr
         assert waiting() == ""
