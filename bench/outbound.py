@@ -30,7 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from smtp_accept import Result, cpu_seconds, rss_mib, tree_pids  # noqa: E402
+from smtp_accept import (  # noqa: E402
+    Result,
+    cpu_seconds,
+    rss_mib,
+    start_postfix,
+    tree_pids,
+)
 
 from esp.addresses import parse_address  # noqa: E402
 from esp.auth import PasswordHasher  # noqa: E402
@@ -232,31 +238,11 @@ def run_postfix(work: Path, args: argparse.Namespace) -> Result | None:
     work.mkdir(parents=True)
     sink_port = free_port(SINK_HOST)
     port = free_port("127.0.0.1")
-    # The bench owns this machine's Postfix configuration: main.cf is written afresh.
-    Path("/etc/postfix/main.cf").write_text("")
-    settings = {
-        "inet_interfaces": "127.0.0.1", "inet_protocols": "ipv4", "mydestination": "",
+    start_postfix(port, {
         "mynetworks": "127.0.0.0/8", "relayhost": f"[{SINK_HOST}]:{sink_port}",
-        "maillog_file": "/var/log/postfix-esp-bench.log", "smtpd_peername_lookup": "no",
-        "smtp_dns_support_level": "disabled", "smtp_host_lookup": "native",
-        "compatibility_level": "3.6", "smtpd_client_connection_count_limit": "0",
-        "smtpd_client_connection_rate_limit": "0", "default_process_limit": "100",
         "default_destination_concurrency_limit": str(args.connections),
         "defer_transports": "smtp",
-    }
-    subprocess.run(["postconf", "-e", *[f"{k}={v}" for k, v in settings.items()]], check=True)
-    master = Path("/etc/postfix/master.cf")
-    lines = [line for line in master.read_text().splitlines()
-             if not re.match(r"^(smtp|127\.0\.0\.1:\d+)\s+inet", line)]
-    lines.insert(0, f"127.0.0.1:{port} inet n - y - - smtpd")
-    master.write_text("\n".join(lines) + "\n")
-    if not Path("/var/spool/postfix/etc").exists():
-        subprocess.run(["/usr/lib/postfix/configure-instance.sh", "-"], check=False)
-    subprocess.run(["postfix", "stop"], capture_output=True)
-    subprocess.run(["postsuper", "-d", "ALL"], capture_output=True)
-    started_postfix = subprocess.run(["postfix", "start"], capture_output=True, text=True)
-    if started_postfix.returncode != 0:
-        raise SystemExit(f"postfix start failed: {started_postfix.stderr}")
+    }, empty_queue=True)
     try:
         time.sleep(1)  # master spawns its listeners (benchmark harness, not a test)
         submit_all(port, args, login=False)

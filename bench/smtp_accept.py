@@ -236,34 +236,14 @@ def run_postfix(work: Path, args: argparse.Namespace, port: int) -> Result | Non
     base = work / "maildir"
     base.mkdir(parents=True)
     shutil.chown(base, "postfix", "postfix")
-    # The bench owns this machine's Postfix configuration: main.cf is written afresh.
-    Path("/etc/postfix/main.cf").write_text("")
     maps = Path("/etc/postfix/esp_bench_vmailbox")
     maps.write_text("alice@example.test example.test/alice/\n")
     subprocess.run(["postmap", str(maps)], check=True)
-    settings = {
-        "inet_interfaces": "127.0.0.1", "inet_protocols": "ipv4", "mydestination": "",
+    start_postfix(port, {
         "virtual_mailbox_domains": "example.test", "virtual_mailbox_maps": f"hash:{maps}",
         "virtual_mailbox_base": str(base), "virtual_uid_maps": "static:" + _uid("postfix"),
         "virtual_gid_maps": "static:" + _gid("postfix"),
-        "maillog_file": "/var/log/postfix-esp-bench.log",
-        "smtpd_peername_lookup": "no", "smtp_dns_support_level": "disabled",
-        "smtp_host_lookup": "native", "compatibility_level": "3.6",
-        "smtpd_client_connection_count_limit": "0", "smtpd_client_connection_rate_limit": "0",
-        "default_process_limit": "100",
-    }
-    subprocess.run(["postconf", "-e", *[f"{k}={v}" for k, v in settings.items()]], check=True)
-    master = Path("/etc/postfix/master.cf")
-    lines = [line for line in master.read_text().splitlines()
-             if not re.match(r"^(smtp|127\.0\.0\.1:\d+)\s+inet", line)]
-    lines.insert(0, f"127.0.0.1:{port} inet n - y - - smtpd")
-    master.write_text("\n".join(lines) + "\n")
-    if not Path("/var/spool/postfix/etc").exists():
-        subprocess.run(["/usr/lib/postfix/configure-instance.sh", "-"], check=False)
-    subprocess.run(["postfix", "stop"], capture_output=True)
-    started_postfix = subprocess.run(["postfix", "start"], capture_output=True, text=True)
-    if started_postfix.returncode != 0:
-        raise SystemExit(f"postfix start failed: {started_postfix.stderr}")
+    })
     try:
         time.sleep(1)  # master spawns its listeners (benchmark harness, not a test)
         names = ("master", "smtpd", "cleanup", "qmgr", "virtual", "trivial-rewrite", "pickup")
@@ -283,6 +263,36 @@ def run_postfix(work: Path, args: argparse.Namespace, port: int) -> Result | Non
     finally:
         subprocess.run(["postfix", "stop"], capture_output=True)
     return Result("Postfix 3 (virtual Maildir)", args.messages, seconds, used, memory)
+
+
+def start_postfix(port: int, settings: dict[str, str], empty_queue: bool = False) -> None:
+    """This machine's Postfix on 127.0.0.1:``port`` with ``settings`` over the benches' base
+    (no DNS, no client limits, its own log).  The bench owns the Postfix configuration:
+    main.cf is written afresh."""
+    Path("/etc/postfix/main.cf").write_text("")
+    base = {
+        "inet_interfaces": "127.0.0.1", "inet_protocols": "ipv4", "mydestination": "",
+        "maillog_file": "/var/log/postfix-esp-bench.log",
+        "smtpd_peername_lookup": "no", "smtp_dns_support_level": "disabled",
+        "smtp_host_lookup": "native", "compatibility_level": "3.6",
+        "smtpd_client_connection_count_limit": "0", "smtpd_client_connection_rate_limit": "0",
+        "default_process_limit": "100",
+    }
+    settings = {**base, **settings}
+    subprocess.run(["postconf", "-e", *[f"{k}={v}" for k, v in settings.items()]], check=True)
+    master = Path("/etc/postfix/master.cf")
+    lines = [line for line in master.read_text().splitlines()
+             if not re.match(r"^(smtp|127\.0\.0\.1:\d+)\s+inet", line)]
+    lines.insert(0, f"127.0.0.1:{port} inet n - y - - smtpd")
+    master.write_text("\n".join(lines) + "\n")
+    if not Path("/var/spool/postfix/etc").exists():
+        subprocess.run(["/usr/lib/postfix/configure-instance.sh", "-"], check=False)
+    subprocess.run(["postfix", "stop"], capture_output=True)
+    if empty_queue:
+        subprocess.run(["postsuper", "-d", "ALL"], capture_output=True)
+    started = subprocess.run(["postfix", "start"], capture_output=True, text=True)
+    if started.returncode != 0:
+        raise SystemExit(f"postfix start failed: {started.stderr}")
 
 
 def _uid(name: str) -> str:
