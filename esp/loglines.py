@@ -19,6 +19,7 @@ class LineLog:
         self._log = log
         self._reactor = reactor
         self._lines: list[str] = []
+        self._hooked = False
 
     def line(self, text: str) -> None:
         """Log ``text`` (one line) at info level at the end of this reactor turn."""
@@ -28,6 +29,10 @@ class LineLog:
                 from twisted.internet import reactor as default_reactor
 
                 reactor = self._reactor = default_reactor
+            if not self._hooked and hasattr(reactor, "addSystemEventTrigger"):
+                # A reactor stopping runs no more delayed calls: write what is left.
+                reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+                self._hooked = True
             reactor.callLater(0, self.flush)
         self._lines.append(text)
 

@@ -282,18 +282,26 @@ class OutboundService(Service):
         waiting = [c.queue_id for d in self._destinations.values() for c in d.pending]
         for destination in self._destinations.values():
             destination.pending.clear()
-        if waiting:
-            try:
-                await self._db.run("queue_release", release_txn, self.owner, waiting)
-            except Exception as e:
-                self.log.warn("could not give back {count} queue rows: {error}",
-                              count=len(waiting), error=str(e))
-            self._held.difference_update(waiting)
+        await self._release(waiting)
         if self._tasks:
             cutoff = self._reactor.callLater(STOP_GRACE, self._cut_off)
             await DeferredList(list(self._tasks), consumeErrors=True)
             if cutoff.active():
                 cutoff.cancel()
+        self._attempts_log.flush()
+
+    async def _release(self, queue_ids: list[int]) -> None:
+        """Give back claimed rows not attempted (stopping)."""
+        if not queue_ids:
+            return
+        try:
+            await self._db.run("queue_release", release_txn, self.owner, queue_ids)
+        except Exception as e:
+            self.log.warn("could not give back {count} queue rows: {error}",
+                          count=len(queue_ids), error=str(e))
+        self._held.difference_update(queue_ids)
+        for queue_id in queue_ids:
+            self._bodies.pop(queue_id, None)
 
     def _cut_off(self) -> None:
         for protocol in list(self._protocols):
@@ -351,19 +359,25 @@ class OutboundService(Service):
         if room <= 0:
             return self.settings.poll_interval
         now = self._sql_now()
+        cap = 2 * self.settings.max_connections_per_destination
+        busy = [d.domain for d in self._destinations.values()
+                if len(d.pending) + d.connections >= cap]
         try:
             claims = await self._db.run(
                 "queue_claim", claim_due_txn, self.owner, self.settings.lease_time, room, now,
-                self.settings.max_queue_time, sorted(self._held),
-                2 * self.settings.max_connections_per_destination,
+                self.settings.max_queue_time, sorted(self._held), cap, busy,
             )
         except DatabaseUnavailable as e:
             self.log.warn("cannot look at the queue: {error}", error=str(e))
             return self.settings.poll_interval
+        self._held.update(c.queue_id for c in claims)  # renewed from now on
         if claims:
             await self._prefetch(claims)
+        if not self.running:
+            # Stopped meanwhile: give them back at once rather than let the leases run out.
+            await self._release([c.queue_id for c in claims])
+            return self.settings.poll_interval
         for claim in claims:
-            self._held.add(claim.queue_id)
             destination = self._destinations.get(claim.recipient_domain)
             if destination is None:
                 destination = self._destinations[claim.recipient_domain] = Destination(
@@ -373,7 +387,7 @@ class OutboundService(Service):
         self._start_connections()
         if len(claims) == room:
             return self.settings.poll_interval  # full: finished deliveries wake us
-        wait = await self._db.run("queue_next_due", next_due_txn, self._sql_now())
+        wait = await self._db.run("queue_next_due", next_due_txn, self._sql_now(), self.owner)
         if wait is None:
             return self.settings.poll_interval
         if not claims:
@@ -382,25 +396,33 @@ class OutboundService(Service):
         return float(min(max(wait, 0.0), self.settings.poll_interval))
 
     def _start_connections(self) -> None:
+        # First a connection for every destination waiting with none, then more for those
+        # with a backlog: a busy domain does not take the slots of the others.
+        for first_pass in (True, False):
+            for destination in list(self._destinations.values()):
+                while (
+                    destination.pending
+                    and destination.connections < self.settings.max_connections_per_destination
+                    and self._connections < self.settings.max_connections
+                    and self.running
+                    and (destination.connections == 0 if first_pass else (
+                        # Another connection only when those open have a backlog: a few
+                        # messages go faster one after another over one connection.
+                        destination.idle
+                        or len(destination.pending) > 2 * destination.connections))
+                ):
+                    self._start_task(destination)
         for destination in list(self._destinations.values()):
-            while (
-                destination.pending
-                and destination.connections < self.settings.max_connections_per_destination
-                and self._connections < self.settings.max_connections
-                and self.running
-                # Another connection only when those open have a backlog: a few messages
-                # go faster one after another over one connection than each over its own.
-                and (destination.connections == 0 or destination.idle
-                     or len(destination.pending) > 2 * destination.connections)
-            ):
-                destination.connections += 1
-                self._connections += 1
-                task = Deferred.fromCoroutine(self._serve(destination))
-                self._tasks.add(task)
-                task.addErrback(lambda f: self.log.failure("delivery task failed", f))
-                task.addBoth(self._task_done, task)
             if not destination.pending and not destination.connections and not destination.idle:
                 del self._destinations[destination.domain]
+
+    def _start_task(self, destination: Destination) -> None:
+        destination.connections += 1
+        self._connections += 1
+        task = Deferred.fromCoroutine(self._serve(destination))
+        self._tasks.add(task)
+        task.addErrback(lambda f: self.log.failure("delivery task failed", f))
+        task.addBoth(self._task_done, task)
 
     def _task_done(self, result: object, task: Deferred[None]) -> None:
         self._tasks.discard(task)
@@ -494,7 +516,7 @@ class OutboundService(Service):
         """Keep a usable connection a moment for the destination's next claims."""
         idle = sum(len(d.idle) for d in self._destinations.values())
         if (
-            not self.running or connection.protocol.transport is None
+            not self.running or not connection.protocol.alive
             or connection.sent >= self.settings.messages_per_connection
             or idle >= self.settings.max_connections
         ):

@@ -35,6 +35,13 @@ BEGIN
         WHERE queue_recipients.queue_id = r_queue_ids[i] AND address = r_addresses[i];
     END LOOP;
 
+    -- Two workers finishing two rows of one message at once: the second waits here for the
+    -- first, and its next statement sees the first's rows as they are now, so that one of
+    -- them finds the message done.
+    PERFORM 1 FROM outbound_messages
+    WHERE id IN (SELECT message_id FROM queue WHERE id = ANY(held))
+    ORDER BY id FOR NO KEY UPDATE;
+
     RETURN QUERY
     WITH counts AS (
         SELECT h.id AS queue_id, c.pending, c.bounced

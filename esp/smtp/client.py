@@ -90,7 +90,9 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._code: str | None = None
         self._replies: deque[Reply] = deque()
         # Who waits for how many replies, with its timer and the replies so far.
-        self._waiting: deque[tuple[Deferred[list[Reply]], Any, int, list[Reply]]] = deque()
+        self._waiting: deque[
+            tuple[Deferred[list[Reply]], Any, int, list[Reply], float]
+        ] = deque()
         self._lost: Failure | None = None
         self.extensions: dict[str, str] = {}
         self.tls = False
@@ -134,13 +136,15 @@ class SMTPClientProtocol(LineOnlyReceiver):
             self._awaiting_tls = False
             self._tls_boundary = reply.code == 220
         if self._waiting:
-            waiter, timer, count, collected = self._waiting[0]
+            waiter, timer, count, collected, limit = self._waiting[0]
             collected.append(reply)
             if len(collected) == count:
                 self._waiting.popleft()
                 if timer.active():
                     timer.cancel()
                 waiter.callback(collected)
+            elif timer.active():
+                timer.reset(limit)  # each reply of a pipelined group gets the full time
         else:
             self._replies.append(reply)
 
@@ -150,19 +154,19 @@ class SMTPClientProtocol(LineOnlyReceiver):
     def connectionLost(self, reason: Failure = Failure(ConnectError())) -> None:  # noqa: B008
         self._lost = reason
         while self._waiting:
-            waiter, timer, _, _ = self._waiting.popleft()
+            waiter, timer, _, _, _ = self._waiting.popleft()
             if timer.active():
                 timer.cancel()
             waiter.errback(SMTPConnectionError(f"connection lost: {reason.getErrorMessage()}"))
 
     def _abort(self, why: str) -> None:
         error = SMTPConnectionError(why)
+        self._lost = Failure(error)  # first: a waiter resumed below must see it
         while self._waiting:
-            waiter, timer, _, _ = self._waiting.popleft()
+            waiter, timer, _, _, _ = self._waiting.popleft()
             if timer.active():
                 timer.cancel()
             waiter.errback(error)
-        self._lost = Failure(error)
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -183,7 +187,7 @@ class SMTPClientProtocol(LineOnlyReceiver):
         waiter: Deferred[list[Reply]] = Deferred()
         limit = self.timeout if limit is None else limit
         timer = self._reactor.callLater(limit, self._abort, f"no reply within {limit:g} s")
-        self._waiting.append((waiter, timer, count - len(got), []))
+        self._waiting.append((waiter, timer, count - len(got), [], limit))
         return got + await waiter
 
     # -- commands -------------------------------------------------------------------------------
@@ -287,9 +291,11 @@ class SMTPClientProtocol(LineOnlyReceiver):
 
     @property
     def alive(self) -> bool:
-        """The connection is open and the server has not said goodbye."""
-        return self._lost is None and self.transport is not None and not getattr(
-            self.transport, "disconnecting", False)
+        """The connection is open, the server has not said goodbye, and nothing it sent is
+        waiting to be read (a reply out of turn, such as a 421, would shift every later one)."""
+        return (self._lost is None and self.transport is not None and not self._replies
+                and not self._partial
+                and not getattr(self.transport, "disconnecting", False))
 
     def size_limit(self) -> int | None:
         """The server's SIZE limit (RFC 1870), if it announced one."""

@@ -94,12 +94,14 @@ def claim_due_txn(
     max_queue_seconds: int = DEFAULT_MAX_QUEUE_TIME,
     exclude: Sequence[int] = (),
     per_domain: int = 1000,
+    busy_domains: Sequence[str] = (),
 ) -> list[Claim]:
     """Lease up to ``limit`` rows to ``owner``: rows whose lease ran out (a worker that died)
     first, then rows due for an attempt at ``now`` (the database's clock by default), at
     most ``per_domain`` per recipient domain so that one domain's backlog does not keep the
     others waiting.  ``FOR UPDATE SKIP LOCKED``: any number of workers and nodes share the
-    queue without ever taking the same row.  ``exclude``: rows the caller holds already."""
+    queue without ever taking the same row.  ``exclude``: rows the caller holds already;
+    ``busy_domains``: domains it has enough of in hand."""
     _relaxed_commit(cur)
     cur.execute(
         """
@@ -115,6 +117,7 @@ def claim_due_txn(
         candidates AS (
             SELECT q.id, q.recipient_domain, q.next_attempt_at FROM queue q, clock
             WHERE q.status = 'queued' AND q.next_attempt_at <= clock.now
+              AND q.recipient_domain <> ALL(%(busy)s::text[])
             ORDER BY q.next_attempt_at
             LIMIT %(scan)s
         ),
@@ -149,7 +152,8 @@ def claim_due_txn(
         """,
         {"now": now, "limit": limit, "owner": owner, "lease": lease_seconds,
          "max_age": max_queue_seconds, "exclude": list(exclude),
-         "scan": max(5 * limit, 200), "per_domain": per_domain},
+         "scan": max(5 * limit, 200), "per_domain": per_domain,
+         "busy": list(busy_domains)},
     )
     return [
         Claim(queue_id, message_id, spool, sender, domain, tuple(recipients), attempts,
@@ -181,7 +185,8 @@ def renew_leases_txn(
     cur.execute(
         "UPDATE queue SET lease_expires_at = coalesce(%s::timestamptz, now()) "
         "+ make_interval(secs => %s) "
-        "WHERE id = ANY(%s) AND status = 'delivering' AND lease_owner = %s RETURNING id",
+        "WHERE id IN (SELECT id FROM queue WHERE id = ANY(%s) AND status = 'delivering' "
+        "AND lease_owner = %s ORDER BY id FOR UPDATE) RETURNING id",  # esp_finish_attempts' order
         (now, lease_seconds, list(queue_ids), owner),
     )
     return [row[0] for row in cur.fetchall()]
@@ -198,15 +203,15 @@ def release_txn(cur: Cursor, owner: str, queue_ids: Sequence[int]) -> None:
     )
 
 
-def next_due_txn(cur: Cursor, now: datetime | None = None) -> float | None:
-    """Seconds until the next row falls due (a queued row's attempt, or a lease running
-    out); None when the queue is empty."""
+def next_due_txn(cur: Cursor, now: datetime | None = None, owner: str = "") -> float | None:
+    """Seconds until the next row falls due (a queued row's attempt, or the lease of another
+    worker running out); None when the queue is empty."""
     cur.execute(
         "SELECT extract(epoch FROM least("
         "(SELECT min(next_attempt_at) FROM queue WHERE status = 'queued'), "
-        "(SELECT min(lease_expires_at) FROM queue WHERE status = 'delivering')) "
-        "- coalesce(%s::timestamptz, now()))",
-        (now,),
+        "(SELECT min(lease_expires_at) FROM queue WHERE status = 'delivering' "
+        "AND lease_owner IS DISTINCT FROM %s)) - coalesce(%s::timestamptz, now()))",
+        (owner, now),
     )
     row = cur.fetchone()
     return float(row[0]) if row and row[0] is not None else None
@@ -318,6 +323,10 @@ def finish_many_txn(
         (owner, now, ids, waits, errors, *columns),
     )
     rows = {row[0]: (row[1], row[2]) for row in cur.fetchall()}
+    if any(done for _, done in rows.values()):
+        # The caller removes the spool files of finished messages once this commits: that
+        # commit must not be lost, or a row would come back without its file.
+        cur.execute("SET LOCAL synchronous_commit = on")
     live = [item for item in finals if item[0].queue_id in rows]
     _suppress(cur, live)
     notification_ids: dict[int, list[int]] = {}
@@ -349,6 +358,7 @@ def _suppress(
                 domain = claim.sender.rpartition("@")[2].lower()
                 hard[(domain, address.lower())] = o.text or ""
     if hard:
+        hard = dict(sorted(hard.items()))  # one lock order for every worker
         cur.execute(
             """
             INSERT INTO suppressions (domain_id, address, reason)
