@@ -71,6 +71,7 @@ from esp.storage.queue import (
     release_txn,
     renew_leases_txn,
     spent_spool_files_txn,
+    sync_commits_txn,
 )
 
 T = TypeVar("T")
@@ -214,6 +215,9 @@ class OutboundService(Service):
         self._hosted: dict[str, tuple[float, bool]] = {}
         self._bodies: dict[int, bytes] = {}  # spool files read ahead, by queue id
         self._attempts_log = LineLog(self.log, reactor)
+        # Spool files of finished messages whose commit may not be durable yet.
+        self._spent: list[Path] = []
+        self._spent_since = 0.0
         self._protocols: set[SMTPClientProtocol] = set()
         self._timer: IDelayedCall | None = None
         self._passing = False
@@ -288,6 +292,7 @@ class OutboundService(Service):
             await DeferredList(list(self._tasks), consumeErrors=True)
             if cutoff.active():
                 cutoff.cancel()
+        await self.flush_spent()
         self._attempts_log.flush()
 
     async def _release(self, queue_ids: list[int]) -> None:
@@ -847,21 +852,65 @@ class OutboundService(Service):
             self.wake()  # a report to deliver, or room for more claims: keep them coming
 
     async def _finish_batch(self, attempts: list[Attempt]) -> list[Finished | BaseException]:
-        """Record the outcomes that arrived together in one transaction (group commit), then
-        remove the spool files of messages with nothing left to deliver."""
-        results: list[Finished | LeaseLost] = await self._db.run(
-            "queue_finish", finish_many_txn, self.owner, attempts, self._sql_now(),
-            self.settings.retry_schedule,
+        """Record the outcomes that arrived together in one transaction (group commit).
+
+        These commits do not wait for the WAL flush (``_relaxed_commit``), so the spool files
+        of finished messages wait in ``_spent`` until a commit that did wait: PostgreSQL's WAL
+        is one stream, so its flush makes every earlier commit durable too.  A batch waits
+        for the flush when many files are waiting or the oldest has waited a second; a timer
+        sees to the last ones."""
+        durable = len(self._spent) >= SPENT_BACKLOG or bool(
+            self._spent and self._reactor.seconds() - self._spent_since >= SPENT_DELAY
         )
+        waiting = self._take_spent() if durable else []
+        try:
+            results: list[Finished | LeaseLost] = await self._db.run(
+                "queue_finish", finish_many_txn, self.owner, attempts, self._sql_now(),
+                self.settings.retry_schedule, durable,
+            )
+        except Exception:
+            self._spent = waiting + self._spent
+            raise
         spent = [self._spool.path / "new" / claim.spool_name
                  for (claim, _, _), result in zip(attempts, results, strict=True)
                  if isinstance(result, Finished) and result.message_done]
-        if spent:
-            try:
-                await self._thread(self._disk_pool, remove_files, spent)
-            except OSError as e:
-                self.log.warn("cannot remove spool files: {error}", error=str(e))
+        if durable:
+            await self._remove_spent(waiting + spent)
+        elif spent:
+            if not self._spent:
+                self._spent_since = self._reactor.seconds()
+                self._reactor.callLater(SPENT_DELAY, self._flush_spent_soon)
+            self._spent.extend(spent)
         return list(results)
+
+    def _take_spent(self) -> list[Path]:
+        taken, self._spent = self._spent, []
+        return taken
+
+    def _flush_spent_soon(self) -> None:
+        if self._spent:
+            Deferred.fromCoroutine(self.flush_spent())
+
+    async def flush_spent(self) -> None:
+        """Make the commits of finished messages durable, then remove their spool files."""
+        waiting = self._take_spent()
+        if not waiting:
+            return
+        try:
+            await self._db.run("queue_sync", sync_commits_txn)
+        except Exception as e:
+            self.log.warn("cannot make outcomes durable: {error}", error=str(e))
+            self._spent = waiting + self._spent
+            return
+        await self._remove_spent(waiting)
+
+    async def _remove_spent(self, paths: list[Path]) -> None:
+        if not paths:
+            return
+        try:
+            await self._thread(self._disk_pool, remove_files, paths)
+        except OSError as e:
+            self.log.warn("cannot remove spool files: {error}", error=str(e))
 
     async def _report(
         self, claim: Claim, bounced: list[tuple[str, RecipientOutcome]]
@@ -922,6 +971,10 @@ def _abort(protocol: SMTPClientProtocol) -> None:
 
 
 
+# Spool files of finished messages wait for a durable commit at most this long (seconds), or
+# until this many wait.
+SPENT_DELAY = 1.0
+SPENT_BACKLOG = 512
 # Spool files up to this size are read ahead with their claim.
 PREFETCH_LIMIT = 256 * 1024
 

@@ -202,7 +202,8 @@ async def test_a_temporary_refusal_is_retried_on_schedule_until_the_remote_recov
     assert b"\r\n.leading dot\r\n" in received  # dot-stuffed on the wire, restored
     sent = [e for e in world.events if e.type == "message.sent"]
     assert [e.payload["recipients"] for e in sent] == [["bob@remote.test"]]
-    assert list((scratch / "spool" / "new").iterdir()) == []  # done: the spool file is gone
+    # Done: the spool file goes once the outcome's commit is known durable (within a second).
+    await until(lambda: list((scratch / "spool" / "new").iterdir()) == [])
 
 
 @pytest_twisted.ensureDeferred

@@ -176,6 +176,13 @@ def _relaxed_commit(cur: Cursor) -> None:
     cur.execute("SET LOCAL synchronous_commit = off")
 
 
+def sync_commits_txn(cur: Cursor) -> None:
+    """A commit that waits for the WAL flush, and with it every earlier commit (the WAL is
+    one stream): after it, the outcomes recorded without waiting are durable."""
+    cur.execute("SET LOCAL synchronous_commit = on")
+    cur.execute("SELECT txid_current()")  # a transaction id: the commit writes a record
+
+
 def renew_leases_txn(
     cur: Cursor, owner: str, queue_ids: Sequence[int], lease_seconds: float,
     now: datetime | None = None,
@@ -290,16 +297,20 @@ def finish_many_txn(
     attempts: Sequence[Attempt],
     now: datetime | None = None,
     schedule: Sequence[int] = DEFAULT_RETRY_SCHEDULE,
+    durable: bool = True,
 ) -> list[Finished | LeaseLost]:
     """Record the outcome of several attempts, per recipient, with one call of
-    ``esp_finish_attempts`` (sql/007).
+    ``esp_finish_attempts`` (sql/007).  ``durable`` false: the commit does not wait for the
+    WAL flush (see ``_relaxed_commit``; the caller must not remove spool files of messages
+    found done until a later commit has waited, see :func:`sync_commits_txn`).
 
     Each row becomes 'sent' (nothing left to do), 'queued' again with its next attempt
     scheduled, or 'bounced' (expired with recipients still deferred: those are bounced too).
     Hard bounces go on the suppression list of the sender's domain; each notification (a
     bounce report) is queued to its sender.  A row no longer leased to ``owner`` is left alone
     and gets a LeaseLost in its place."""
-    _relaxed_commit(cur)
+    if not durable:
+        _relaxed_commit(cur)
     finals = [(claim, final_outcomes(claim, outcomes), notification)
               for claim, outcomes, notification in attempts]
     ids: list[int] = []
@@ -323,10 +334,6 @@ def finish_many_txn(
         (owner, now, ids, waits, errors, *columns),
     )
     rows = {row[0]: (row[1], row[2]) for row in cur.fetchall()}
-    if any(done for _, done in rows.values()):
-        # The caller removes the spool files of finished messages once this commits: that
-        # commit must not be lost, or a row would come back without its file.
-        cur.execute("SET LOCAL synchronous_commit = on")
     live = [item for item in finals if item[0].queue_id in rows]
     _suppress(cur, live)
     notification_ids: dict[int, list[int]] = {}
