@@ -212,6 +212,7 @@ class OutboundService(Service):
         self._held: set[int] = set()  # queue ids leased to us, in hand or under way
         self._connections = 0
         self._tasks: set[Deferred[None]] = set()
+        self._idle_waiters: list[Deferred[None]] = []
         self._hosted: dict[str, tuple[float, bool]] = {}
         self._bodies: dict[int, bytes] = {}  # spool files read ahead, by queue id
         self._attempts_log = LineLog(self.log, reactor)
@@ -325,8 +326,23 @@ class OutboundService(Service):
 
     @property
     def busy(self) -> bool:
-        """Whether a look at the queue or a delivery is under way (tests wait for quiet)."""
+        """Whether a look at the queue or a delivery is under way."""
         return self._passing or bool(self._held) or bool(self._tasks)
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once nothing is :attr:`busy` (at once if nothing is)."""
+        waiter: Deferred[None] = Deferred()
+        if self.busy:
+            self._idle_waiters.append(waiter)
+        else:
+            waiter.callback(None)
+        return waiter
+
+    def _maybe_idle(self) -> None:
+        if self._idle_waiters and not self.busy:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
@@ -352,9 +368,10 @@ class OutboundService(Service):
         if self._again:
             self._again = False
             self.wake()
-            return
-        wait = delay if isinstance(delay, float) else self.settings.poll_interval
-        self._timer = self.clock.callLater(wait, self._pass)
+        else:
+            wait = delay if isinstance(delay, float) else self.settings.poll_interval
+            self._timer = self.clock.callLater(wait, self._pass)
+        self._maybe_idle()
 
     async def _claim_and_start(self) -> float:
         """Claim what is due while there is room; how long until the next look."""
@@ -431,6 +448,7 @@ class OutboundService(Service):
 
     def _task_done(self, result: object, task: Deferred[None]) -> None:
         self._tasks.discard(task)
+        self._maybe_idle()
 
     async def _renew_leases(self) -> None:
         if not self._held:
@@ -911,6 +929,8 @@ class OutboundService(Service):
             await self._thread(self._disk_pool, remove_files, paths)
         except OSError as e:
             self.log.warn("cannot remove spool files: {error}", error=str(e))
+            return
+        self.log.info("removed {count} spool files of finished messages", count=len(paths))
 
     async def _report(
         self, claim: Claim, bounced: list[tuple[str, RecipientOutcome]]

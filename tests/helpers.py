@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,51 +53,25 @@ class Server:
     def wait_for(self, text: str, timeout: float = 60, count: int = 1) -> str:
         """Read the log until ``count`` lines contain ``text`` (returns the last); fail if the
         process exits first."""
-        deadline = time.monotonic() + timeout
-        assert self.process.stdout is not None
-        fd = self.process.stdout.fileno()
-        selector = selectors.DefaultSelector()
-        selector.register(fd, selectors.EVENT_READ)
-        try:
-            while True:
-                matching = [line for line in self.lines if text in line]
-                if len(matching) >= count:
-                    return matching[count - 1]
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"no {text!r} in the log:\n" + self.log)
-                if selector.select(remaining):
-                    # Raw reads: a buffered readline() could hold lines select() cannot see.
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        self.process.wait(timeout=30)
-                        raise AssertionError(
-                            f"twistd exited ({self.process.returncode}) before {text!r}:\n"
-                            + self.log
-                        )
-                    self._partial += chunk
-                    *complete, self._partial = self._partial.split(b"\n")
-                    self.lines.extend(line.decode("utf-8", "replace") + "\n" for line in complete)
-        finally:
-            selector.close()
 
-    def drain(self) -> None:
-        """Read what the log has so far without waiting (a busy server must not block on a
-        full pipe while a test waits for something else)."""
+        def matching() -> list[str]:
+            return [line for line in self.lines if text in line]
+
+        wait_for_logs([self], lambda: len(matching()) >= count, f"{text!r} in the log",
+                      timeout)
+        return matching()[count - 1]
+
+    def read_available(self) -> bool:
+        """Read one chunk of the log (the caller saw it readable); False at its end."""
         assert self.process.stdout is not None
-        fd = self.process.stdout.fileno()
-        selector = selectors.DefaultSelector()
-        selector.register(fd, selectors.EVENT_READ)
-        try:
-            while selector.select(0):
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    return
-                self._partial += chunk
-                *complete, self._partial = self._partial.split(b"\n")
-                self.lines.extend(line.decode("utf-8", "replace") + "\n" for line in complete)
-        finally:
-            selector.close()
+        # Raw reads: a buffered readline() could hold lines select() cannot see.
+        chunk = os.read(self.process.stdout.fileno(), 65536)
+        if not chunk:
+            return False
+        self._partial += chunk
+        *complete, self._partial = self._partial.split(b"\n")
+        self.lines.extend(line.decode("utf-8", "replace") + "\n" for line in complete)
+        return True
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.process.poll() is None:
@@ -127,6 +101,35 @@ def start_twistd(*args: str, env: dict[str, str] | None = None, cwd: Path | None
         env={**os.environ, **(env or {})},
     )
     return Server(process)
+
+
+def wait_for_logs(
+    servers: Sequence[Server], condition: Callable[[], bool], what: str,
+    timeout: float = 60,
+) -> None:
+    """Check ``condition`` now and again each time one of ``servers`` writes to its log, until
+    it holds.  ESP logs after every change a test waits for (an accepted message, a delivery
+    attempt, spool files removed), so this waits for events, not for time; and reading the
+    logs keeps a busy server from blocking on a full pipe.  Fails after ``timeout`` seconds,
+    or when every server has exited first."""
+    deadline = time.monotonic() + timeout
+    selector = selectors.DefaultSelector()
+    for server in servers:
+        assert server.process.stdout is not None
+        if not server.process.stdout.closed:  # not yet read to its end by stop()
+            selector.register(server.process.stdout.fileno(), selectors.EVENT_READ, server)
+    try:
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.get_map():
+                logs = "\n".join(f"(exit status {server.process.poll()})\n{server.log[-5000:]}"
+                                 for server in servers)
+                raise AssertionError(f"{what} never happened; the logs end:\n{logs}")
+            for key, _ in selector.select(remaining):
+                if not key.data.read_available():
+                    selector.unregister(key.fileobj)
+    finally:
+        selector.close()
 
 
 async def until(condition: Callable[[], bool], limit: float = 60) -> None:

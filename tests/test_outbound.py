@@ -33,7 +33,6 @@ from esp.storage.directory import DirectoryStore
 from esp.storage.queue import Claim, Finished, RecipientOutcome
 from esp.tls import CertificateStore
 from tests.dnszone import DNSServer
-from tests.helpers import until
 from tests.sink import Sink, start_sink
 from tests.test_smtp_client import Scenario, ScriptedServer
 
@@ -65,7 +64,7 @@ class World:
         deliver) until the workers are idle with nothing due."""
         for _ in range(20):
             self.clock.advance(0)
-            await until(lambda: not self.service.busy)
+            await self.service.when_idle()
             now = self.clock.seconds()
             if not any(call.getTime() <= now for call in self.clock.getDelayedCalls()):
                 return
@@ -202,8 +201,10 @@ async def test_a_temporary_refusal_is_retried_on_schedule_until_the_remote_recov
     assert b"\r\n.leading dot\r\n" in received  # dot-stuffed on the wire, restored
     sent = [e for e in world.events if e.type == "message.sent"]
     assert [e.payload["recipients"] for e in sent] == [["bob@remote.test"]]
-    # Done: the spool file goes once the outcome's commit is known durable (within a second).
-    await until(lambda: list((scratch / "spool" / "new").iterdir()) == [])
+    # Done: the spool file goes once the outcome's commit is known durable (a commit that
+    # waits for the WAL flush, within a second; here at once).
+    await world.service.flush_spent()
+    assert list((scratch / "spool" / "new").iterdir()) == []
 
 
 @pytest_twisted.ensureDeferred

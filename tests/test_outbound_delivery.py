@@ -10,8 +10,7 @@ import shutil
 import smtplib
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from tests.dnszone import free_dns_port, serve_zones, txt_record, zone_file
 from tests.espserver import EspServer, connection, start_esp
-from tests.helpers import program, run_esp
+from tests.helpers import program, run_esp, wait_for_logs
 from tests.sink import Sink, start_sink
 
 PASSWORD = "dora's long password"
@@ -37,12 +36,10 @@ class Setup:
     dns_port: int
 
 
-def wait_for(condition: object, what: str, limit: float = 60) -> None:
-    """Poll a state another process changes (the sink's dump directory, the database)."""
-    deadline = time.monotonic() + limit
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"{what} never happened"
-        time.sleep(0.05)
+def wait_for(setup: Setup, condition: Callable[[], bool], what: str) -> None:
+    """Wait for ``condition``, checked each time ESP logs (it logs every delivery attempt,
+    so the sink's dumps and the queue change only just before a log line)."""
+    wait_for_logs([setup.esp.process], condition, what)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +136,8 @@ def test_a_submission_reaches_the_remote_mx_signed_and_both_verifiers_agree(
     setup: Setup,
 ) -> None:
     submit(setup.esp, "friend@remote.test", "signed and delivered")
-    wait_for(lambda: received_by(setup.sink, "signed and delivered"), "delivery to the MX")
+    wait_for(setup, lambda: received_by(setup.sink, "signed and delivered") is not None,
+             "delivery to the MX")
     received = received_by(setup.sink, "signed and delivered")
     assert received is not None
     assert b"X-Rcpt-Args: <friend@remote.test>" in received
@@ -184,7 +182,7 @@ def test_a_hard_bounce_reports_to_the_sender_and_suppresses_until_removed(
     def reports() -> list[tuple[int, int, str]]:
         return setup.esp.messages("dora@example.test")
 
-    wait_for(lambda: len(reports()) == 1, "the bounce report in dora's INBOX")
+    wait_for(setup, lambda: len(reports()) == 1, "the bounce report in dora's INBOX")
     [(_, _, filename)] = reports()
     report = setup.esp.message_file("dora@example.test", filename)
     assert b"report-type=delivery-status" in report
@@ -217,7 +215,7 @@ def test_operators_see_and_drive_the_queue(setup: Setup) -> None:
             listed = run_esp("queue", "list", config=setup.config).stdout
             return "".join(line for line in listed.splitlines() if "later@reject.test" in line)
 
-        wait_for(lambda: "queued" in waiting() and "attempts 1" in waiting(),
+        wait_for(setup, lambda: "queued" in waiting() and "attempts 1" in waiting(),
                  "a failed first attempt")
         line = waiting()
         queue_id = int(line.split("\t")[0])
@@ -226,12 +224,14 @@ def test_operators_see_and_drive_the_queue(setup: Setup) -> None:
         assert shown.returncode == 0 and "Subject: waiting in the queue" in shown.stdout
         retried = run_esp("queue", "retry", str(queue_id), config=setup.config)
         assert retried.returncode == 0 and "1 entries due now" in retried.stdout
-        wait_for(lambda: "queued" in waiting() and "attempts 2" in waiting(), "the retry")
+        wait_for(setup, lambda: "queued" in waiting() and "attempts 2" in waiting(),
+                 "the retry")
         flushed = run_esp("queue", "flush", config=setup.config)
         # Every waiting entry (the one here, and any other for this closed MX).
         assert flushed.returncode == 0 and re.fullmatch(r"[1-9]\d* entries due now\n",
                                                         flushed.stdout)
-        wait_for(lambda: "queued" in waiting() and "attempts 3" in waiting(), "the flush")
+        wait_for(setup, lambda: "queued" in waiting() and "attempts 3" in waiting(),
+                 "the flush")
         deleted = run_esp("queue", "delete", str(queue_id), config=setup.config)
         assert deleted.returncode == 0, deleted.stderr
         assert waiting() == ""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from esp.storage.maildir import Maildir
 from esp.storage.queue import enqueue_txn, spent_spool_files_txn
 from tests.dnszone import DNSServer
 from tests.espserver import EspServer, start_esp
+from tests.helpers import wait_for_logs
 from tests.sink import Sink, start_sink
 
 MESSAGES = 1000
@@ -37,14 +37,10 @@ class Nodes:
     dsn: str
 
 
-def wait_for(condition: Callable[[], bool], what: str, nodes: Nodes, limit: float = 300) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} never happened"
-        for node in (nodes.a, nodes.b):
-            if node.process.process.poll() is None:
-                node.process.drain()
-        time.sleep(0.1)
+def wait_for(condition: Callable[[], bool], what: str, nodes: Nodes) -> None:
+    """Wait for ``condition``, checked each time a node logs (every delivery attempt and
+    every removal of spool files is logged)."""
+    wait_for_logs([nodes.a.process, nodes.b.process], condition, what, timeout=300)
 
 
 @pytest.fixture
