@@ -34,6 +34,7 @@ from smtp_accept import (  # noqa: E402
     Result,
     cpu_seconds,
     rss_mib,
+    start_esp,
     start_postfix,
     tree_pids,
 )
@@ -134,23 +135,6 @@ def esp_config(work: Path, dsn: str, sink_port: int, args: argparse.Namespace,
         "    argon2: {time_cost: 1, memory_cost_kib: 8192, parallelism: 1}\n"
     )
     return config
-
-
-def start_esp(work: Path, config: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
-    log_path = work / f"{name}.log"
-    process = subprocess.Popen(
-        [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "esp", "--config",
-         str(config)],
-        stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        text = log_path.read_text()
-        if "ready: host" in text:
-            return process, text
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"ESP did not start:\n{text}")
-        time.sleep(0.05)  # a benchmark harness, not a test: polling the log is fine
 
 
 def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
