@@ -612,16 +612,12 @@ class OutboundService(Service):
                     break
                 tried += 1
                 try:
-                    protocol = await connect(
-                        self._reactor, address, port, self.settings.connect_timeout,
-                        self.settings.command_timeout, self.settings.data_timeout,
-                    )
+                    connection = await self._connect(host, address, port)
                 except SMTPConnectionError as e:
                     errors.append(_deferred(str(e), "4.4.1", host))
                     continue
                 sessions += 1
-                self._protocols.add(protocol)
-                connection = Connection(protocol, host, address)
+                protocol = connection.protocol
                 try:
                     problem = await self._hello(connection, use_tls=True)
                 except SMTPConnectionError as e:
@@ -647,14 +643,17 @@ class OutboundService(Service):
             errors[-1] if errors else _deferred(f"no server of {domain} to try", "4.4.1")
         )
 
-    async def _plain(self, host: str, address: str, port: int) -> Connection:
-        """A connection without TLS, after a failed handshake (tls: may)."""
+    async def _connect(self, host: str, address: str, port: int) -> Connection:
         protocol = await connect(
             self._reactor, address, port, self.settings.connect_timeout,
             self.settings.command_timeout, self.settings.data_timeout,
         )
         self._protocols.add(protocol)
-        connection = Connection(protocol, host, address)
+        return Connection(protocol, host, address)
+
+    async def _plain(self, host: str, address: str, port: int) -> Connection:
+        """A connection without TLS, after a failed handshake (tls: may)."""
+        connection = await self._connect(host, address, port)
         try:
             problem = await self._hello(connection, use_tls=False)
         except SMTPConnectionError:
