@@ -240,6 +240,17 @@ class MaildirConfig(Section):
     root: Path | None = None
 
 
+class BodyIndexConfig(Section):
+    """The full-text index of message bodies (IMAP SEARCH BODY/TEXT)."""
+
+    # Index new messages in the background (a search indexes what is left of its mailbox).
+    background: bool = True
+    # Seconds between looks for messages to index.
+    interval: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    # Messages per transaction.
+    batch: Annotated[int, Field(ge=1, le=10000)] = 200
+
+
 class StorageConfig(Section):
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     # Seconds a found recipient (a plain user) is remembered; 0 asks the database every time.
@@ -249,6 +260,7 @@ class StorageConfig(Section):
     # Bodies of queued outbound mail; default <data_dir>/spool.  Nodes sharing one database
     # share this directory too (like the Maildir root).
     spool_dir: Path | None = None
+    body_index: BodyIndexConfig = Field(default_factory=BodyIndexConfig)
 
 
 class TLSConfig(Section):

@@ -28,6 +28,7 @@ from esp.dns import Resolver
 from esp.events import EventBus
 from esp.imap.service import imap_listeners
 from esp.inbound import InboundPolicy, MailAuthPolicy
+from esp.indexer import BodyIndexer
 from esp.listeners import ListenerService
 from esp.mailauth import MailAuthenticator
 from esp.outbound import OutboundService
@@ -411,6 +412,10 @@ def makeService(
         )
         delivery.on_queued = outbound.wake
         children.append(outbound)
+    store = MailboxStore(db, config.maildir_root, disk.pool, reactor)
+    body_index = config.storage.body_index
+    if body_index.background:
+        children.append(BodyIndexer(store, reactor, body_index.interval, body_index.batch))
     mailauth = None
     if config.security.mailauth.enabled:
         mailauth = MailAuthPolicy(
@@ -447,7 +452,7 @@ def makeService(
         hostname=config.server.hostname,
         allow_plaintext_auth=config.security.auth.allow_plaintext_on_loopback,
         max_message_size=config.server.smtp.max_message_size,
-        store=MailboxStore(db, config.maildir_root, disk.pool, reactor),
+        store=store,
         delivery=delivery,
         notifier=notifier,
         checker=checker,

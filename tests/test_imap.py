@@ -29,13 +29,14 @@ def esp(module_scratch: Path, module_database_dsn: str, test_dns: DNSServer) -> 
     server.process.stop()
 
 
-def deliver(esp: EspServer, subject: str, to: str = "alice@example.test", body: str = "hi") -> None:
+def deliver(esp: EspServer, subject: str, to: str = "alice@example.test", body: str = "hi",
+            cte: str | None = None) -> None:
     message = EmailMessage()
     message["From"] = "carol@remote.test"
     message["To"] = to
     message["Subject"] = subject
     message["Message-ID"] = f"<{re.sub(r'[^A-Za-z0-9]+', '.', subject).strip('.')}@remote.test>"
-    message.set_content(body)
+    message.set_content(body, cte=cte)
     with smtplib.SMTP("127.0.0.1", esp.ports["mx"], timeout=30) as client:
         client.send_message(message, "carol@remote.test", [to])
 
@@ -281,6 +282,11 @@ def test_search(esp: EspServer) -> None:
     assert status == "NO" and b"BADCHARSET" in data[0]
     with pytest.raises(imaplib.IMAP4.error, match="BAD"):
         client.search(None, "SINCE", "yesterday")
+    # Bodies are searched as decoded text (the full-text index), not as the bytes of the file.
+    deliver(esp, "tram", to="carol@example.test", body="Take the Strassenbahn home", cte="base64")
+    assert search("BODY", "strassenbahn") == [4] and search("BODY", '"the strassen"') == [4]
+    assert search("TEXT", "tram") == [4] and search("NOT", "BODY", "strassenbahn") == [1, 2, 3]
+    assert search("BODY", "numbers") == [1, 3] and search("BODY", '"inside numbers"') == []
     client.logout()
 
 

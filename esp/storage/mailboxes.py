@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from esp.storage import bodyindex
 from esp.storage.db import Cursor, Database, DatabaseUnavailable
 from esp.storage.maildir import (
     Maildir,
@@ -33,9 +34,6 @@ from esp.storage.maildir import (
 from esp.storage.mailsearch import (
     Criterion,
     body_criteria,
-    filenames_txn,
-    matching_bodies,
-    replace_criteria,
     search_txn,
     sort_txn,
 )
@@ -502,6 +500,13 @@ def rename_mailbox_txn(cur: Cursor, user_id: int, old: str, new: str) -> None:
     )
 
 
+def filenames_txn(cur: Cursor, mailbox_id: int) -> list[tuple[int, str]]:
+    cur.execute(
+        "SELECT uid, filename FROM messages WHERE mailbox_id = %s ORDER BY uid", (mailbox_id,)
+    )
+    return [(row[0], row[1]) for row in cur.fetchall()]
+
+
 def move_inbox_txn(cur: Cursor, user_id: int, new: str) -> tuple[int, list[tuple[int, str]]]:
     """RENAME INBOX (RFC 3501 §6.3.5), step one: create ``new``; return its id and the
     (UID, file name) of every INBOX message, whose files the caller links into its folder."""
@@ -677,17 +682,22 @@ class MailboxStore:
         self, maildir: str, mailbox_id: int, criterion: Criterion,
         sort: Sequence[tuple[str, bool]] = (),
     ) -> list[int]:
-        bodies = list(dict.fromkeys(body_criteria(criterion)))
-        if bodies:
-            files = await self._db.run("message_files", filenames_txn, mailbox_id)
-            box = Maildir(self._root / maildir).folder(await self._folder(mailbox_id))
-            resolved = await deferToThreadPool(
-                self._reactor, self._disk_pool, matching_bodies, box.read, files, bodies
-            )
-            criterion = replace_criteria(criterion, resolved)
+        if any(True for _ in body_criteria(criterion)):
+            # Messages the indexer has not come to yet are indexed now: a search never
+            # misses one because it arrived a moment ago.
+            while await self.index_bodies(mailbox_id) == bodyindex.BATCH:
+                pass
         if sort:
             return await self._db.run("sort", sort_txn, mailbox_id, sort, criterion)
         return await self._db.run("search", search_txn, mailbox_id, criterion)
+
+    async def index_bodies(self, mailbox_id: int | None = None,
+                           limit: int = bodyindex.BATCH) -> int:
+        """Add up to ``limit`` messages not yet in the body index (of one mailbox, or of
+        any) to it; how many were found."""
+        return await self._db.run(
+            "index_bodies", bodyindex.index_batch_txn, self._root, mailbox_id, limit
+        )
 
     async def copy(
         self, maildir: str, user_id: int, source_id: int, uids: Sequence[int],

@@ -10,8 +10,9 @@ A criterion is a tuple:
   one of ``<``, ``=``, ``>=`` (RFC 3501: dates, disregarding time and time zone);
 - ``("size", op, n)`` with op ``>`` or ``<``; ``("modseq", n)``: changed at or after MODSEQ n;
 - ``("header", field, text)``: case-insensitive substring of a header field;
-- ``("body", text)`` / ``("text", text)``: resolved by the caller into ``("uids", ...)``
-  (bodies live in Maildir files);
+- ``("body", text)``: the words of ``text``, in order, each as a word or the start of one, in
+  the body's full-text index (:mod:`esp.storage.bodyindex`); ``("text", text)``: that, or
+  ``text`` inside the header block;
 - ``("not", c)``, ``("or", a, b)``, ``("and", [c, ...])``.
 """
 
@@ -83,6 +84,17 @@ def _sql(node: Criterion, params: list[object]) -> str:
         params[-1] = node[1].replace("\\", "\\\\").replace("%", "\\%").replace(
             "_", "\\_") + ":" + _like(node[2])
         return "(E'\\n' || coalesce(headers, '')) ILIKE E'%%\\n' || %s"
+    if kind in ("body", "text"):
+        text: str = node[1]
+        if not text.strip():
+            return "TRUE"  # every message contains the empty string
+        params.append(text)
+        # A sub-select: the query is made once, not once per row.
+        match = "coalesce(body_tsv @@ (SELECT esp_body_query(%s)), FALSE)"
+        if kind == "body":
+            return match
+        params.append(_like(text))
+        return f"({match} OR coalesce(headers, '') ILIKE %s)"
     if kind == "not":
         return f"NOT ({_sql(node[1], params)})"
     if kind == "or":
@@ -141,15 +153,8 @@ def sort_txn(
     return [row[0] for row in cur.fetchall()]
 
 
-def filenames_txn(cur: Cursor, mailbox_id: int) -> list[tuple[int, str]]:
-    cur.execute(
-        "SELECT uid, filename FROM messages WHERE mailbox_id = %s ORDER BY uid", (mailbox_id,)
-    )
-    return [(row[0], row[1]) for row in cur.fetchall()]
-
-
 def body_criteria(node: Criterion) -> Iterator[Criterion]:
-    """The BODY and TEXT criteria inside ``node`` (answered from the message files)."""
+    """The BODY and TEXT criteria inside ``node`` (they need the body index up to date)."""
     kind = node[0]
     if kind in ("body", "text"):
         yield node
@@ -161,36 +166,3 @@ def body_criteria(node: Criterion) -> Iterator[Criterion]:
     elif kind == "and":
         for child in node[1]:
             yield from body_criteria(child)
-
-
-def replace_criteria(node: Criterion, resolved: dict[Criterion, Criterion]) -> Criterion:
-    kind = node[0]
-    if kind in ("body", "text"):
-        return resolved.get(node, node)
-    if kind == "not":
-        return ("not", replace_criteria(node[1], resolved))
-    if kind == "or":
-        return ("or", replace_criteria(node[1], resolved), replace_criteria(node[2], resolved))
-    if kind == "and":
-        return ("and", [replace_criteria(c, resolved) for c in node[1]])
-    return node
-
-
-def matching_bodies(
-    read: Any, files: Sequence[tuple[int, str]], criteria: Sequence[Criterion]
-) -> dict[Criterion, Criterion]:
-    """For each BODY / TEXT criterion, the UIDs whose file contains the text (blocking)."""
-    found: dict[Criterion, list[int]] = {c: [] for c in criteria}
-    for uid, filename in files:
-        try:
-            data = read(filename)
-        except OSError:
-            continue
-        text = data.decode("utf-8", "replace").casefold()
-        split = text.find("\r\n\r\n")
-        body = text[split + 4:] if split >= 0 else ""
-        for criterion in criteria:
-            haystack = body if criterion[0] == "body" else text
-            if criterion[1].casefold() in haystack:
-                found[criterion].append(uid)
-    return {c: ("uids", [(u, u) for u in uids]) for c, uids in found.items()}

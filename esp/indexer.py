@@ -1,0 +1,73 @@
+"""The background body indexer: adds newly stored messages to the full-text index
+(:mod:`esp.storage.bodyindex`) so that the first ``SEARCH BODY`` of a mailbox after a busy
+day does not have to index the whole day's mail itself.
+
+It looks every ``interval`` seconds; while it finds full batches it goes on, one batch per turn
+of the reactor, and each batch is one transaction in the database pool (rows are claimed
+with ``SKIP LOCKED``: every worker process and every node can run one).  A failed pass is
+logged and tried again at the next interval; nothing depends on the indexer for correctness.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from esp.storage.bodyindex import BATCH
+from esp.storage.db import DatabaseUnavailable
+from esp.storage.mailboxes import MailboxStore
+
+
+class BodyIndexer(Service):
+    log = Logger()
+
+    def __init__(self, store: MailboxStore, reactor: Any, interval: float = 10.0,
+                 batch: int = BATCH) -> None:
+        self._store = store
+        self._reactor = reactor
+        self._interval = interval
+        self._batch = batch
+        self._next: IDelayedCall | None = None
+        self._pass: Deferred[int] | None = None
+        self.indexed = 0  # messages indexed since start
+
+    def startService(self) -> None:
+        super().startService()
+        self._schedule(self._interval)
+
+    def stopService(self) -> Deferred[int] | None:
+        super().stopService()
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+        return self._pass  # a batch in progress finishes (one transaction)
+
+    def _schedule(self, delay: float) -> None:
+        if self.running:
+            self._next = self._reactor.callLater(delay, self._start_pass)
+
+    def _start_pass(self) -> None:
+        self._next = None
+        self._pass = Deferred.fromCoroutine(self.run_once())
+        self._pass.addBoth(self._passed)
+
+    def _passed(self, found: object) -> None:
+        self._pass = None
+        self._schedule(0 if found == self._batch else self._interval)
+
+    async def run_once(self) -> int:
+        """Index one batch; how many messages it held."""
+        try:
+            found = await self._store.index_bodies(None, self._batch)
+        except DatabaseUnavailable as e:
+            self.log.warn("body indexing skipped: {error}", error=str(e))
+            return 0
+        except Exception:
+            self.log.failure("body indexing failed")
+            return 0
+        self.indexed += found
+        return found
