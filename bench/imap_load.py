@@ -123,6 +123,7 @@ def start_esp(work: Path) -> tuple[subprocess.Popen[bytes], EmbeddedCluster, dic
         "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
         "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
         "    connection_rate_per_ip: 0\n    connections_per_ip: 0\n"
+        "  api: {listen: 'tcp:0:interface=127.0.0.1'}\n"
         "  imap:\n    listen: 'tcp:0:interface=127.0.0.1'\n"
         "    listen_tls: 'tcp:0:interface=127.0.0.1'\n"
         "    connections_per_ip: 0\n    connection_rate_per_ip: 0\n    sessions_per_user: 0\n"
@@ -462,6 +463,33 @@ def _watch(fds: list[int], deliver: Callable[[], float]) -> list[float]:
     return [t - sent[0] for t in woken.values()]
 
 
+def send_floor(count: int) -> tuple[int, list[float]]:
+    """What this machine allows any server: ``count`` loopback connections made here, one
+    plain ``send`` each from a tight loop (no server logic at all), watched by the same
+    epoll loop as the IDLE sessions.  Returns the connections used (two descriptors each,
+    within the open-file limit) and their latencies."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    count = min(count, (hard - 256) // 2)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    clients: list[socket.socket] = []
+    servers: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            clients.append(socket.create_connection(listener.getsockname()))
+            servers.append(listener.accept()[0])
+
+        def send_all() -> float:
+            started = time.monotonic()
+            for server in servers:
+                server.send(b"* 2 EXISTS\r\n")
+            return started
+
+        return count, _watch([c.fileno() for c in clients], send_all)
+    finally:
+        for sock in (*clients, *servers, listener):
+            sock.close()
+
+
 def smtp_delivery(port: int, user: str) -> Callable[[], float]:
     return lambda: _deliver(port, user)
 
@@ -552,6 +580,9 @@ def main() -> None:
         print(f"{args.idle} IDLE sessions: ESP RSS {rss:.0f} MiB; delivery-to-EXISTS "
               f"p50 {pct(waits, 0.5):.0f} ms, p99 {pct(waits, 0.99):.0f} ms "
               "(from SMTP DATA)")
+        used, floor = send_floor(args.idle)
+        print(f"  this machine's floor, {used} loopback sockets, one send() each from a bare "
+              f"loop: p50 {pct(floor, 0.5):.0f} ms, p99 {pct(floor, 0.99):.0f} ms")
 
         if dovecot is None:
             print("Dovecot not installed (or --no-anchor): no anchor this run")

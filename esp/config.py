@@ -125,7 +125,16 @@ class IMAPConfig(Section):
 
 
 class APIConfig(Section):
+    enabled: bool = True
     listen: Listen = ("tcp:8080:interface=127.0.0.1",)
+    # Seconds an access token is good for, and a refresh token.
+    token_lifetime: Annotated[int, Field(ge=60, le=86400)] = 900
+    refresh_lifetime: Annotated[int, Field(ge=300, le=90 * 86400)] = 7 * 86400
+    # The HS256 signing key (at least 32 bytes); default <data_dir>/api-signing.key, made on
+    # first start.
+    signing_key_file: Path | None = None
+    # Largest request body accepted (413 past it).
+    max_body: Size = 10 * 1024 * 1024
 
 
 def _default_hostname() -> str:

@@ -21,6 +21,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 import esp
+from esp.api.app import ManagementAPI
+from esp.api.service import api_listeners
+from esp.api.tokens import TokenIssuer
 from esp.auth import DirectoryChecker, PasswordHasher
 from esp.config import Config
 from esp.delivery import LocalDelivery
@@ -239,6 +242,18 @@ class CertificateService(Service):
         if not self._loaded:
             self.store.load()
             self._loaded = True
+
+
+class SigningKeyService(Service):
+    """Reads (or makes) the API's token signing key at start, once the data directory is
+    there."""
+
+    def __init__(self, tokens: TokenIssuer) -> None:
+        self._tokens = tokens
+
+    def startService(self) -> None:
+        super().startService()
+        self._tokens.load()
 
 
 class SpoolService(Service):
@@ -463,6 +478,17 @@ def makeService(
         is_ready=lambda: root.ready.called,
         adopted=adopted,
     )
+    if config.server.api.enabled:
+        api_config = config.server.api
+        tokens = TokenIssuer(
+            api_config.signing_key_file or config.data_dir / "api-signing.key",
+            api_config.token_lifetime, api_config.refresh_lifetime,
+        )
+        children.append(SigningKeyService(tokens))
+        api = ManagementAPI(db, checker, tokens, events, reactor,
+                            is_ready=lambda: root.ready.called)
+        listeners += api_listeners(api_config.listen, api, api_config.max_body, reactor,
+                                   adopted)
     children.extend(listeners)
     workers = worker_count(config.server.workers)
     if adopted is None and workers > 1:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2.errors
+import psycopg2.extras
 
 from esp.addresses import Address, InvalidAddress, normalize_domain, parse_address
 from esp.storage.db import Cursor, Database, Prepared
@@ -225,6 +226,28 @@ def get_user_txn(cur: Cursor, address: Address) -> User:
     if row is None:
         raise NotFound(f"no user {address}")
     return _user(row)
+
+
+def user_by_id_txn(cur: Cursor, user_id: int) -> User | None:
+    cur.execute(
+        f"SELECT {_USER_COLUMNS} FROM users u JOIN domains d ON d.id = u.domain_id "
+        "WHERE u.id = %s",
+        (user_id,),
+    )
+    row = cur.fetchone()
+    return None if row is None else _user(row)
+
+
+def record_audit_txn(
+    cur: Cursor, actor: str, actor_ip: str | None, action: str, target: str | None,
+    details: dict[str, object],
+) -> None:
+    """One line of the audit log: who (and from where) did what to what."""
+    cur.execute(
+        "INSERT INTO audit_log (actor, actor_ip, action, target, details) "
+        "VALUES (%s, %s, %s, %s, %s)",
+        (actor, actor_ip, action, target, psycopg2.extras.Json(details)),
+    )
 
 
 def find_user_txn(cur: Cursor, address: Address) -> User | None:
