@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import email
+import email.header
 import email.message
 import email.policy
 from html.parser import HTMLParser

@@ -13,7 +13,7 @@ Blocking functions: run them in a pool thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from esp.bodytext import body_text
@@ -70,11 +70,8 @@ def read_text(root: Path, pending: Pending) -> str:
     return body_text(data).replace("\x00", " ")
 
 
-def index_batch_txn(
-    cur: Cursor, root: Path, mailbox_id: int | None, limit: int = BATCH,
-    read: Callable[[Path, Pending], str] = read_text,
-) -> int:
+def index_batch_txn(cur: Cursor, root: Path, mailbox_id: int | None, limit: int = BATCH) -> int:
     """Index up to ``limit`` pending messages in this transaction; how many were found."""
     pending = pending_txn(cur, mailbox_id, limit)
-    store_txn(cur, [(item[0], read(root, item)) for item in pending])
+    store_txn(cur, [(item[0], read_text(root, item)) for item in pending])
     return len(pending)
