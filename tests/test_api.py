@@ -16,6 +16,7 @@ import jwt
 import psycopg2
 import pytest
 
+from esp.api.tokens import fingerprint
 from tests.dnszone import DNSServer
 from tests.espserver import EspServer, start_esp
 
@@ -113,9 +114,8 @@ def forge(esp: EspServer, key: bytes | None = None, algorithm: str = "HS256",
         cur.execute("SELECT id, password_hash FROM users WHERE localpart = 'root'")
         row = cur.fetchone()
         assert row is not None
-    import hashlib
     claims = {"iss": "esp", "sub": str(row[0]), "typ": "access", "iat": now, "exp": now + 600,
-              "pwd": hashlib.sha256(row[1].encode()).hexdigest()[:16], **changes}
+              "pwd": fingerprint(row[1]), **changes}
     if algorithm == "none":
         return jwt.encode(claims, None, algorithm="none")  # type: ignore[arg-type]
     return jwt.encode(claims, key if key is not None else signing_key(esp), algorithm=algorithm)

@@ -81,6 +81,12 @@ def _json(request: IRequest, status: int, body: object) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def _error(request: IRequest, status: int, code: str, message: str,
+           details: object = None) -> bytes:
+    return _json(request, status, {"error": {
+        "code": code, "message": message, "details": details if details is not None else {}}})
+
+
 def _domain(domain: Domain) -> dict[str, object]:
     return {"name": domain.name, "enabled": domain.enabled, "users": domain.users,
             "aliases": domain.aliases}
@@ -117,8 +123,7 @@ class ManagementAPI:
         error: ApiError = failure.value
         if error.status == 401:
             request.setHeader(b"www-authenticate", b'Bearer realm="esp"')
-        return _json(request, error.status, {"error": {
-            "code": error.code, "message": error.message, "details": error.details}})
+        return _error(request, error.status, error.code, error.message, error.details)
 
     @app.handle_errors(HTTPException)
     def _routing_error(self, request: IRequest, failure: Any) -> bytes:
@@ -128,23 +133,19 @@ class ManagementAPI:
         if status == 405:
             allowed = getattr(error, "valid_methods", None) or []
             request.setHeader(b"allow", ", ".join(allowed).encode())
-        return _json(request, status, {"error": {
-            "code": codes.get(status, "bad_request"),
-            "message": "no such resource" if status == 404 else (error.description or ""),
-            "details": {}}})
+        return _error(request, status, codes.get(status, "bad_request"),
+                      "no such resource" if status == 404 else (error.description or ""))
 
     @app.handle_errors(DatabaseUnavailable)
     def _database_error(self, request: IRequest, failure: Any) -> bytes:
         request.setHeader(b"retry-after", b"5")
-        return _json(request, 503, {"error": {
-            "code": "unavailable", "message": "the database is unavailable; try again later",
-            "details": {}}})
+        return _error(request, 503, "unavailable",
+                      "the database is unavailable; try again later")
 
     @app.handle_errors(Exception)
     def _internal_error(self, request: IRequest, failure: Any) -> bytes:
         self.log.failure("API request failed", failure)
-        return _json(request, 500, {"error": {
-            "code": "internal", "message": "internal error", "details": {}}})
+        return _error(request, 500, "internal", "internal error")
 
     def _body(self, request: IRequest, model: type[M]) -> M:
         kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
@@ -206,16 +207,20 @@ class ManagementAPI:
 
     # -- health ----------------------------------------------------------------------------------
 
+    async def _database_answers(self) -> None:
+        """Raises DatabaseUnavailable (503) when it does not."""
+        await self._db.run("api_health", lambda cur: cur.execute("SELECT 1"))
+
     @app.route("/healthz", methods=["GET"])
     async def healthz(self, request: IRequest) -> bytes:
-        await self._db.run("api_health", lambda cur: cur.execute("SELECT 1"))
+        await self._database_answers()
         return _json(request, 200, {"status": "ok"})
 
     @app.route("/readyz", methods=["GET"])
     async def readyz(self, request: IRequest) -> bytes:
         if not self._is_ready():
             raise ApiError(503, "starting", "ESP is still starting")
-        await self._db.run("api_health", lambda cur: cur.execute("SELECT 1"))
+        await self._database_answers()
         return _json(request, 200, {"status": "ready"})
 
     # -- authentication --------------------------------------------------------------------------
@@ -231,7 +236,8 @@ class ManagementAPI:
             raise ApiError(429, "too_many_failures",
                            "too many failed logins; try again later")
         try:
-            await self._checker.requestAvatarId(
+            # The avatar id is the user's address, normalised.
+            avatar: bytes = await self._checker.requestAvatarId(
                 UsernamePassword(body.username.encode(), body.password.encode()))
         except AuthenticationBusy:
             request.setHeader(b"retry-after", b"1")
@@ -241,10 +247,7 @@ class ManagementAPI:
             self._failures_by_account.add(account)
             self._announce_login(account, ip, False)
             raise ApiError(401, "bad_credentials", "bad user name or password") from None
-        try:
-            address = parse_address(body.username)
-        except InvalidAddress:  # the checker accepted it, so it parses; be safe anyway
-            raise ApiError(401, "bad_credentials", "bad user name or password") from None
+        address = parse_address(avatar.decode("utf-8"))
         user = await self._db.run("api_login_user", find_user_txn, address)
         if user is None:
             raise ApiError(401, "bad_credentials", "bad user name or password")

@@ -30,7 +30,6 @@ class InvalidToken(Exception):
 @dataclass(frozen=True)
 class Claims:
     user_id: int
-    kind: str  # "access" or "refresh"
     fingerprint: str
 
 
@@ -103,4 +102,4 @@ class TokenIssuer:
             user_id = int(claims["sub"])
         except (TypeError, ValueError):
             raise InvalidToken("bad subject") from None
-        return Claims(user_id, kind, str(claims["pwd"]))
+        return Claims(user_id, str(claims["pwd"]))
