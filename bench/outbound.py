@@ -31,25 +31,20 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from smtp_accept import (  # noqa: E402
+    PASSWORD,
     Result,
     cpu_seconds,
     rss_mib,
+    start_cluster,
     start_esp,
     start_postfix,
     tree_pids,
 )
 
-from esp.addresses import parse_address  # noqa: E402
-from esp.auth import PasswordHasher  # noqa: E402
-from esp.config import Argon2Config  # noqa: E402
-from esp.storage import directory  # noqa: E402
-from esp.storage.cluster import EmbeddedCluster  # noqa: E402
-from esp.storage.db import connect, run_sync  # noqa: E402
-from esp.storage.migrations import apply_migrations_txn, load_migrations  # noqa: E402
+from esp.storage.db import connect  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SINK_HOST = "127.0.0.2"
-PASSWORD = "bench password"  # noqa: S105 (a throwaway account)
 
 
 def free_port(host: str) -> int:
@@ -138,19 +133,8 @@ def esp_config(work: Path, dsn: str, sink_port: int, args: argparse.Namespace,
 
 
 def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
-    work.mkdir(parents=True)
-    os.chmod(work, 0o711)  # noqa: S103 (the cluster's account must reach it when run as root)
-    cluster = EmbeddedCluster(work / "pg")
-    cluster.start()
+    cluster = start_cluster(work)
     try:
-        conn = connect(cluster.dsn)
-        run_sync(conn, apply_migrations_txn, load_migrations())
-        run_sync(conn, directory.add_domain_txn, "example.test")
-        hashed = PasswordHasher(Argon2Config(time_cost=1, memory_cost_kib=8192,
-                                             parallelism=1)).hash(PASSWORD)
-        run_sync(conn, directory.add_user_txn, parse_address("alice@example.test"), hashed,
-                 work / "var" / "maildir")
-        conn.close()
         sink_port = free_port(SINK_HOST)
         config = esp_config(work, cluster.dsn, sink_port, args, enabled=False)
         generated = subprocess.run([str(BIN / "esp"), "--config", str(config), "dkim",

@@ -158,7 +158,13 @@ def start_esp(work: Path, config: Path, name: str) -> tuple[subprocess.Popen[byt
         time.sleep(0.05)  # a benchmark harness, not a test: polling the log is fine
 
 
-def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
+PASSWORD = "bench password"  # noqa: S105 (a throwaway account)
+
+
+def start_cluster(work: Path) -> EmbeddedCluster:
+    """A private PostgreSQL cluster in ``work/pg`` with ESP's schema, the domain example.test
+    and alice@example.test (password PASSWORD, Maildir under ``work/var``); stopped again if
+    any of that fails."""
     work.mkdir(parents=True)
     os.chmod(work, 0o711)  # noqa: S103 (the cluster's account must reach it when run as root)
     cluster = EmbeddedCluster(work / "pg")
@@ -168,10 +174,19 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
         run_sync(conn, apply_migrations_txn, load_migrations())
         run_sync(conn, directory.add_domain_txn, "example.test")
         hashed = PasswordHasher(Argon2Config(time_cost=1, memory_cost_kib=8192,
-                                             parallelism=1)).hash("bench password")
+                                             parallelism=1)).hash(PASSWORD)
         run_sync(conn, directory.add_user_txn, parse_address("alice@example.test"), hashed,
                  work / "var" / "maildir")
         conn.close()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
+    cluster = start_cluster(work)
+    try:
         config = work / "esp.yaml"
         config.write_text(
             f"server:\n  hostname: mx.example.test\n  workers: {workers}\n"
