@@ -1,5 +1,5 @@
 """``esp``: the operator's command line (migrate, domains, users, aliases, DKIM keys, the
-outbound queue and the suppression list).
+outbound queue, the suppression list and API keys).
 
 It works on the configured database directly: the embedded cluster of the data directory (started
 for the command and stopped again when ESP is not running) or the server of the DSN.  It runs
@@ -20,6 +20,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,7 +30,7 @@ from esp.addresses import InvalidAddress, normalize_domain, parse_address
 from esp.auth import PasswordHasher, WeakPassword, check_new_password
 from esp.config import Config, ConfigError, default_config_path, load_config
 from esp.message import split_header
-from esp.storage import directory, dkimkeys, queue
+from esp.storage import apikeys, directory, dkimkeys, queue
 from esp.storage.cluster import ClusterError, EmbeddedCluster
 from esp.storage.db import Cursor, DatabaseUnavailable, connect, run_sync
 from esp.storage.maildir import retire
@@ -328,6 +329,69 @@ def cmd_alias_remove(args: argparse.Namespace, config: Config, out: TextIO) -> i
     return 0
 
 
+# -- API keys ----------------------------------------------------------------------------------
+
+
+def _key_line(key: apikeys.ApiKey) -> str:
+    state = " (revoked)" if key.revoked_at else ""
+    where = f"\tdomain {key.domain}" if key.domain else ""
+    scopes = ",".join(key.scopes)
+    return f"{key.id}\t{key.prefix}...\t{key.owner}\t{key.name}\t{scopes}{where}{state}\n"
+
+
+def cmd_apikey_create(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    address = _address(args.user)
+    scopes = sorted(set(args.scope))
+    unknown = [s for s in scopes if s not in apikeys.SCOPES]
+    if unknown:
+        raise UsageProblem(f"unknown scope(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(apikeys.SCOPES)}")
+    expires = None
+    if args.expires:
+        try:
+            expires = datetime.fromisoformat(args.expires)
+        except ValueError:
+            raise UsageProblem(f"--expires {args.expires!r} is not an ISO 8601 time") from None
+        if expires.tzinfo is None:
+            expires = expires.replace(tzinfo=UTC)
+
+    def create(cur: Cursor) -> tuple[apikeys.ApiKey, str]:
+        user = directory.get_user_txn(cur, address)
+        domain_id = None
+        if args.domain:
+            domain_id = directory.get_domain_txn(cur, args.domain).id
+        return apikeys.create_key_txn(cur, user.id, args.name, scopes, domain_id, expires)
+
+    with open_database(config) as connection:
+        key, secret = run_sync(connection, _change(
+            "apikey.create", str(address), create, name=args.name, scopes=scopes,
+            domain=args.domain))
+    out.write(f"API key {key.id} for {key.owner} ({', '.join(key.scopes)}); it is shown "
+              f"only now:\n{secret}\n")
+    return 0
+
+
+def cmd_apikey_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        user_id = None
+        if args.user:
+            user_id = run_sync(connection, directory.get_user_txn, _address(args.user)).id
+        keys, _ = run_sync(connection, apikeys.list_keys_txn, user_id, None, 10_000, 0)
+    for key in keys:
+        out.write(_key_line(key))
+    return 0
+
+
+def cmd_apikey_revoke(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        key = run_sync(connection, _change(
+            "apikey.revoke", f"key {args.id}", apikeys.revoke_key_txn, args.id))
+    if key is None:
+        raise Refused(f"no API key {args.id}")
+    out.write(f"API key {key.id} ({key.name}, of {key.owner}) revoked\n")
+    return 0
+
+
 # -- argument parsing --------------------------------------------------------------------------
 
 
@@ -589,6 +653,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = queue_.add_parser("delete", help="drop a waiting entry without a report to the sender")
     p.add_argument("id", type=int)
     p.set_defaults(run=cmd_queue_delete)
+
+    apikey = commands.add_parser("apikey", help="keys for the management API").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = apikey.add_parser("create", help="make a key for a user (printed once)")
+    p.add_argument("user", help="the user the key acts for (never beyond their role)")
+    p.add_argument("--name", required=True, help="what the key is for")
+    p.add_argument("--scope", action="append", required=True,
+                   help=f"repeat for several: {', '.join(apikeys.SCOPES)}")
+    p.add_argument("--domain", help="restrict the key to this domain")
+    p.add_argument("--expires", help="ISO 8601 time after which the key stops working")
+    p.set_defaults(run=cmd_apikey_create)
+    p = apikey.add_parser("list", help="keys (of one user)")
+    p.add_argument("--user")
+    p.set_defaults(run=cmd_apikey_list)
+    p = apikey.add_parser("revoke", help="end a key at once")
+    p.add_argument("id", type=int)
+    p.set_defaults(run=cmd_apikey_revoke)
 
     suppression = commands.add_parser(
         "suppression", help="addresses refused at submission after a hard bounce"

@@ -19,7 +19,13 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from esp.addresses import Address, InvalidAddress, parse_address
-from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
+from esp.delivery import (
+    DeliveryFailed,
+    DeliveryResult,
+    LocalDelivery,
+    LocalRecipient,
+    MailboxFull,
+)
 from esp.envelope import Accepted, Envelope, Listener, Refusal, Session, temporary_failure
 from esp.mailauth import MailAuthenticator, SPFResult, Verdict, remove_forged_results
 from esp.message import complete_submission
@@ -151,6 +157,22 @@ class InboundPolicy:
         accepted: Sequence[Accepted],
         message: bytes,
     ) -> str:
+        """Take the message for the accepted recipients; the ids for the 250 reply."""
+        result = await self.deliver(session, envelope, accepted, message)
+        ids = [f"{m.mailbox_id}.{m.uid}" for m in result.stored]
+        ids += [f"q{q}" for q in result.queued]
+        return " ".join(ids)
+
+    async def deliver(
+        self,
+        session: Session,
+        envelope: Envelope,
+        accepted: Sequence[Accepted],
+        message: bytes,
+        event_payload: dict[str, object] | None = None,
+    ) -> DeliveryResult:
+        """Store the message for local recipients and queue it for remote ones (signed, when
+        submitted); raises Refusal."""
         users: dict[int, tuple[User, str]] = {}
         remote: dict[str, None] = {}
         for item in accepted:
@@ -183,7 +205,8 @@ class InboundPolicy:
                 local,
                 tuple(remote),
                 sender_user_id=sender_user_id,
-                event_payload={"client_ip": session.client_ip, "session": session.session_id},
+                event_payload={"client_ip": session.client_ip, "session": session.session_id,
+                               **(event_payload or {})},
             )
         except MailboxFull:
             raise Refusal(552, "5.2.2", "Mailbox full") from None
@@ -191,10 +214,7 @@ class InboundPolicy:
             raise temporary_failure() from None
         for stored in result.stored:
             self._directory.count_stored(stored.user_id, stored.size)
-        ids = [f"{m.mailbox_id}.{m.uid}" for m in result.stored]
-        ids += [f"q{q}" for q in result.queued]
-        return " ".join(ids)
-
+        return result
 
     async def _sign(self, envelope: Envelope, message: bytes) -> bytes:
         """DKIM-sign what an authenticated user sends out, with the keys of the From domain

@@ -22,6 +22,7 @@ from twisted.python.threadpool import ThreadPool
 
 import esp
 from esp.api.app import ManagementAPI
+from esp.api.base import APIServices
 from esp.api.service import api_listeners
 from esp.api.tokens import TokenIssuer
 from esp.auth import DirectoryChecker, PasswordHasher
@@ -420,6 +421,7 @@ def makeService(
     )
     children.append(SpoolService(delivery))
     resolver = Resolver(config.server.dns.nameservers, config.server.dns.timeout)
+    wake_outbound: Callable[[], None] | None = None
     if config.server.outbound.enabled:
         outbound = OutboundService(
             config.server.outbound, config.server.hostname, db, resolver, dns_pool.pool,
@@ -427,6 +429,7 @@ def makeService(
         )
         delivery.on_queued = outbound.wake
         children.append(outbound)
+        wake_outbound = outbound.wake
     store = MailboxStore(db, config.maildir_root, disk.pool, reactor)
     body_index = config.storage.body_index
     if body_index.background:
@@ -485,8 +488,20 @@ def makeService(
             api_config.token_lifetime, api_config.refresh_lifetime,
         )
         children.append(SigningKeyService(tokens))
-        api = ManagementAPI(db, checker, tokens, events, reactor,
-                            is_ready=lambda: root.ready.called)
+        hasher = PasswordHasher(config.security.auth.argon2)
+        api = ManagementAPI(APIServices(
+            db=db, checker=checker, tokens=tokens, events=events, reactor=reactor,
+            hash_password=lambda password: deferToThreadPool(
+                reactor, hashing.pool, hasher.hash, password),
+            verify_password=lambda stored, password: deferToThreadPool(
+                reactor, hashing.pool, hasher.verify, stored, password),
+            maildir_root=config.maildir_root, is_ready=lambda: root.ready.called,
+            mailboxes=store, sender=policy, resolver=resolver,
+            dkim_box=SecretBox(config.dkim_secret_file, create=True),
+            dns_pool=dns_pool.pool, disk_pool=disk.pool, spool_dir=config.spool_dir,
+            wake_outbound=wake_outbound, hostname=config.server.hostname,
+            max_message_size=config.server.smtp.max_message_size,
+        ))
         listeners += api_listeners(api_config.listen, api, api_config.max_body, reactor,
                                    adopted)
     children.extend(listeners)

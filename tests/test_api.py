@@ -3,6 +3,9 @@ PostgreSQL: tokens, roles, the error shape, and bodies that must change nothing.
 
 from __future__ import annotations
 
+import base64
+import email
+import email.policy
 import json
 import socket
 import time
@@ -207,6 +210,300 @@ def test_bad_bodies_get_4xx_naming_the_field_and_change_nothing(esp: EspServer) 
     assert "x.test" not in names and len(cases) == 7
 
 
+def user_count(esp: EspServer) -> int:
+    with psycopg2.connect(esp.dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")
+        row = cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_a_domain_admin_manages_their_domain_and_nothing_else(esp: EspServer) -> None:
+    root = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+    admin = login(esp, "admin@example.test", ADMIN_PASSWORD)["access_token"]
+    assert call(esp, "POST", "/api/v1/domains", {"name": "elsewhere.test"}, root)[0] == 201
+    status, made = call(esp, "POST", "/api/v1/users",
+                        {"address": "Carol@Example.test", "password": "carol's password",
+                         "display_name": "Carol", "quota_bytes": 1 << 20}, admin)
+    assert status == 201, made
+    assert made["address"] == "carol@example.test" and made["role"] == "user"
+    assert made["identities"] == ["carol@example.test"] and made["quota_bytes"] == 1 << 20
+    assert (esp.maildir_root / "example.test" / "carol" / "cur").is_dir()
+    # The new user can log in at once, through the same checker as IMAP and SMTP.
+    login(esp, "carol@example.test", "carol's password")
+
+    status, alias = call(esp, "POST", "/api/v1/aliases",
+                         {"source": "sales@example.test", "destination": "carol@example.test"},
+                         admin)
+    assert status == 201 and alias["source"] == "sales@example.test"
+    assert call(esp, "GET", "/api/v1/users/carol@example.test", token=admin)[1][
+        "identities"] == ["carol@example.test", "sales@example.test"]
+    status, page = call(esp, "GET", "/api/v1/users?domain=example.test&q=car", token=admin)
+    assert status == 200 and [u["address"] for u in page["items"]] == ["carol@example.test"]
+    assert page["total"] == 1
+    status, changed = call(esp, "PATCH", "/api/v1/users/carol@example.test",
+                           {"unlimited": ["quota_bytes"], "display_name": "Carol C."}, admin)
+    assert status == 200 and changed["quota_bytes"] is None
+    assert changed["display_name"] == "Carol C."
+    aliases = call(esp, "GET", "/api/v1/aliases", token=admin)[1]["items"]
+    assert {a["source"].rpartition("@")[2] for a in aliases} == {"example.test"}
+
+    # Another domain: refused, and nothing is written.
+    before, users_before = audit_rows(esp), user_count(esp)
+    for method, path, body in (
+        ("POST", "/api/v1/users", {"address": "eve@elsewhere.test", "password": "eve's pass"}),
+        ("POST", "/api/v1/aliases", {"source": "x@elsewhere.test",
+                                     "destination": "carol@example.test"}),
+        ("GET", "/api/v1/users?domain=elsewhere.test", None),
+        ("GET", "/api/v1/domains/elsewhere.test", None),
+        ("PATCH", "/api/v1/users/root@example.test", {"enabled": False}),  # a superadmin
+        ("POST", "/api/v1/users", {"address": "boss@example.test", "password": "a password",
+                                   "role": "superadmin"}),
+    ):
+        assert error_code(call(esp, method, path, body, admin)) == (403, "forbidden"), path
+    assert audit_rows(esp) == before and user_count(esp) == users_before
+    # A user gets 403 on the administration of their own domain too.
+    carol = login(esp, "carol@example.test", "carol's password")["access_token"]
+    assert error_code(call(esp, "GET", "/api/v1/users", token=carol)) == (403, "forbidden")
+    assert error_code(call(esp, "GET", "/api/v1/users/admin@example.test", token=carol)) == (
+        403, "forbidden")
+    assert error_code(call(esp, "PATCH", "/api/v1/users/carol@example.test",
+                           {"quota_bytes": 1 << 40}, carol)) == (403, "forbidden")
+
+    assert call(esp, "DELETE", f"/api/v1/aliases/{alias['id']}", token=admin)[0] == 204
+    assert call(esp, "DELETE", "/api/v1/users/carol@example.test", token=admin)[0] == 204
+    assert error_code(call(esp, "GET", "/api/v1/users/carol@example.test", token=admin)) == (
+        404, "not_found")
+    assert not (esp.maildir_root / "example.test" / "carol").exists()  # moved aside, kept
+    actions = [(a, t) for _, a, t in audit_rows(esp)[len(before):]]
+    assert actions == [("alias.remove", "sales@example.test"),
+                       ("user.remove", "carol@example.test")]
+
+
+def test_a_user_changes_their_own_password_only(esp: EspServer) -> None:
+    esp.add_user("dave@example.test", "dave's first password")
+    tokens = login(esp, "dave@example.test", "dave's first password")
+    dave = tokens["access_token"]
+    path = "/api/v1/users/dave@example.test/password"
+    response = call(esp, "PUT", path, {"password": "dave's second password"}, dave)
+    assert error_code(response) == (400, "validation_failed")
+    assert response[1]["error"]["details"]["fields"][0]["field"] == "current_password"
+    assert error_code(call(esp, "PUT", path, {"password": "dave's second password",
+                                              "current_password": "a wrong guess"}, dave)) == (
+        403, "forbidden")
+    assert error_code(call(esp, "PUT", "/api/v1/users/admin@example.test/password",
+                           {"password": "taken over!", "current_password": "x"}, dave)) == (
+        403, "forbidden")
+    assert error_code(call(esp, "PUT", path, {"password": "short",
+                                              "current_password": "dave's first password"},
+                           dave)) == (400, "validation_failed")
+    assert call(esp, "PUT", path, {"password": "dave's second password",
+                                   "current_password": "dave's first password"}, dave)[0] == 204
+    # Every token issued before the change ends; the new password works.
+    assert error_code(call(esp, "GET", "/api/v1/me", token=dave)) == (401, "invalid_token")
+    assert error_code(call(esp, "POST", "/api/v1/auth/refresh",
+                           {"refresh_token": tokens["refresh_token"]})) == (401, "invalid_token")
+    login(esp, "dave@example.test", "dave's second password")
+    # The domain's administrator sets it without knowing it.
+    admin = login(esp, "admin@example.test", ADMIN_PASSWORD)["access_token"]
+    assert call(esp, "PUT", path, {"password": "dave's third password"}, admin)[0] == 204
+    login(esp, "dave@example.test", "dave's third password")
+
+
+def test_api_keys_act_within_their_scopes_and_domain(esp: EspServer) -> None:
+    root = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+    status, made = call(esp, "POST", "/api/v1/api-keys",
+                        {"name": "monitoring", "scopes": ["read"]}, root)
+    assert status == 201 and made["key"].startswith("esp_") and made["key"].startswith(
+        made["prefix"]) and made["scopes"] == ["read"] and made["owner"] == "root@example.test"
+    key = made["key"]
+    assert call(esp, "GET", "/api/v1/domains", token=key)[0] == 200
+    assert call(esp, "GET", "/api/v1/users", token=key)[0] == 200
+    before = audit_rows(esp)
+    for method, path, body in (
+        ("POST", "/api/v1/domains", {"name": "by-key.test"}),
+        ("POST", "/api/v1/users", {"address": "k@example.test", "password": "a password"}),
+        ("POST", "/api/v1/api-keys", {"name": "escalate", "scopes": ["*"]}),
+        ("DELETE", "/api/v1/users/user@example.test", None),
+    ):
+        response = call(esp, method, path, body, key)
+        assert error_code(response) == (403, "forbidden"), response
+    assert audit_rows(esp) == before
+    # Listed without the secret; stored only as a hash.
+    listed = call(esp, "GET", "/api/v1/api-keys", token=root)[1]["items"]
+    assert [k["id"] for k in listed if k["name"] == "monitoring"] == [made["id"]]
+    assert all("key" not in k for k in listed)
+    with psycopg2.connect(esp.dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM api_keys WHERE secret_hash::text LIKE %s",
+                    (f"%{key[4:]}%",))
+        assert cur.fetchone() == (0,)
+    # A key restricted to one domain cannot see another, even for a superadmin.
+    status, scoped = call(esp, "POST", "/api/v1/api-keys",
+                          {"name": "one domain", "scopes": ["*"], "domain": "example.test"},
+                          root)
+    assert status == 201
+    assert call(esp, "GET", "/api/v1/domains/example.test", token=scoped["key"])[0] == 200
+    assert error_code(call(esp, "GET", "/api/v1/domains/new.test", token=scoped["key"])) == (
+        403, "forbidden")
+    assert [d["name"] for d in call(esp, "GET", "/api/v1/domains",
+                                    token=scoped["key"])[1]["items"]] == ["example.test"]
+    # Revoked: 401 at once.
+    assert call(esp, "DELETE", f"/api/v1/api-keys/{made['id']}", token=root)[0] == 204
+    assert error_code(call(esp, "GET", "/api/v1/domains", token=key)) == (401, "invalid_token")
+    assert error_code(call(esp, "GET", "/api/v1/domains", token="esp_" + "x" * 43)) == (
+        401, "invalid_token")
+
+
+def test_bad_user_bodies_name_the_field_and_write_nothing(esp: EspServer) -> None:
+    root = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+    before, users = audit_rows(esp), user_count(esp)
+    for body, field in (
+        ({"address": "x@example.test", "password": "long enough", "quota_bytes": -1},
+         "quota_bytes"),
+        ({"address": "x@example.test", "password": "long enough", "quota_bytes": "10"},
+         "quota_bytes"),
+        ({"address": "x@example.test", "password": "long enough", "admin": True}, "admin"),
+        ({"address": "not an address", "password": "long enough"}, "address"),
+        ({"address": "x@example.test", "password": "long enough", "role": "god"}, "role"),
+        ({"address": "x@example.test"}, "password"),
+        ({"address": "x@example.test", "password": 12345678}, "password"),
+    ):
+        response = call(esp, "POST", "/api/v1/users", body, root)
+        assert error_code(response) == (400, "validation_failed"), (body, response)
+        assert field in [f["field"] for f in response[1]["error"]["details"]["fields"]]
+    response = call(esp, "POST", "/api/v1/users",
+                    {"address": "x@nowhere.test", "password": "long enough"}, root)
+    assert error_code(response) == (422, "unknown_domain")
+    assert audit_rows(esp) == before and user_count(esp) == users
+
+
+
+def spool_file(esp: EspServer, queue_id: int) -> bytes:
+    with psycopg2.connect(esp.dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT m.spool_name FROM queue q JOIN outbound_messages m "
+                    "ON m.id = q.message_id WHERE q.id = %s", (queue_id,))
+        row = cur.fetchone()
+        assert row is not None
+    return (esp.data_dir / "spool" / "new" / row[0]).read_bytes()
+
+
+def multipart(parts: list[tuple[str, str | None, str, bytes]]) -> tuple[bytes, str]:
+    boundary = "esp-test-boundary-7f3a"
+    body = b""
+    for name, filename, kind, content in parts:
+        disposition = f'form-data; name="{name}"' + (
+            f'; filename="{filename}"' if filename else "")
+        body += (f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+                 f"Content-Type: {kind}\r\n\r\n").encode() + content + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_send_api_delivers_locally_and_queues_signed_mail_for_remote(esp: EspServer) -> None:
+    root = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+    status, key = call(esp, "POST", "/api/v1/domains/example.test/dkim-keys",
+                       {"selector": "api1", "algorithm": "ed25519"}, root)
+    assert status == 201 and key["dns_name"] == "api1._domainkey.example.test"
+    user = login(esp, "user@example.test", USER_PASSWORD)["access_token"]
+    status, sent = call(esp, "POST", "/api/v1/messages", {
+        "from": {"address": "user@example.test", "name": "The User"},
+        "to": ["admin@example.test", "someone@remote.test"],
+        "bcc": ["root@example.test"],
+        "subject": "Quarterly figures \u2013 final",
+        "text": "Hello,\nthe figures are attached.\n",
+        "html": "<p>Hello,<br>the figures are attached.</p>",
+        "attachments": [{"filename": "figures.csv", "content_type": "text/csv",
+                         "content": base64.b64encode(b"q,total\n1,42\n").decode()}],
+        "headers": {"X-Campaign": "q4"},
+        "tags": ["reports"],
+    }, user)
+    assert status == 202, sent
+    assert sent["tags"] == ["reports"] and len(sent["queue_ids"]) == 1
+    assert {d["address"] for d in sent["delivered"]} == {"admin@example.test",
+                                                        "root@example.test"}
+    # Local: in the recipients' INBOX; Bcc is not in the message.
+    (_uid, _size, filename), = esp.messages("admin@example.test")
+    stored = esp.message_file("admin@example.test", filename)
+    parsed = email.message_from_bytes(stored, policy=email.policy.default)
+    assert parsed["Subject"] == "Quarterly figures \u2013 final"
+    assert parsed["From"] == "The User <user@example.test>" and parsed["X-Campaign"] == "q4"
+    assert "root@example.test" not in stored.decode("utf-8", "replace")
+    assert parsed["Message-ID"] == sent["message_id"]
+    assert [p.get_filename() for p in parsed.iter_attachments()] == ["figures.csv"]
+    assert len(esp.messages("root@example.test")) == 1
+    # Remote: a queue row with the message DKIM-signed for the sender's domain.
+    spooled = email.message_from_bytes(spool_file(esp, sent["queue_ids"][0]),
+                                       policy=email.policy.default)
+    signature = str(spooled["DKIM-Signature"])
+    assert "d=example.test" in signature and "s=api1" in signature
+    status, entry = call(esp, "GET", f"/api/v1/queue/{sent['queue_ids'][0]}", token=root)
+    assert status == 200 and entry["recipients"][0]["address"] == "someone@remote.test"
+
+    # Multipart: the JSON request and a file part.
+    raw, kind = multipart([
+        ("message", None, "application/json", json.dumps(
+            {"from": "user@example.test", "to": ["admin@example.test"],
+             "subject": "with a file", "text": "see the file"}).encode()),
+        ("file", "notes.txt", "text/plain", b"some notes\n"),
+    ])
+    status, second = call(esp, "POST", "/api/v1/messages", token=user, raw=raw,
+                          content_type=kind)
+    assert status == 202 and second["queue_ids"] == [], second
+    assert len(esp.messages("admin@example.test")) == 2
+
+    # Refusals: a sender the user does not own, a local recipient that does not exist.
+    before = len(esp.messages("admin@example.test"))
+    response = call(esp, "POST", "/api/v1/messages", {
+        "from": "admin@example.test", "to": ["admin@example.test"], "text": "x"}, user)
+    assert error_code(response) == (403, "sender_not_allowed")
+    response = call(esp, "POST", "/api/v1/messages", {
+        "from": "user@example.test", "to": ["admin@example.test", "nobody@example.test"],
+        "text": "x"}, user)
+    assert error_code(response) == (422, "refused")
+    assert response[1]["error"]["details"]["fields"][0]["field"] == "recipients.1"
+    response = call(esp, "POST", "/api/v1/messages", {
+        "from": "user@example.test", "to": ["admin@example.test"], "text": "x",
+        "headers": {"Content-Type": "text/html"}}, user)
+    assert error_code(response) == (400, "validation_failed")
+    assert len(esp.messages("admin@example.test")) == before
+
+
+def test_messages_are_listed_read_moved_and_deleted(esp: EspServer) -> None:
+    admin = login(esp, "admin@example.test", ADMIN_PASSWORD)["access_token"]
+    base = "/api/v1/users/admin@example.test/mailboxes"
+    status, boxes = call(esp, "GET", base, token=admin)
+    assert status == 200
+    ids = {b["name"]: b["id"] for b in boxes["items"]}
+    assert {"INBOX", "Archive", "Junk", "Sent", "Trash", "Drafts"} <= set(ids)
+    status, page = call(esp, "GET", f"{base}/{ids['INBOX']}/messages?q=figures", token=admin)
+    assert status == 200 and page["total"] == 1, page
+    message = page["items"][0]
+    assert message["subject"] == "Quarterly figures \u2013 final"
+    assert message["from"] == "The User <user@example.test>"
+    path = f"{base}/{ids['INBOX']}/messages/{message['uid']}"
+    request = urllib.request.Request(f"http://127.0.0.1:{esp.ports['api']}{path}/raw")
+    request.add_header("Authorization", f"Bearer {admin}")
+    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 (loopback)
+        assert answer.headers["Content-Type"] == "message/rfc822"
+        assert b"Subject: Quarterly figures" in answer.read()
+    status, moved = call(esp, "POST", f"{path}/move", {"mailbox": "Archive"}, admin)
+    assert status == 200 and moved["mailbox"] == "Archive" and moved["uid"] >= 1
+    assert call(esp, "GET", path, token=admin)[0] == 404
+    assert len(esp.messages("admin@example.test", "Archive")) == 1
+    archived = f"{base}/{ids['Archive']}/messages/{moved['uid']}"
+    assert call(esp, "DELETE", archived, token=admin)[0] == 204
+    assert esp.messages("admin@example.test", "Archive") == []
+    # Another user's mailboxes are not the caller's to read.
+    user = login(esp, "user@example.test", USER_PASSWORD)["access_token"]
+    assert error_code(call(esp, "GET", base, token=user)) == (403, "forbidden")
+    status, made = call(esp, "POST", "/api/v1/users/user@example.test/mailboxes",
+                        {"name": "Projects/2026"}, user)
+    assert status == 201 and made["name"] == "Projects/2026"
+    for bad in ("../etc", "a//b", "x*", "/abs"):
+        response = call(esp, "POST", "/api/v1/users/user@example.test/mailboxes",
+                        {"name": bad}, user)
+        assert error_code(response) == (400, "validation_failed"), bad
+
+# Last: after it, this client address may not log in for ten minutes.
 def test_failed_logins_are_limited_per_account(esp: EspServer) -> None:
     statuses = []
     while len(statuses) < 11 and 429 not in statuses:

@@ -42,6 +42,8 @@ from esp.limits import ConnectionLimits, SessionCounter
 from esp.storage.db import DatabaseUnavailable
 from esp.storage.directory import User
 from esp.storage.mailboxes import (
+    DELIMITER,
+    InvalidMailboxName,
     MailboxError,
     MailboxExists,
     MailboxInfo,
@@ -49,13 +51,10 @@ from esp.storage.mailboxes import (
     MessageRow,
     NoMailbox,
     Snapshot,
+    check_mailbox_name,
 )
 from esp.storage.mailstore import QuotaExceeded
 from esp.storage.notify import MailboxNotifier
-
-DELIMITER = "/"
-# Names longer than this (in UTF-8 bytes) are refused.
-MAX_NAME = 512
 
 
 @dataclass(frozen=True)
@@ -641,13 +640,10 @@ def decode_name(value: object) -> str:
 
 
 def check_name(name: str) -> str:
-    parts = name.split(DELIMITER)
-    if (not name or len(name.encode()) > MAX_NAME or name.startswith(DELIMITER)
-            or any(p in ("", ".", "..") for p in parts)
-            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
-            or any(c in name for c in "*%")):
-        raise No("[CANNOT] Invalid mailbox name")
-    return name
+    try:
+        return check_mailbox_name(name)
+    except InvalidMailboxName:
+        raise No("[CANNOT] Invalid mailbox name") from None
 
 
 def encode_name(name: str) -> bytes:

@@ -442,6 +442,27 @@ class NoMailbox(MailboxError):
     pass
 
 
+class InvalidMailboxName(MailboxError):
+    pass
+
+
+# The hierarchy delimiter of mailbox names, and their longest (UTF-8 bytes).
+DELIMITER = "/"
+MAX_NAME = 512
+
+
+def check_mailbox_name(name: str) -> str:
+    """``name`` when it may name a new mailbox: no empty, '.' or '..' level, no control
+    characters, no IMAP wildcards, not too long; else InvalidMailboxName."""
+    parts = name.split(DELIMITER)
+    if (not name or len(name.encode()) > MAX_NAME or name.startswith(DELIMITER)
+            or any(p in ("", ".", "..") for p in parts)
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+            or any(c in name for c in "*%")):
+        raise InvalidMailboxName(f"invalid mailbox name {name!r}")
+    return name
+
+
 def create_mailbox_txn(cur: Cursor, user_id: int, name: str) -> list[str]:
     """Create ``name`` and any missing parent; return the names created (for events)."""
     parts = name.split("/")

@@ -473,6 +473,24 @@ def list_queue_txn(cur: Cursor, all_rows: bool = False, limit: int = 1000) -> li
     return [_entry(row) for row in cur.fetchall()]
 
 
+def page_queue_txn(
+    cur: Cursor, all_rows: bool, sender_domains: Sequence[str] | None, limit: int, offset: int,
+) -> tuple[list[QueueEntry], int]:
+    """Like :func:`list_queue_txn`, a page at a time, perhaps only of some sender domains."""
+    cur.execute(
+        f"""
+        SELECT e.*, count(*) OVER () FROM ({_ENTRY}
+            WHERE (%(all)s OR q.status IN ('queued', 'delivering'))
+              AND (%(any_sender)s OR lower(split_part(m.sender, '@', 2)) = ANY(%(domains)s))
+        ) e ORDER BY 1 LIMIT %(limit)s OFFSET %(offset)s
+        """,
+        {"all": all_rows, "any_sender": sender_domains is None,
+         "domains": list(sender_domains or ()), "limit": limit, "offset": offset},
+    )
+    rows = cur.fetchall()
+    return [_entry(row[:-1]) for row in rows], (rows[0][-1] if rows else 0)
+
+
 def get_queue_entry_txn(cur: Cursor, queue_id: int) -> QueueEntry | None:
     cur.execute(f"{_ENTRY} WHERE q.id = %s", (queue_id,))
     row = cur.fetchone()
