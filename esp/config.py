@@ -135,6 +135,9 @@ class APIConfig(Section):
     signing_key_file: Path | None = None
     # Largest request body accepted (413 past it).
     max_body: Size = 10 * 1024 * 1024
+    # Serve HTTPS on every API listener, with the certificates of the SMTP and IMAP ports
+    # (security.tls, SNI included).  Off by default: the default listener is on loopback.
+    tls: bool = False
 
 
 def _default_hostname() -> str:

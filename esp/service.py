@@ -502,8 +502,9 @@ def makeService(
             wake_outbound=wake_outbound, hostname=config.server.hostname,
             max_message_size=config.server.smtp.max_message_size,
         ))
-        listeners += api_listeners(api_config.listen, api, api_config.max_body, reactor,
-                                   adopted)
+        listeners += api_listeners(
+            api_config.listen, api, api_config.max_body, reactor, adopted,
+            certificates.store if api_config.tls else None)
     children.extend(listeners)
     workers = worker_count(config.server.workers)
     if adopted is None and workers > 1:

@@ -46,6 +46,10 @@ MAIL_ZONES: dict[str, list[str]] = {
     "down.test": ["MX('down.test', 10, 'mx.down.test')", "A('mx.down.test', '127.0.0.3')"],
     "fallback.test": ["MX('fallback.test', 10, 'mx.down.test')",
                       "MX('fallback.test', 20, 'mx.remote.test')"],
+    # A domain hosted by the test server (mx.example.test) that published what ESP asks for,
+    # except DKIM and DMARC.
+    "hosted.test": ["MX('hosted.test', 10, 'mx.example.test')",
+                    "TXT('hosted.test', b'v=spf1 mx ~all')"],
 }
 
 

@@ -8,6 +8,7 @@ import email
 import email.policy
 import json
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -19,9 +20,12 @@ import jwt
 import psycopg2
 import pytest
 
+from esp.api.app import ManagementAPI  # noqa: F401 (declares every endpoint)
+from esp.api.openapi import document as openapi_document
 from esp.api.tokens import fingerprint
 from tests.dnszone import DNSServer
-from tests.espserver import EspServer, start_esp
+from tests.espserver import EspServer, start_esp, write_config
+from tests.helpers import start_twistd
 
 ROOT_PASSWORD = "root's long password"
 ADMIN_PASSWORD = "admin's long password"
@@ -503,6 +507,58 @@ def test_messages_are_listed_read_moved_and_deleted(esp: EspServer) -> None:
                         {"name": bad}, user)
         assert error_code(response) == (400, "validation_failed"), bad
 
+
+def test_a_domain_shows_the_records_to_publish_and_what_dns_says(esp: EspServer) -> None:
+    root = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+    for domain in ("hosted.test", "dmarc-reject.test"):
+        assert call(esp, "POST", "/api/v1/domains", {"name": domain}, root)[0] == 201
+        assert call(esp, "POST", f"/api/v1/domains/{domain}/dkim-keys",
+                    {"selector": "esp1"}, root)[0] == 201
+
+    def records(domain: str) -> dict[str, tuple[str, str, list[str]]]:
+        status, body = call(esp, "GET", f"/api/v1/domains/{domain}/dns", token=root)
+        assert status == 200 and body["domain"] == domain
+        return {r["name"] if r["type"] == "MX" or "._domainkey." in r["name"]
+                or r["name"].startswith("_dmarc.") else "spf": (r["value"], r["status"],
+                                                               r["found"])
+                for r in body["records"]}
+
+    hosted = records("hosted.test")
+    assert hosted["hosted.test"][:2] == ("10 mx.example.test.", "ok")
+    assert hosted["spf"][:2] == ("v=spf1 mx ~all", "ok")
+    value, status, found = hosted["esp1._domainkey.hosted.test"]
+    assert value.startswith("v=DKIM1; k=rsa; p=") and status == "missing" and found == []
+    assert hosted["_dmarc.hosted.test"][1] == "missing"
+    other = records("dmarc-reject.test")
+    assert other["dmarc-reject.test"][1] == "missing"  # no MX at all
+    assert other["spf"][1:] == ("different", ["v=spf1 ip4:192.0.2.1 -all"])
+    assert other["_dmarc.dmarc-reject.test"][1:] == ("ok", ["v=DMARC1; p=reject"])
+
+
+def test_the_api_speaks_https_when_configured(
+    scratch: Path, database_dsn: str, test_dns: DNSServer,
+) -> None:
+    config = write_config(scratch, database_dsn, test_dns.nameserver)
+    text = config.read_text()
+    listen = "  api:\n    listen: 'tcp:0:interface=127.0.0.1'\n"
+    assert listen in text
+    config.write_text(text.replace(listen, listen + "    tls: true\n"))
+    process = start_twistd("esp", "--config", str(config))
+    try:
+        line = process.wait_for("api-0 listening on 127.0.0.1:")
+        port = int(line.rsplit(":", 1)[1])
+        context = ssl.create_default_context(
+            cafile=str(scratch / "var" / "tls" / "selfsigned.crt"))
+        context.check_hostname = False
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", timeout=30,
+                                    context=context) as answer:
+            assert json.loads(answer.read()) == {"status": "ok"}
+        with pytest.raises(OSError), urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/healthz", timeout=30):
+            pass
+    finally:
+        process.stop()
+
 # Last: after it, this client address may not log in for ten minutes.
 def test_failed_logins_are_limited_per_account(esp: EspServer) -> None:
     statuses = []
@@ -516,3 +572,11 @@ def test_failed_logins_are_limited_per_account(esp: EspServer) -> None:
     assert error_code(call(esp, "POST", "/api/v1/auth/token",
                            {"username": "admin@example.test", "password": ADMIN_PASSWORD})) == (
         429, "too_many_failures")
+
+
+def test_every_endpoint_is_in_the_reference() -> None:
+    reference = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    document = openapi_document("test")
+    for path, methods in document["paths"].items():
+        for method in methods:
+            assert f"`{method.upper()} {path}`" in reference, (method, path)

@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Request, Site
 
 from esp.api.app import ManagementAPI
 from esp.listeners import ListenerService
+from esp.tls import CertificateStore
 
 _TOO_LARGE = (b'{"error":{"code":"too_large","message":"the request body is too large",'
               b'"details":{}}}')
@@ -73,13 +75,18 @@ class APISite(Site):
 def api_listeners(
     listen: tuple[str, ...], api: ManagementAPI, max_body: int, reactor: Any,
     adopted: Mapping[str, tuple[int, int]] | None = None,
+    certificates: CertificateStore | None = None,
 ) -> list[ListenerService]:
+    """One listener per endpoint; HTTPS with ``certificates`` when given."""
     services = []
     for index, description in enumerate(listen):
         name = f"api-{index}"
 
         def build(api: ManagementAPI = api) -> Any:
-            return APISite(api.app.resource(), max_body)
+            site = APISite(api.app.resource(), max_body)
+            if certificates is None:
+                return site
+            return TLSMemoryBIOFactory(certificates.context_factory(), False, site)
 
         services.append(ListenerService(
             name, description, reactor, build,
