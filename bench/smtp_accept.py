@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -184,7 +185,25 @@ def start_cluster(work: Path) -> EmbeddedCluster:
     return cluster
 
 
-def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
+def filter_section(chain: str, services: dict[str, int]) -> str:
+    """The ``filters`` configuration for ``chain`` (names joined by commas) with the ports of
+    the Rspamd and clamd this run started."""
+    if not chain:
+        return ""
+    rspamd, clamav = services.get("rspamd", 0), services.get("clamav", 0)
+    settings = {
+        "rspamd": f"    rspamd: {{url: 'http://127.0.0.1:{rspamd}'}}\n",
+        "clamav": f"    clamav: {{address: 'tcp:host=127.0.0.1:port={clamav}'}}\n",
+        # Limits no run reaches: the cost of counting, shared through PostgreSQL.
+        "ratelimit": "    ratelimit: {per_ip: {count: 1000000000, seconds: 1}}\n",
+    }
+    names = chain.split(",")
+    return (f"filters:\n  chain: [{', '.join(names)}]\n  settings:\n"
+            + "".join(settings[n] for n in names if n in settings))
+
+
+def run_esp(work: Path, args: argparse.Namespace, workers: int, chain: str = "",
+            services: dict[str, int] | None = None) -> Result:
     cluster = start_cluster(work)
     try:
         config = work / "esp.yaml"
@@ -199,6 +218,7 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
             f"storage:\n  data_dir: {work / 'var'}\n  database:\n    dsn: '{cluster.dsn}'\n"
             f"    pool_max: {os.environ.get('ESP_BENCH_POOL', '10')}\n"
             "security:\n  mailauth: {enabled: false}\n"
+            + filter_section(chain, services or {})
         )
         process, text = start_esp(work, config, "esp")
         match = re.search(r"smtp-mx-0 listening on 127\.0\.0\.1:(\d+)", text)
@@ -242,10 +262,23 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int) -> Result:
         process.wait(timeout=60)
         if stored != args.messages:
             raise SystemExit(f"ESP stored {stored} of {args.messages} messages")
-        label = f"ESP ({workers} worker{'s' if workers > 1 else ''})"
+        label = f"ESP ({workers} worker{'s' if workers > 1 else ''}" + (
+            f", filters {chain})" if chain else ")")
         return Result(label, stored, seconds, used, memory)
     finally:
         cluster.stop()
+
+
+def start_filter_services(work: Path) -> dict[str, Any]:
+    """A private Rspamd and clamd as the filter tests run them (tests/filterservices.py), with
+    Rspamd's resolver on a dead loopback port: nothing leaves the machine."""
+    from tests.filterservices import start_clamd, start_rspamd
+
+    return {
+        "clamav": start_clamd(work / "clamd"),
+        "rspamd": start_rspamd(work / "rspamd", 9, Path.home() / ".cache" / "esp-tests" /
+                               "rspamd-hs"),
+    }
 
 
 # -- Postfix ---------------------------------------------------------------------------------
@@ -336,6 +369,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--workers", type=int, nargs="*", default=[1, os.cpu_count() or 1])
     parser.add_argument("--no-anchor", action="store_true")
+    parser.add_argument("--filters", nargs="*", default=[], metavar="CHAIN",
+                        help="also run with these filter chains (e.g. clamav,rspamd): a private "
+                             "Rspamd and clamd are started for the run")
     parser.add_argument("--keep", action="store_true",
                         help="leave the data behind (see bench/README.md: deleting many files "
                              "slows file creation for minutes on some filesystems)")
@@ -350,6 +386,18 @@ def main() -> None:
         for workers in dict.fromkeys(args.workers):
             results.append(run_esp(work / f"esp-{workers}", args, workers))
             print(results[-1].line(), flush=True)
+        if args.filters:
+            services = start_filter_services(work / "filters")
+            try:
+                ports = {name: service.port for name, service in services.items()}
+                for chain in args.filters:
+                    for workers in dict.fromkeys(args.workers):
+                        name = f"esp-{workers}-{chain.replace(',', '-')}"
+                        results.append(run_esp(work / name, args, workers, chain, ports))
+                        print(results[-1].line(), flush=True)
+            finally:
+                for service in services.values():
+                    service.stop()
         if not args.no_anchor:
             anchor = run_postfix(work / "postfix", args, 2525)
             if anchor is not None:

@@ -29,6 +29,7 @@ import psycopg2.extensions
 from esp.addresses import InvalidAddress, normalize_domain, parse_address
 from esp.auth import PasswordHasher, WeakPassword, check_new_password
 from esp.config import Config, ConfigError, default_config_path, load_config
+from esp.filters.pipeline import installed_filters
 from esp.message import split_header
 from esp.storage import apikeys, directory, dkimkeys, queue
 from esp.storage.cluster import ClusterError, EmbeddedCluster
@@ -392,6 +393,30 @@ def cmd_apikey_revoke(args: argparse.Namespace, config: Config, out: TextIO) -> 
     return 0
 
 
+# -- filters -----------------------------------------------------------------------------------
+
+
+def cmd_filters_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    factories = installed_filters()
+    chain = config.filters.chain
+    if args.json:
+        out.write(json.dumps([
+            {"name": name, "description": f.description, "in_chain": name in chain,
+             "sends_mail_off_machine": bool(getattr(f, "sends_mail_off_machine", False)),
+             "settings": f.settings.model_json_schema()}
+            for name, f in sorted(factories.items())], indent=2) + "\n")
+        return 0
+    for name, factory in sorted(factories.items()):
+        where = f" (position {chain.index(name) + 1} in the chain)" if name in chain else ""
+        out.write(f"{name}{where}: {factory.description}\n")
+        schema = factory.settings.model_json_schema()
+        for key, prop in schema.get("properties", {}).items():
+            default = f" (default {json.dumps(prop['default'])})" if "default" in prop else ""
+            about = f": {prop['description']}" if "description" in prop else ""
+            out.write(f"    {key}{default}{about}\n")
+    return 0
+
+
 # -- argument parsing --------------------------------------------------------------------------
 
 
@@ -670,6 +695,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = apikey.add_parser("revoke", help="end a key at once")
     p.add_argument("id", type=int)
     p.set_defaults(run=cmd_apikey_revoke)
+
+    filters_ = commands.add_parser("filters", help="message filter plugins").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = filters_.add_parser("list", help="installed filters with their settings")
+    p.add_argument("--json", action="store_true", help="with each settings JSON schema")
+    p.set_defaults(run=cmd_filters_list)
 
     suppression = commands.add_parser(
         "suppression", help="addresses refused at submission after a hard bounce"

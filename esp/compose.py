@@ -10,6 +10,7 @@ breaks, no field that would change the structure (MIME fields) or the addressing
 
 from __future__ import annotations
 
+import email.errors
 import email.policy
 import email.utils
 import re
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
+
+from esp.addresses import InvalidAddress, normalize_domain
 
 # Fields a caller may not set through ``headers``: the request has its own field for each, or
 # the field describes the MIME structure ESP builds.
@@ -65,18 +68,40 @@ class Draft:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+# Characters that end a line for some reader (str.splitlines) or are control characters:
+# never in a header field.
+_BREAKS = frozenset({*map(chr, range(0x20)), "\x7f", "\x85", "\u2028", "\u2029"})
+
+
+def _one_line(where: str, text: str, tab: bool = False) -> str:
+    if any(c in _BREAKS and not (tab and c == "\t") for c in text):
+        raise ComposeError(where, "may not contain line breaks or control characters")
+    return text
+
+
 def _header_address(where: str, mailbox: Mailbox) -> HeaderAddress:
-    if any(c in mailbox.name for c in "\r\n"):
-        raise ComposeError(where, "a name may not contain line breaks")
+    _one_line(where, mailbox.name)
     local, _, domain = mailbox.address.rpartition("@")
     try:
-        return HeaderAddress(display_name=mailbox.name, username=local, domain=domain)
-    except (ValueError, IndexError) as e:
+        # The domain as IDNA A-labels: what every receiver understands.
+        return HeaderAddress(display_name=mailbox.name, username=local,
+                             domain=normalize_domain(domain))
+    except (ValueError, IndexError, InvalidAddress) as e:
         raise ComposeError(where, str(e)) from None
 
 
 def compose(draft: Draft, hostname: str, now: datetime | None = None) -> tuple[bytes, str]:
-    """(the message, its Message-ID)."""
+    """(the message, its Message-ID); ComposeError naming the field that cannot go in."""
+    try:
+        return _compose(draft, hostname, now)
+    except ComposeError:
+        raise
+    except (ValueError, TypeError, LookupError, email.errors.MessageError) as e:
+        # What the email package refuses that the checks below did not foresee.
+        raise ComposeError("", f"cannot make a message of this: {e}") from None
+
+
+def _compose(draft: Draft, hostname: str, now: datetime | None) -> tuple[bytes, str]:
     if draft.text is None and draft.html is None and not draft.attachments:
         raise ComposeError("text", "give text, html or attachments")
     message = EmailMessage(policy=email.policy.SMTP)
@@ -87,9 +112,7 @@ def compose(draft: Draft, hostname: str, now: datetime | None = None) -> tuple[b
         message["Cc"] = [_header_address(f"cc.{i}", m) for i, m in enumerate(draft.cc)]
     if draft.reply_to:
         message["Reply-To"] = _header_address("reply_to", Mailbox(draft.reply_to))
-    if any(c in draft.subject for c in "\r\n"):
-        raise ComposeError("subject", "may not contain line breaks")
-    message["Subject"] = draft.subject
+    message["Subject"] = _one_line("subject", draft.subject)
     message["Date"] = email.utils.format_datetime(now or datetime.now(UTC))
     message_id = f"<{uuid.uuid4().hex}@{hostname}>"
     message["Message-ID"] = message_id
@@ -99,9 +122,7 @@ def compose(draft: Draft, hostname: str, now: datetime | None = None) -> tuple[b
             raise ComposeError(where, "not a header field name")
         if name.lower() in RESERVED:
             raise ComposeError(where, "set by ESP or by another field of the request")
-        if any(c in value for c in "\r\n\0"):
-            raise ComposeError(where, "may not contain line breaks")
-        message[name] = value
+        message[name] = _one_line(where, value, tab=True)
     if draft.text is not None:
         message.set_content(draft.text, subtype="plain", cte=None)
     if draft.html is not None:
@@ -110,8 +131,12 @@ def compose(draft: Draft, hostname: str, now: datetime | None = None) -> tuple[b
         else:
             message.set_content(draft.html, subtype="html")
     for index, part in enumerate(draft.attachments):
-        maintype, _, subtype = part.content_type.partition("/")
-        if any(c in part.filename for c in "\r\n\0/\\"):
+        maintype, _, subtype = part.content_type.lower().partition("/")
+        if maintype in ("multipart", "message"):
+            raise ComposeError(f"attachments.{index}.content_type",
+                               "send the parts or the message as a file of another type")
+        _one_line(f"attachments.{index}.filename", part.filename)
+        if any(c in part.filename for c in "/\\") or part.filename in (".", ".."):
             raise ComposeError(f"attachments.{index}.filename", "not a file name")
         message.add_attachment(part.content, maintype=maintype, subtype=subtype,
                                filename=part.filename)

@@ -27,6 +27,8 @@ from esp.delivery import (
     MailboxFull,
 )
 from esp.envelope import Accepted, Envelope, Listener, Refusal, Session, temporary_failure
+from esp.filters import JUNK, Decision, FilterContext, filter_headers
+from esp.filters.pipeline import FilterPipeline
 from esp.mailauth import MailAuthenticator, SPFResult, Verdict, remove_forged_results
 from esp.message import complete_submission
 from esp.signing import DKIMSigner, author_domain
@@ -39,7 +41,7 @@ from esp.storage.directory import (
     User,
 )
 from esp.storage.dkimkeys import DKIMKeyError
-from esp.storage.mailstore import find_special_use_txn
+from esp.storage.mailstore import find_mailbox_txn, find_special_use_txn
 from esp.storage.queue import is_suppressed_txn
 
 
@@ -68,7 +70,9 @@ class InboundPolicy:
         mailauth: MailAuthPolicy | None = None,
         signer: DKIMSigner | None = None,
         hostname: str = "localhost",
+        filters: FilterPipeline | None = None,
     ) -> None:
+        self._filters = filters
         self._hostname = hostname
         self._db = db
         self._directory = directory
@@ -185,15 +189,20 @@ class InboundPolicy:
         quarantine = False
         if session.listener is Listener.MX and self._mailauth is not None:
             message, quarantine = await self._authenticate(envelope, message)
-        local = [
-            await self._quarantined(user) if quarantine else LocalRecipient(
-                user_id=user.id, address=user.address, maildir=user.maildir
-            )
-            for user, _original in users.values()
-        ]
-        sender_user_id = None
         if session.user is not None:
             message = complete_submission(message, self._hostname)
+        decision = await self._filter(session, envelope, message, [u for u, _ in users.values()])
+        folder: str | None = JUNK if quarantine else None
+        keywords: tuple[str, ...] = ()
+        if decision is not None and session.user is None:
+            # Headers, keywords and folders are for mail that arrives; what a user submits
+            # only gets the chain's refusals.
+            message = filter_headers(decision.headers) + message
+            folder = folder or decision.folder
+            keywords = decision.keywords
+        local = [await self._recipient(user, folder, keywords) for user, _ in users.values()]
+        sender_user_id = None
+        if session.user is not None:
             sender = await self._directory.find_user(parse_address(session.user))
             sender_user_id = sender.id if sender else None
             if remote and self._signer is not None:
@@ -229,19 +238,47 @@ class InboundPolicy:
             self.log.error("cannot DKIM-sign for {domain}: {error}", domain=domain, error=str(e))
             raise temporary_failure() from None
 
-    async def _quarantined(self, user: User) -> LocalRecipient:
-        """Where quarantined mail goes for ``user``: their \\Junk mailbox (RFC 6154), whatever
-        it is called now, or INBOX when they have none."""
+    async def _filter(
+        self, session: Session, envelope: Envelope, message: bytes, users: Sequence[User],
+    ) -> Decision | None:
+        """Run the filter chain; raise its refusal (before the 250: no bounce is made)."""
+        if not self._filters:
+            return None
+        context = FilterContext(
+            sender=envelope.sender, recipients=envelope.recipients, message=message,
+            client_ip=session.client_ip, helo=session.helo, user=session.user,
+            listener=session.listener.value, queue_id=session.session_id,
+            recipient_domains=tuple(sorted({u.address.rpartition("@")[2] for u in users})),
+        )
         try:
-            junk = await self._db.run("find_junk", find_special_use_txn, user.id, "\\Junk")
+            decision = await self._filters.run(context)
         except DatabaseUnavailable:
             raise temporary_failure() from None
-        if junk is None:
-            return LocalRecipient(user_id=user.id, address=user.address, maildir=user.maildir)
-        return LocalRecipient(
-            user_id=user.id, address=user.address, maildir=user.maildir,
-            folder=junk.folder, mailbox=junk.name,
-        )
+        if decision.refused:
+            assert decision.code is not None and decision.status is not None
+            raise Refusal(decision.code, decision.status, decision.text)
+        return decision
+
+    async def _recipient(self, user: User, folder: str | None,
+                         keywords: tuple[str, ...]) -> LocalRecipient:
+        """Where the message goes for ``user``: INBOX, or ``folder`` (a mailbox name, or
+        \\Junk for the user's junk mailbox (RFC 6154), whatever it is called now); INBOX
+        when the user has no such mailbox."""
+        plain = LocalRecipient(user_id=user.id, address=user.address, maildir=user.maildir,
+                               keywords=keywords)
+        if folder is None:
+            return plain
+        try:
+            if folder == JUNK:
+                box = await self._db.run("find_junk", find_special_use_txn, user.id, JUNK)
+            else:
+                box = await self._db.run("find_folder", find_mailbox_txn, user.id, folder)
+        except DatabaseUnavailable:
+            raise temporary_failure() from None
+        if box is None:
+            return plain
+        return LocalRecipient(user_id=user.id, address=user.address, maildir=user.maildir,
+                              folder=box.folder, mailbox=box.name, keywords=keywords)
 
     async def _authenticate(self, envelope: Envelope, message: bytes) -> tuple[bytes, bool]:
         """Check DKIM and DMARC, apply the policy, add Authentication-Results; (message,

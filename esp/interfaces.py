@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from zope.interface import Attribute, Interface
 
 
@@ -20,3 +22,43 @@ class IEventSubscriber(Interface):
 
     def handle(event: object) -> object:
         """Handle one :class:`esp.events.Event`; may return an awaitable or a Deferred."""
+
+
+class IMessageFilter(Interface):
+    """One stage of the filter pipeline, built by its factory from its settings.
+
+    ``check`` is called once per message, before ESP answers the end of DATA (so a reject is
+    an SMTP reply, not a bounce), with an :class:`esp.filters.FilterContext`; it returns (or
+    resolves to) an :class:`esp.filters.Verdict`.  Raising, or taking longer than the
+    filter's ``timeout``, counts as a failure of the filter, handled by its ``on_failure``
+    policy (``open``: log and pass; ``closed``: 451, try later).
+    """
+
+    name = Attribute("The filter's name, as in filters.chain.")
+
+    def check(context: Any) -> Any:
+        """Judge one message: an awaitable or Deferred of a Verdict (or a Verdict)."""
+
+
+class IMessageFilterFactory(Interface):
+    """A kind of filter, found with ``twisted.plugin.getPlugins(IMessageFilterFactory)``.
+
+    Built-ins are declared in ESP's ``twisted/plugins/esp_filters.py``; a third-party package
+    declares its own in its ``twisted/plugins/``, and the factory object must also provide
+    ``twisted.plugin.IPlugin``.
+    """
+
+    name = Attribute("The name used in filters.chain, e.g. 'rspamd'.")
+    description = Attribute("One line for `esp filters list`.")
+    settings = Attribute(
+        "A pydantic model class of the filter's settings (filters.settings.<name>); its JSON "
+        "schema is what `esp filters list` shows and what the API validates against."
+    )
+    sends_mail_off_machine = Attribute(
+        "True when the filter sends message content to another party (an LLM API): it then "
+        "runs only for mail whose recipients' domains have all enabled it."
+    )
+
+    def build(settings: Any, services: Any) -> Any:
+        """A filter with ``settings`` (an instance of ``settings``) and
+        :class:`esp.filters.FilterServices`."""

@@ -30,6 +30,13 @@ from esp.config import Config
 from esp.delivery import LocalDelivery
 from esp.dns import Resolver
 from esp.events import EventBus
+from esp.filters import FilterServices
+from esp.filters.pipeline import (
+    DomainFilterCache,
+    FilterPipeline,
+    build_stages,
+    installed_filters,
+)
 from esp.imap.service import imap_listeners
 from esp.inbound import InboundPolicy, MailAuthPolicy
 from esp.indexer import BodyIndexer
@@ -444,7 +451,14 @@ def makeService(
             reject_spf_fail=config.security.mailauth.reject_spf_fail,
         )
     signer = DKIMSigner(db, SecretBox(config.dkim_secret_file), blocking.pool, reactor)
-    policy = InboundPolicy(db, directory, delivery, mailauth, signer, config.server.hostname)
+    filter_services = FilterServices(reactor=reactor, db=db, threadpool=blocking.pool,
+                                     events=events, hostname=config.server.hostname)
+    domain_filters = DomainFilterCache(db, reactor, config.filters.domain_cache_seconds)
+    pipeline = FilterPipeline(
+        build_stages(config.filters.chain, config.filters.settings, filter_services),
+        events, reactor, domain_filters)
+    policy = InboundPolicy(db, directory, delivery, mailauth, signer, config.server.hostname,
+                           pipeline)
     root = ESPService(
         config,
         db=db,
@@ -501,6 +515,8 @@ def makeService(
             dns_pool=dns_pool.pool, disk_pool=disk.pool, spool_dir=config.spool_dir,
             wake_outbound=wake_outbound, hostname=config.server.hostname,
             max_message_size=config.server.smtp.max_message_size,
+            filter_chain=config.filters.chain, filter_factories=installed_filters(),
+            forget_domain_filters=domain_filters.forget,
         ))
         listeners += api_listeners(
             api_config.listen, api, api_config.max_body, reactor, adopted,

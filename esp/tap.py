@@ -8,6 +8,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from esp.config import Config, ConfigError, default_config_path, load_config
+from esp.filters.pipeline import FilterConfigError, resolve_chain
 from esp.service import makeService as buildService
 
 
@@ -27,7 +28,8 @@ class Options(usage.Options):
         path = Path(self["config"]) if self["config"] else default_config_path()
         try:
             self.config = load_config(path)
-        except ConfigError as e:
+            resolve_chain(self.config.filters.chain, self.config.filters.settings)
+        except (ConfigError, FilterConfigError) as e:
             raise usage.UsageError(str(e)) from None
 
 

@@ -23,6 +23,7 @@ from esp.storage.cluster import ClusterError, EmbeddedCluster, find_binaries
 from esp.storage.db import run_sync
 from esp.storage.migrations import apply_migrations_txn, load_migrations
 from tests.dnszone import DNSServer, start_dns
+from tests.filterservices import Service, start_clamd, start_rspamd
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "esp_template"
@@ -56,6 +57,24 @@ def test_dns(scratch_root: Path) -> Iterator[DNSServer]:
     yield server
     server.process.terminate()
     server.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def rspamd(scratch_root: Path, test_dns: DNSServer) -> Iterator[Service]:
+    """A real Rspamd for the session (its hyperscan cache kept between runs: a cold start
+    compiles for seconds)."""
+    service = start_rspamd(scratch_root / "rspamd", test_dns.port,
+                           Path.home() / ".cache" / "esp-tests" / "rspamd-hs")
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def clamd(scratch_root: Path) -> Iterator[Service]:
+    """A real clamd for the session, with a signature file of our own."""
+    service = start_clamd(scratch_root / "clamd")
+    yield service
+    service.stop()
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
+from twisted.internet import reactor, threads
 
 from esp.addresses import parse_address
 from esp.auth import PasswordHasher
-from esp.config import Argon2Config
+from esp.config import Argon2Config, load_config
+from esp.events import Event
+from esp.service import makeService
 from esp.storage import directory
 from esp.storage.db import run_sync
 from tests.helpers import Server, start_twistd
@@ -106,7 +109,7 @@ NO_OUTBOUND = "    enabled: false\n"
 
 def write_config(
     directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1, imap: str = "",
-    outbound: str = NO_OUTBOUND, storage: str = "",
+    outbound: str = NO_OUTBOUND, storage: str = "", top: str = "",
 ) -> Path:
     config = directory / "esp.yaml"
     config.write_text(
@@ -130,6 +133,7 @@ def write_config(
         + "security:\n  auth:\n"
         "    argon2: {time_cost: 1, memory_cost_kib: 8192, parallelism: 1}\n"
         + extra
+        + top
     )
     return config
 
@@ -139,15 +143,45 @@ _LISTENING = re.compile(r"(?:smtp-(\w+)|(imaps?|api))-0 listening on 127\.0\.0\.
 
 def start_esp(
     directory: Path, dsn: str, dns: str, extra: str = "", workers: int = 1, imap: str = "",
-    outbound: str = NO_OUTBOUND, storage: str = "",
+    outbound: str = NO_OUTBOUND, storage: str = "", top: str = "",
 ) -> EspServer:
     """ESP with its DNS pointed at the test DNS server (``test_dns.nameserver``); ``extra``
     continues the ``security`` section, ``imap`` the ``server.imap`` one, ``outbound`` the
     ``server.outbound`` one and ``storage`` the ``storage`` one (4 or 2 spaces deep).
     Outbound delivery is off unless ``outbound`` says otherwise."""
-    config = write_config(directory, dsn, dns, extra, workers, imap, outbound, storage)
+    config = write_config(directory, dsn, dns, extra, workers, imap, outbound, storage, top)
     process = start_twistd("esp", "--config", str(config))
     process.wait_for("ready: host")
     ports = {m.group(1) or m.group(2): int(m.group(3)) for m in _LISTENING.finditer(process.log)}
     assert set(ports) == {"mx", "submission", "submissions", "imap", "imaps", "api"}, process.log
     return EspServer(process, dsn, directory / "var", ports)
+
+
+async def events_of(
+    scratch: Path, database_dsn: str, dns: str, users: list[str],
+    client: Callable[[dict[str, int], ssl.SSLContext], None], top: str = "",
+) -> list[Event]:
+    """Start ESP in this process with ``users`` (password "a long password"), run ``client``
+    (ports by listener name, a context trusting ESP's certificate) in a thread, stop ESP;
+    return every event published meanwhile.  ``top`` adds top-level configuration sections."""
+    config = load_config(write_config(scratch, database_dsn, dns, top=top), environ={})
+    with connection(database_dsn) as conn:
+        run_sync(conn, directory.add_domain_txn, "example.test")
+        for address in users:
+            run_sync(conn, directory.add_user_txn, parse_address(address),
+                     PasswordHasher(FAST_HASHING).hash("a long password"),
+                     config.maildir_root)
+    service = makeService(config, reactor)
+    seen: list[Event] = []
+    service.events.subscribe("#", seen.append)
+    service.startService()
+    try:
+        await service.ready
+        ports = {listener.name: listener.port.getHost().port for listener in service.listeners}
+        context = ssl.create_default_context(cafile=str(config.data_dir / "tls" /
+                                                        "selfsigned.crt"))
+        context.check_hostname = False
+        await threads.deferToThread(client, ports, context)
+    finally:
+        await service.stopService()
+    return seen

@@ -559,6 +559,68 @@ def test_the_api_speaks_https_when_configured(
     finally:
         process.stop()
 
+
+def test_a_domain_admin_cannot_reach_a_superadmin_of_their_domain(esp: EspServer) -> None:
+    admin = login(esp, "admin@example.test", ADMIN_PASSWORD)["access_token"]
+    before = audit_rows(esp)
+    for method, path, body in (
+        ("POST", "/api/v1/api-keys", {"name": "x", "scopes": ["*"],
+                                      "user": "root@example.test"}),
+        ("GET", "/api/v1/api-keys?user=root@example.test", None),
+        ("GET", "/api/v1/users/root@example.test/mailboxes", None),
+        ("POST", "/api/v1/users/root@example.test/mailboxes", {"name": "mine"}),
+        ("PATCH", "/api/v1/users/root@example.test", {"display_name": "owned"}),
+        ("PUT", "/api/v1/users/root@example.test/password", {"password": "new password!"}),
+        ("DELETE", "/api/v1/users/root@example.test", None),
+    ):
+        assert error_code(call(esp, method, path, body, admin)) == (403, "forbidden"), path
+    assert audit_rows(esp) == before
+
+
+def test_a_domain_key_stays_in_its_domain(esp: EspServer) -> None:
+    root = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+    assert call(esp, "POST", "/api/v1/domains", {"name": "keyed.test"}, root)[0] == 201
+    status, everything = call(esp, "POST", "/api/v1/api-keys",
+                              {"name": "all", "scopes": ["*"]}, root)
+    assert status == 201
+    status, narrow = call(esp, "POST", "/api/v1/api-keys",
+                          {"name": "narrow", "scopes": ["*"], "domain": "keyed.test"}, root)
+    assert status == 201
+    key = narrow["key"]
+    response = call(esp, "POST", "/api/v1/messages", {
+        "from": "root@example.test", "to": ["admin@example.test"], "text": "x"}, key)
+    assert error_code(response) == (403, "forbidden")
+    assert error_code(call(esp, "DELETE", f"/api/v1/api-keys/{everything['id']}",
+                           token=key)) == (404, "not_found")
+    assert [k["id"] for k in call(esp, "GET", "/api/v1/api-keys", token=key)[1]["items"]] == [
+        narrow["id"]]
+    assert call(esp, "GET", "/api/v1/domains", token=everything["key"])[0] == 200
+
+
+def test_hostile_strings_are_refused_with_400(esp: EspServer) -> None:
+    root = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+    admin = login(esp, "admin@example.test", ADMIN_PASSWORD)["access_token"]
+    before = audit_rows(esp)
+    send = {"from": "root@example.test", "to": ["admin@example.test"], "text": "x"}
+    for method, path, body, token, status in (
+        ("PATCH", "/api/v1/users/user@example.test", {"display_name": "a\u0000b"}, root, 400),
+        ("GET", "/api/v1/users?q=a%00b", None, root, 400),
+        ("POST", "/api/v1/api-keys", {"name": "old", "scopes": ["read"],
+                                      "expires_at": "2001-01-01T00:00:00Z"}, root, 400),
+        ("POST", "/api/v1/api-keys", {"name": "naive", "scopes": ["read"],
+                                      "expires_at": "2099-01-01T00:00:00"}, root, 400),
+        ("POST", "/api/v1/api-keys", {"name": "far", "scopes": ["read"],
+                                      "expires_at": "9999-12-31T23:59:59-14:00"}, root, 400),
+        ("POST", "/api/v1/messages", {**send, "subject": "a\u000bb"}, root, 400),
+        ("POST", "/api/v1/messages", {**send, "headers": {"X-A": "a\u2028b"}}, root, 400),
+        ("POST", "/api/v1/messages", {**send, "reply_to": "not an address"}, root, 400),
+        ("POST", "/api/v1/webhooks", {"url": "http://127.0.0.1:5432/", "domain": "example.test",
+                                      "event_types": ["message.received"]}, admin, 422),
+    ):
+        response = call(esp, method, path, body, token)
+        assert response[0] == status and "error" in response[1], (path, body, response)
+    assert audit_rows(esp) == before
+
 # Last: after it, this client address may not log in for ten minutes.
 def test_failed_logins_are_limited_per_account(esp: EspServer) -> None:
     statuses = []

@@ -6,51 +6,12 @@ from __future__ import annotations
 import imaplib
 import smtplib
 import ssl
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import reactor, threads
 
-from esp.addresses import parse_address
-from esp.auth import PasswordHasher
-from esp.config import load_config
-from esp.events import Event
-from esp.service import makeService
-from esp.storage import directory
-from esp.storage.db import run_sync
 from tests.dnszone import DNSServer
-from tests.espserver import FAST_HASHING, connection, write_config
-
-
-async def events_of(
-    scratch: Path, database_dsn: str, dns: str, users: list[str],
-    client: Callable[[dict[str, int], ssl.SSLContext], None],
-) -> list[Event]:
-    """Start ESP in this process with ``users`` (password "a long password"), run ``client``
-    (ports by listener name, a context trusting ESP's certificate) in a thread, stop ESP;
-    return every event published meanwhile."""
-    config = load_config(write_config(scratch, database_dsn, dns), environ={})
-    with connection(database_dsn) as conn:
-        run_sync(conn, directory.add_domain_txn, "example.test")
-        for address in users:
-            run_sync(conn, directory.add_user_txn, parse_address(address),
-                     PasswordHasher(FAST_HASHING).hash("a long password"),
-                     config.maildir_root)
-    service = makeService(config, reactor)
-    seen: list[Event] = []
-    service.events.subscribe("#", seen.append)
-    service.startService()
-    try:
-        await service.ready
-        ports = {listener.name: listener.port.getHost().port for listener in service.listeners}
-        context = ssl.create_default_context(cafile=str(config.data_dir / "tls" /
-                                                        "selfsigned.crt"))
-        context.check_hostname = False
-        await threads.deferToThread(client, ports, context)
-    finally:
-        await service.stopService()
-    return seen
+from tests.espserver import events_of
 
 
 @pytest_twisted.ensureDeferred

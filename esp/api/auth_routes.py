@@ -6,7 +6,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.web.iweb import IRequest
 
-from esp.addresses import parse_address
+from esp.addresses import InvalidAddress, parse_address
 from esp.api.base import APIBase, field_address, field_domain
 from esp.api.framework import ApiError, Principal, endpoint, forbidden, not_found
 from esp.api.models import (
@@ -59,7 +59,11 @@ class AuthRoutes(APIBase):
               errors=(401, 429))
     async def token(self, request: IRequest, body: TokenRequest) -> TokenPair:
         ip = self.client_ip(request)
-        account = body.username.strip().lower()
+        try:
+            # Counted by the account, however its name is spelt.
+            account = str(parse_address(body.username))
+        except InvalidAddress:
+            account = body.username.strip().lower()
         if (self._failures_by_ip.count(ip) >= LOGIN_FAILURES
                 or self._failures_by_account.count(account) >= LOGIN_FAILURES):
             request.setHeader(b"retry-after", str(int(LOGIN_WINDOW)).encode())
@@ -129,7 +133,7 @@ class AuthRoutes(APIBase):
                 raise ApiError(400, "validation_failed", f"invalid field user: no user "
                                f"{body.user}", {"fields": [{"field": "user",
                                                             "problem": "no such user"}]})
-            if found.id != owner.id and not principal.administers(found.domain_id):
+            if found.id != owner.id and not principal.manages(found):
                 raise forbidden(f"you may not make keys for {found.address}")
             owner = found
         domain_id = principal.key_domain_id
@@ -148,11 +152,11 @@ class AuthRoutes(APIBase):
         # A key never holds more than the key that made it.
         if principal.scopes is not None and not all(principal.has_scope(s) for s in scopes):
             raise forbidden("a key cannot make a key with scopes it does not hold")
-        key, secret = await self.db.run("api_key_create", apikeys.create_key_txn, owner.id,
-                                        body.name, scopes, domain_id, body.expires_at)
-        await self.audit(request, principal, "apikey.create", f"key {key.id}",
-                         {"after": {"owner": key.owner, "name": key.name, "scopes": scopes,
-                                    "domain": key.domain}})
+        key, secret = await self.change(
+            request, principal, "apikey.create", lambda made: f"key {made[0].id}",
+            apikeys.create_key_txn, owner.id, body.name, scopes, domain_id, body.expires_at,
+            summary=lambda made: {"after": {"owner": made[0].owner, "name": made[0].name,
+                                            "scopes": scopes, "domain": made[0].domain}})
         request.setHeader(b"location", f"/api/v1/api-keys/{key.id}".encode())
         return KeyCreated(**key_out(key).model_dump(), key=secret)
 
@@ -162,8 +166,11 @@ class AuthRoutes(APIBase):
             raise not_found(f"no API key {key_id}")
         if key.user_id != principal.user.id:
             owner = await self.db.run("api_find_user", find_user_txn, parse_address(key.owner))
-            if owner is None or not principal.administers(owner.domain_id):
+            if owner is None or not principal.manages(owner):
                 raise not_found(f"no API key {key_id}")
+        # A key restricted to a domain sees only keys restricted to the same one.
+        if principal.key_domain_id is not None and key.domain_id != principal.key_domain_id:
+            raise not_found(f"no API key {key_id}")
         return key
 
     @endpoint("GET", "/api/v1/api-keys", summary="API keys: the caller's, or (with ?user=) "
@@ -179,8 +186,8 @@ class AuthRoutes(APIBase):
                 raise not_found(f"no user {query.user}")
             principal.require_self_or_admin_of(found)
             user_id = found.id
-        keys, total = await self.db.run("api_keys", apikeys.list_keys_txn, user_id, None,
-                                        query.limit, query.offset)
+        keys, total = await self.db.run("api_keys", apikeys.list_keys_txn, user_id,
+                                        principal.key_domain_id, query.limit, query.offset)
         return KeyPage(items=[key_out(k) for k in keys], total=total, limit=query.limit,
                        offset=query.offset)
 
@@ -193,6 +200,6 @@ class AuthRoutes(APIBase):
               tag="auth", scope="keys:write", status=204)
     async def revoke_key(self, request: IRequest, principal: Principal, key_id: int) -> None:
         key = await self._key(principal, key_id)
-        await self.db.run("api_key_revoke", apikeys.revoke_key_txn, key.id)
-        await self.audit(request, principal, "apikey.revoke", f"key {key.id}",
-                         {"before": {"owner": key.owner, "name": key.name}})
+        await self.change(request, principal, "apikey.revoke", f"key {key.id}",
+                          apikeys.revoke_key_txn, key.id,
+                          summary=lambda _: {"before": {"owner": key.owner, "name": key.name}})

@@ -3,8 +3,8 @@ log, and the lookups that turn a path parameter into a row (or a 404/403)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -52,6 +52,9 @@ class APIServices:
     spool_dir: Path = Path("spool")
     wake_outbound: Callable[[], None] | None = None
     hostname: str = "localhost"
+    filter_chain: tuple[str, ...] = ()
+    filter_factories: Mapping[str, Any] = field(default_factory=dict)
+    forget_domain_filters: Callable[[str], None] | None = None
     max_message_size: int = 50 * 1024 * 1024
 
 

@@ -27,9 +27,12 @@ from esp.api.models import (
     DnsRecords,
     DomainCreate,
     DomainFilter,
+    DomainFiltersBody,
+    DomainFiltersOut,
     DomainOut,
     DomainPage,
     DomainUpdate,
+    FilterInfo,
     Paging,
     PasswordChange,
     UserCreate,
@@ -61,12 +64,14 @@ from esp.storage.manage import (
     AliasRow,
     delete_alias_txn,
     domain_counts_txn,
+    domain_filters_txn,
     find_alias_txn,
     get_alias_txn,
     page_aliases_txn,
     page_domains_txn,
     page_users_txn,
     set_domain_enabled_txn,
+    set_domain_filters_txn,
     update_user_txn,
 )
 
@@ -213,6 +218,54 @@ class DirectoryRoutes(APIBase):
             raise ApiError(409, "exists", str(e)) from None
         return _dkim_out(key)
 
+    # -- filters -----------------------------------------------------------------------------
+
+    async def _filters_out(self, domain: Domain) -> DomainFiltersOut:
+        found = await self.db.run("api_domain_filters", domain_filters_txn, [domain.name])
+        mine = found.get(domain.name, {})
+        services = self.services
+        return DomainFiltersOut(
+            domain=domain.name, chain=list(services.filter_chain),
+            disabled=list(mine.get("disabled", [])), enabled=list(mine.get("enabled", [])),
+            installed=[FilterInfo(
+                name=name, description=str(f.description),
+                sends_mail_off_machine=bool(getattr(f, "sends_mail_off_machine", False)),
+                settings=f.settings.model_json_schema())
+                for name, f in sorted(services.filter_factories.items())])
+
+    @endpoint("GET", "/api/v1/domains/<name>/filters", summary="The filter chain and this "
+              "domain's choices in it", tag="domains", scope="domains:read",
+              response=DomainFiltersOut)
+    async def get_domain_filters(self, request: IRequest, principal: Principal,
+                                 name: str) -> DomainFiltersOut:
+        return await self._filters_out(await self.domain(principal, name))
+
+    @endpoint("PUT", "/api/v1/domains/<name>/filters", summary="Turn filters of the chain off "
+              "for this domain, or opt-in filters on", tag="domains", scope="domains:write",
+              body=DomainFiltersBody, response=DomainFiltersOut, errors=(422,))
+    async def set_domain_filters(self, request: IRequest, principal: Principal, name: str,
+                                 body: DomainFiltersBody) -> DomainFiltersOut:
+        domain = await self.domain(principal, name)
+        chain = self.services.filter_chain
+        for field_name, names in (("disabled", body.disabled), ("enabled", body.enabled)):
+            unknown = [n for n in names if n not in chain]
+            if unknown:
+                raise ApiError(422, "unknown_filter",
+                               f"not in the server's filter chain: {', '.join(unknown)}",
+                               {"fields": [{"field": field_name,
+                                            "problem": f"{', '.join(unknown)} not in the chain "
+                                            f"({', '.join(chain) or 'empty'})"}]})
+        choices = {"disabled": sorted(set(body.disabled)), "enabled": sorted(set(body.enabled))}
+        before = await self._filters_out(domain)
+        await self.change(request, principal, "domain.filters", domain.name,
+                          set_domain_filters_txn, domain.id, choices,
+                          summary=lambda _: {"before": {"disabled": before.disabled,
+                                                        "enabled": before.enabled},
+                                             "after": choices})
+        if self.services.forget_domain_filters is not None:
+            self.services.forget_domain_filters(domain.name)
+        return await self._filters_out(domain)
+
     # -- users -------------------------------------------------------------------------------
 
     async def _listed_domain(self, principal: Principal, name: str | None) -> list[int] | None:
@@ -280,7 +333,8 @@ class DirectoryRoutes(APIBase):
             if name in changes:
                 raise invalid_field("unlimited", f"{name} is both set and lifted")
             changes[name] = None
-        if set(changes) - {"display_name"} and not principal.manages(user):
+        if (user.id != principal.user.id or set(changes) - {"display_name"}) and (
+                not principal.manages(user)):
             raise forbidden(f"you may not change this of {user.address}")
         if user.id == principal.user.id and (
                 changes.get("enabled") is False or changes.get("role", user.role) != user.role):

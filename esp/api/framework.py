@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from klein import Klein
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from twisted.web.iweb import IRequest
 
 from esp.storage.directory import Domain, User
@@ -54,16 +54,41 @@ def invalid_field(name: str, problem: str) -> ApiError:
                     {"fields": [{"field": name, "problem": problem}]})
 
 
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL: refuse it anywhere in a request."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("may not contain NUL characters")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_nul(key)
+            _no_nul(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _no_nul(item)
+    return value
+
+
 class Strict(BaseModel):
     """A request body: unknown fields and wrong JSON types are refused, never coerced."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_nul(cls, value: Any) -> Any:
+        return _no_nul(value)
 
 
 class Query(BaseModel):
     """Query parameters: strings from the URL, converted (``limit=10``), unknown ones refused."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_nul(cls, value: Any) -> Any:
+        return _no_nul(value)
 
 
 class Out(BaseModel):
@@ -126,7 +151,7 @@ class Principal:
             user.role != "superadmin" or self.role == "superadmin")
 
     def is_self_or_admin_of(self, user: User) -> bool:
-        return self.administers(user.domain_id) or (
+        return self.manages(user) or (
             user.id == self.user.id
             and (self.key_domain_id is None or self.key_domain_id == user.domain_id))
 

@@ -11,11 +11,12 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from esp.api.base import APIBase
+from esp.api.base import APIBase, field_address
 from esp.api.framework import (
     ApiError,
     Principal,
     endpoint,
+    forbidden,
     invalid_field,
     not_found,
     validate,
@@ -211,6 +212,8 @@ class MailRoutes(APIBase):
         user, box, _ = await self._message(principal, address, mailbox_id, uid)
         removed = await self._store.expunge(user.maildir, box.id, user.id, [uid],
                                             only_deleted=False)
+        await self.audit(request, principal, "message.delete",
+                         f"{user.address}/{box.name}/{uid}", {"uidvalidity": box.uidvalidity})
         self._announce_deleted(principal, user, box, removed, "api")
 
     @endpoint("POST", MESSAGE_PATH + "/move", summary="Move a message to another of the "
@@ -229,6 +232,8 @@ class MailRoutes(APIBase):
         except MailboxError as e:
             raise ApiError(409, "conflict", str(e)) from None
         await self._store.expunge(user.maildir, box.id, user.id, [uid], only_deleted=False)
+        await self.audit(request, principal, "message.move", f"{user.address}/{box.name}/{uid}",
+                         {"after": {"mailbox": target.name, "uid": moved[0][1]}})
         self._announce_deleted(principal, user, box, [uid], "move")
         new = await self.db.run("api_message", message_meta_txn, target.id, moved[0][1])
         if new is None:
@@ -258,7 +263,9 @@ class MailRoutes(APIBase):
             body, files = _multipart(request)
         draft = Draft(
             sender=_mailbox(body.from_), to=[_mailbox(r) for r in body.to],
-            cc=[_mailbox(r) for r in body.cc], reply_to=body.reply_to, subject=body.subject,
+            cc=[_mailbox(r) for r in body.cc],
+            reply_to=str(field_address("reply_to", body.reply_to)) if body.reply_to else None,
+            subject=body.subject,
             text=body.text, html=body.html, headers=body.headers,
             attachments=[*(_attachment(i, a) for i, a in enumerate(body.attachments)), *files],
         )
@@ -273,6 +280,11 @@ class MailRoutes(APIBase):
         if len(message) > self.services.max_message_size:
             raise ApiError(413, "too_large", f"the message is {len(message)} bytes; the limit "
                            f"is {self.services.max_message_size}")
+        if principal.key_domain_id is not None:
+            domain = await self.domain(principal, draft.sender.address.rpartition("@")[2],
+                                       admin=False, field="from")
+            if domain.id != principal.key_domain_id:
+                raise forbidden("this API key may not send for another domain")
         policy = self.services.sender
         session = Session(Listener.SUBMISSION, self.client_ip(request), "api", True,
                           user=principal.user.address, session_id=f"api-{uuid.uuid4().hex[:12]}")

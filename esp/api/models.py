@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from esp.api.framework import Out, Query, Strict
 from esp.auth import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
@@ -75,9 +75,22 @@ class KeyCreate(Strict):
     scopes: list[Scope] = Field(min_length=1, max_length=len(SCOPES))
     domain: str | None = Field(None, min_length=1, max_length=253,
                                description="restrict the key to this domain")
-    expires_at: datetime | None = Field(None, description="no use after this time")
+    expires_at: datetime | None = Field(None, description="no use after this time (with "
+                                        "its UTC offset)")
     user: Address | None = Field(None, description="make the key for this user "
                                  "(administrators only); the caller by default")
+
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("give the UTC offset (e.g. 2027-01-01T00:00:00Z)")
+        if value <= datetime.now(UTC) or value.year >= 9999:
+            raise ValueError("must be in the future (and before the year 9999)")
+        return value
 
 
 class KeyOut(Out):
@@ -140,6 +153,32 @@ class DnsRecord(Out):
 class DnsRecords(Out):
     domain: str
     records: list[DnsRecord]
+
+
+FilterName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_.-]+$")]
+
+
+class DomainFiltersBody(Strict):
+    disabled: list[FilterName] = Field([], max_length=50,
+                                       description="filters of the chain this domain skips")
+    enabled: list[FilterName] = Field([], max_length=50,
+                                      description="opt-in filters (those that send mail off "
+                                      "the machine, such as llm) this domain turns on")
+
+
+class FilterInfo(Out):
+    name: str
+    description: str
+    sends_mail_off_machine: bool
+    settings: dict[str, Any] = Field(description="the JSON schema of its settings")
+
+
+class DomainFiltersOut(Out):
+    domain: str
+    chain: list[str] = Field(description="the server's chain, in order")
+    disabled: list[str]
+    enabled: list[str]
+    installed: list[FilterInfo]
 
 
 class DkimCreate(Strict):

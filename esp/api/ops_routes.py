@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+from urllib.parse import urlsplit
+
 from twisted.internet.threads import deferToThreadPool
 from twisted.web.iweb import IRequest
 
@@ -24,6 +27,7 @@ from esp.api.models import (
     WebhookUpdate,
 )
 from esp.storage import queue
+from esp.storage.db import Cursor
 from esp.storage.directory import Domain
 from esp.storage.manage import (
     WebhookRow,
@@ -53,7 +57,28 @@ def webhook_out(row: WebhookRow) -> WebhookOut:
                       disabled_reason=row.disabled_reason, created_at=row.created_at)
 
 
+def internal_host(url: str) -> bool:
+    """Whether the URL names this machine or a private network by itself (a name that only
+    resolves to one is checked again when events are sent)."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost") or not host:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not address.is_global
+
+
 class OpsRoutes(APIBase):
+    @staticmethod
+    def _check_url(principal: Principal, url: str) -> None:
+        """Only a superadmin may point a webhook at this machine or a private network."""
+        if internal_host(url) and (principal.role != "superadmin"
+                                   or principal.key_domain_id is not None):
+            raise ApiError(422, "internal_url", "webhooks go to public addresses",
+                           {"fields": [{"field": "url", "problem": "not a public address"}]})
+
     # -- queue -------------------------------------------------------------------------------
 
     async def _sender_domains(self, principal: Principal) -> list[str] | None:
@@ -95,11 +120,14 @@ class OpsRoutes(APIBase):
     async def retry_queue_entry(self, request: IRequest, principal: Principal,
                                 queue_id: int) -> QueueEntryOut:
         entry = await self._entry(principal, queue_id)
-        changed = await self.change(request, principal, "queue.retry", str(queue_id),
-                                    queue.retry_txn, [queue_id])
-        if not changed:
-            raise ApiError(409, "not_waiting", f"queue entry {queue_id} is {entry.status}, "
-                           "not waiting")
+        not_waiting = ApiError(409, "not_waiting", f"queue entry {queue_id} is {entry.status}, "
+                               "not waiting")
+
+        def retry(cur: Cursor) -> None:
+            if not queue.retry_txn(cur, [queue_id]):
+                raise not_waiting  # rolls back: nothing changed, nothing to audit
+
+        await self.change(request, principal, "queue.retry", str(queue_id), retry)
         if self.services.wake_outbound is not None:
             self.services.wake_outbound()
         return queue_out(await self._entry(principal, queue_id))
@@ -110,11 +138,16 @@ class OpsRoutes(APIBase):
     async def delete_queue_entry(self, request: IRequest, principal: Principal,
                                  queue_id: int) -> None:
         entry = await self._entry(principal, queue_id)
-        deleted, spool = await self.change(request, principal, "queue.delete", str(queue_id),
-                                           queue.delete_txn, queue_id)
-        if not deleted:
-            raise ApiError(409, "not_waiting", f"queue entry {queue_id} is {entry.status}, "
-                           "not waiting")
+        not_waiting = ApiError(409, "not_waiting", f"queue entry {queue_id} is {entry.status}, "
+                               "not waiting")
+
+        def delete(cur: Cursor) -> str | None:
+            deleted, spool = queue.delete_txn(cur, queue_id)
+            if not deleted:
+                raise not_waiting
+            return spool
+
+        spool = await self.change(request, principal, "queue.delete", str(queue_id), delete)
         if spool is not None:
             path = self.services.spool_dir / "new" / spool
             await deferToThreadPool(self.services.reactor, self.services.disk_pool,
@@ -165,6 +198,7 @@ class OpsRoutes(APIBase):
               response=WebhookCreated, status=201, errors=(422,))
     async def create_webhook(self, request: IRequest, principal: Principal,
                              body: WebhookCreate) -> WebhookCreated:
+        self._check_url(principal, body.url)
         domain: Domain | None = None
         if body.domain is not None:
             domain = await self.domain(principal, field_domain("domain", body.domain),
@@ -187,10 +221,12 @@ class OpsRoutes(APIBase):
 
     @endpoint("PATCH", "/api/v1/webhooks/<int:webhook_id>", summary="Change a webhook "
               "(enabling it again clears its failures)", tag="webhooks",
-              scope="webhooks:write", body=WebhookUpdate, response=WebhookOut)
+              scope="webhooks:write", body=WebhookUpdate, response=WebhookOut, errors=(422,))
     async def update_webhook(self, request: IRequest, principal: Principal, webhook_id: int,
                              body: WebhookUpdate) -> WebhookOut:
         before = await self._webhook(principal, webhook_id)
+        if body.url is not None:
+            self._check_url(principal, body.url)
         changes = {k: v for k, v in body.model_dump(exclude_unset=True).items()
                    if v is not None}
         if "event_types" in changes:

@@ -101,12 +101,13 @@ def get_key_txn(cur: Cursor, key_id: int) -> ApiKey | None:
 def list_keys_txn(
     cur: Cursor, user_id: int | None, domain_id: int | None, limit: int, offset: int,
 ) -> tuple[list[ApiKey], int]:
-    """Keys of one user, or of every user of one domain, or all (both None); newest first."""
+    """Keys of one user (or all), only those restricted to ``domain_id`` unless it is None;
+    newest first."""
     cur.execute(
         f"""
         SELECT {_COLUMNS}, count(*) OVER () {_FROM}
         WHERE (%(user)s::bigint IS NULL OR k.user_id = %(user)s)
-          AND (%(domain)s::bigint IS NULL OR u.domain_id = %(domain)s)
+          AND (%(domain)s::bigint IS NULL OR k.domain_id = %(domain)s)
         ORDER BY k.id DESC LIMIT %(limit)s OFFSET %(offset)s
         """,
         {"user": user_id, "domain": domain_id, "limit": limit, "offset": offset},

@@ -80,6 +80,16 @@ def find_special_use_txn(cur: Cursor, user_id: int, special_use: str) -> Mailbox
     return Mailbox(*row) if row else None
 
 
+def find_mailbox_txn(cur: Cursor, user_id: int, name: str) -> Mailbox | None:
+    cur.execute(
+        "SELECT id, user_id, name, folder, special_use FROM mailboxes "
+        "WHERE user_id = %s AND name = %s",
+        (user_id, name),
+    )
+    row = cur.fetchone()
+    return Mailbox(*row) if row else None
+
+
 # Every message is recorded by this one statement (sql/002_store_messages.sql): quota, UID
 # allocation, counters, the row and the notification, for a whole batch of deliveries at once.
 STORE_MESSAGES = Prepared(

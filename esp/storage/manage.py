@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg2.extras
+
 from esp.storage.db import Cursor
 from esp.storage.directory import _USER_COLUMNS, Domain, NotFound, User, _user
 from esp.storage.mailboxes import flags_of
@@ -360,3 +362,20 @@ def message_meta_txn(cur: Cursor, mailbox_id: int, uid: int) -> MessageMeta | No
     cur.execute(f"{_MESSAGE} WHERE mailbox_id = %s AND uid = %s", (mailbox_id, uid))
     row = cur.fetchone()
     return _meta(row) if row else None
+
+
+# -- per-domain filter choices -----------------------------------------------------------------
+
+
+def domain_filters_txn(cur: Cursor, domains: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``domains.settings -> 'filters'`` of each named domain ({} when unset)."""
+    cur.execute("SELECT name, coalesce(settings -> 'filters', '{}'::jsonb) FROM domains "
+                "WHERE name = ANY(%s)", (list(domains),))
+    return {name: dict(value) if isinstance(value, dict) else {}
+            for name, value in cur.fetchall()}
+
+
+def set_domain_filters_txn(cur: Cursor, domain_id: int, filters: dict[str, Any]) -> None:
+    cur.execute("UPDATE domains SET settings = jsonb_set(settings, '{filters}', %s), "
+                "updated_at = now() WHERE id = %s",
+                (psycopg2.extras.Json(filters), domain_id))
