@@ -324,8 +324,10 @@ class FiltersConfig(Section):
     chain: tuple[str, ...] = ()
     # Each filter's settings by name (checked against the filter's own schema at start-up).
     settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    # Seconds a domain's filter choices (set over the API) are cached by each process.
+    # Seconds a domain's filter choices and a user's rules (both set over the API) are
+    # cached by each process.
     domain_cache_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    rules_cache_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
 
 class WebhooksConfig(Section):

@@ -10,6 +10,8 @@ Dependency failures become 4xx, never 5xx.
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +32,9 @@ from esp.envelope import Accepted, Envelope, Listener, Refusal, Session, tempora
 from esp.filters import JUNK, Decision, FilterContext, filter_headers
 from esp.filters.pipeline import FilterPipeline
 from esp.mailauth import MailAuthenticator, SPFResult, Verdict, remove_forged_results
-from esp.message import complete_submission
+from esp.message import complete_submission, split_header
+from esp.rules import Facts, Rule
+from esp.rules import apply as apply_rules
 from esp.signing import DKIMSigner, author_domain
 from esp.storage.db import Database, DatabaseUnavailable
 from esp.storage.directory import (
@@ -43,6 +47,7 @@ from esp.storage.directory import (
 from esp.storage.dkimkeys import DKIMKeyError
 from esp.storage.mailstore import find_mailbox_txn, find_special_use_txn
 from esp.storage.queue import is_suppressed_txn
+from esp.ttlcache import TTLCache
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,10 @@ class InboundPolicy:
         signer: DKIMSigner | None = None,
         hostname: str = "localhost",
         filters: FilterPipeline | None = None,
+        rules: TTLCache[int, list[Rule]] | None = None,
     ) -> None:
         self._filters = filters
+        self._rules = rules
         self._hostname = hostname
         self._db = db
         self._directory = directory
@@ -200,7 +207,14 @@ class InboundPolicy:
             message = filter_headers(decision.headers) + message
             folder = folder or decision.folder
             keywords = decision.keywords
-        local = [await self._recipient(user, folder, keywords) for user, _ in users.values()]
+        local, forwards = await self._apply_rules(
+            [u for u, _ in users.values()], message, envelope, decision, folder, keywords)
+        if forwards:
+            message = b"".join(f"X-ESP-Forwarded-By: {a}\r\n".encode() for a in forwards
+                               ) + message
+            for _, target in forwards.items():
+                for address in target:
+                    remote[address] = None
         sender_user_id = None
         if session.user is not None:
             sender = await self._directory.find_user(parse_address(session.user))
@@ -259,13 +273,45 @@ class InboundPolicy:
             raise Refusal(decision.code, decision.status, decision.text)
         return decision
 
-    async def _recipient(self, user: User, folder: str | None,
-                         keywords: tuple[str, ...]) -> LocalRecipient:
+    async def _apply_rules(
+        self, users: Sequence[User], message: bytes, envelope: Envelope,
+        decision: Decision | None, folder: str | None, keywords: tuple[str, ...],
+    ) -> tuple[list[LocalRecipient], dict[str, list[str]]]:
+        """Each user's rules: where their copy goes (or none), and whom it is forwarded to
+        (by the user's address; a user whose forward came back is not forwarded again)."""
+        try:
+            rules = await self._rules.get_many([u.id for u in users]) if self._rules else {}
+        except DatabaseUnavailable:
+            raise temporary_failure() from None
+        facts: Facts | None = None
+        local: list[LocalRecipient] = []
+        forwards: dict[str, list[str]] = {}
+        for user in users:
+            mine = rules.get(user.id) or []
+            if not mine:
+                local.append(await self._recipient(user, folder, keywords))
+                continue
+            if facts is None:
+                facts = _facts(message, envelope, decision, folder)
+            outcome = apply_rules(mine, facts)
+            if outcome.forward and f"X-ESP-Forwarded-By: {user.address}\r\n".encode() not in (
+                    split_header(message)[0]):
+                forwards[user.address] = outcome.forward
+            if outcome.discard:
+                continue
+            local.append(await self._recipient(
+                user, outcome.mailbox or folder,
+                (*keywords, *(k for k in outcome.keywords if k not in keywords)),
+                tuple(outcome.flags)))
+        return local, forwards
+
+    async def _recipient(self, user: User, folder: str | None, keywords: tuple[str, ...],
+                         flags: tuple[str, ...] = ()) -> LocalRecipient:
         """Where the message goes for ``user``: INBOX, or ``folder`` (a mailbox name, or
         \\Junk for the user's junk mailbox (RFC 6154), whatever it is called now); INBOX
         when the user has no such mailbox."""
         plain = LocalRecipient(user_id=user.id, address=user.address, maildir=user.maildir,
-                               keywords=keywords)
+                               keywords=keywords, flags=flags)
         if folder is None:
             return plain
         try:
@@ -278,7 +324,8 @@ class InboundPolicy:
         if box is None:
             return plain
         return LocalRecipient(user_id=user.id, address=user.address, maildir=user.maildir,
-                              folder=box.folder, mailbox=box.name, keywords=keywords)
+                              folder=box.folder, mailbox=box.name, keywords=keywords,
+                              flags=flags)
 
     async def _authenticate(self, envelope: Envelope, message: bytes) -> tuple[bytes, bool]:
         """Check DKIM and DMARC, apply the policy, add Authentication-Results; (message,
@@ -303,6 +350,17 @@ class InboundPolicy:
             raise Refusal(550, "5.7.23", f"SPF validation failed for {spf_result.domain}")
         quarantine = self._mailauth.enforce_dmarc and dmarc.disposition == "quarantine"
         return verdict.header + message, quarantine
+
+
+def _facts(message: bytes, envelope: Envelope, decision: Decision | None,
+           folder: str | None) -> Facts:
+    header = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(
+        split_header(message)[0])
+    category = None
+    for verdict in decision.verdicts if decision is not None else ():
+        if isinstance(verdict.details.get("category"), str):
+            category = verdict.details["category"]
+    return Facts(header, envelope.sender, len(message), category, folder == JUNK)
 
 
 def _parse(text: str, code: int, status: str, message: str) -> Address:

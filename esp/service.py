@@ -43,6 +43,7 @@ from esp.indexer import BodyIndexer
 from esp.listeners import ListenerService
 from esp.mailauth import MailAuthenticator
 from esp.outbound import OutboundService
+from esp.rules import Rule
 from esp.signing import DKIMSigner
 from esp.smtp.service import smtp_listeners
 from esp.storage.cluster import EmbeddedCluster
@@ -53,7 +54,9 @@ from esp.storage.mailboxes import MailboxStore
 from esp.storage.migrations import apply_migrations_txn, load_migrations
 from esp.storage.notify import MailboxNotifier
 from esp.storage.pgasync import AsyncDatabase
+from esp.storage.rules import rules_for_txn
 from esp.tls import CertificateStore
+from esp.ttlcache import TTLCache
 from esp.workers import WorkerPool, worker_count
 
 
@@ -457,8 +460,11 @@ def makeService(
     pipeline = FilterPipeline(
         build_stages(config.filters.chain, config.filters.settings, filter_services),
         events, reactor, domain_filters)
+    rules: TTLCache[int, list[Rule]] = TTLCache(
+        lambda user_ids: db.run("user_rules", rules_for_txn, user_ids), [], reactor,
+        config.filters.rules_cache_seconds)
     policy = InboundPolicy(db, directory, delivery, mailauth, signer, config.server.hostname,
-                           pipeline)
+                           pipeline, rules)
     root = ESPService(
         config,
         db=db,
@@ -516,7 +522,7 @@ def makeService(
             wake_outbound=wake_outbound, hostname=config.server.hostname,
             max_message_size=config.server.smtp.max_message_size,
             filter_chain=config.filters.chain, filter_factories=installed_filters(),
-            forget_domain_filters=domain_filters.forget,
+            forget_domain_filters=domain_filters.forget, forget_rules=rules.forget,
         ))
         listeners += api_listeners(
             api_config.listen, api, api_config.max_body, reactor, adopted,

@@ -49,6 +49,8 @@ class Server:
     process: subprocess.Popen[bytes]
     lines: list[str] = field(default_factory=list)
     _partial: bytes = b""
+    # The log reached its end (the process closed its output: it is exiting).
+    ended: bool = False
 
     def wait_for(self, text: str, timeout: float = 60, count: int = 1) -> str:
         """Read the log until ``count`` lines contain ``text`` (returns the last); fail if the
@@ -67,6 +69,7 @@ class Server:
         # Raw reads: a buffered readline() could hold lines select() cannot see.
         chunk = os.read(self.process.stdout.fileno(), 65536)
         if not chunk:
+            self.ended = True
             return False
         self._partial += chunk
         *complete, self._partial = self._partial.split(b"\n")

@@ -621,6 +621,38 @@ def test_hostile_strings_are_refused_with_400(esp: EspServer) -> None:
         assert response[0] == status and "error" in response[1], (path, body, response)
     assert audit_rows(esp) == before
 
+
+def test_users_manage_their_own_rules(esp: EspServer) -> None:
+    user = login(esp, "user@example.test", USER_PASSWORD)["access_token"]
+    admin = login(esp, "admin@example.test", ADMIN_PASSWORD)["access_token"]
+    path = "/api/v1/users/user@example.test/rules"
+    rule = {"name": "lists", "conditions": [
+        {"field": "list-id", "op": "contains", "value": "example.org"}],
+        "actions": [{"type": "fileinto", "mailbox": "Archive"}, {"type": "seen"}]}
+    status, made = call(esp, "POST", path, rule, user)
+    assert status == 201 and made["actions"] == rule["actions"], made
+    assert call(esp, "GET", path, token=user)[1]["items"][0]["id"] == made["id"]
+    status, changed = call(esp, "PUT", f"{path}/{made['id']}",
+                           {**rule, "enabled": False}, admin)  # their administrator may
+    assert status == 200 and changed["enabled"] is False
+    before = audit_rows(esp)
+    for body, field in (
+        ({**rule, "actions": [{"type": "fileinto"}]}, "actions.0"),
+        ({**rule, "actions": [{"type": "forward", "to": "not an address"}]}, "actions.0.to"),
+        ({**rule, "actions": [{"type": "fileinto", "mailbox": "../x"}]}, "actions.0.mailbox"),
+        ({**rule, "conditions": [{"field": "size", "op": "contains", "value": "x"}]},
+         "conditions.0"),
+        ({**rule, "actions": []}, "actions"),
+    ):
+        response = call(esp, "POST", path, body, user)
+        assert error_code(response) == (400, "validation_failed"), (body, response)
+        assert field in [f["field"] for f in response[1]["error"]["details"]["fields"]]
+    other = "/api/v1/users/admin@example.test/rules"
+    assert error_code(call(esp, "POST", other, rule, user)) == (403, "forbidden")
+    assert audit_rows(esp) == before
+    assert call(esp, "DELETE", f"{path}/{made['id']}", token=user)[0] == 204
+    assert call(esp, "GET", f"{path}/{made['id']}", token=user)[0] == 404
+
 # Last: after it, this client address may not log in for ten minutes.
 def test_failed_logins_are_limited_per_account(esp: EspServer) -> None:
     statuses = []

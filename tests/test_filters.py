@@ -24,6 +24,7 @@ from esp.auth import PasswordHasher
 from esp.events import Event
 from esp.storage import directory
 from esp.storage.db import run_sync
+from esp.storage.rules import save_rule_txn
 from tests.dnszone import DNSServer
 from tests.espserver import FAST_HASHING, EspServer, connection, events_of
 from tests.filterservices import EICAR, GTUBE, Service, start_clamd
@@ -285,3 +286,46 @@ async def test_the_llm_categoriser_sets_a_keyword_and_fails_open(
     text = json.dumps(first["body"]["messages"])
     assert "Big sale" in text and "Hello Alice" in text
     assert all("Not for the LLM" not in json.dumps(r["body"]) for r in llm.requests)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_users_rules_file_mark_discard_and_forward(
+    scratch: Path, database_dsn: str, test_dns: DNSServer,
+) -> None:
+    replies: list[int] = []
+
+    def client(ports: dict[str, int], _: ssl.SSLContext) -> None:
+        with connection(database_dsn) as conn:
+            user_id = run_sync(conn, lambda cur: cur.execute(
+                "SELECT id FROM users WHERE localpart = 'alice'") or cur.fetchone()[0])
+            for name, priority, conditions, actions in (
+                ("newsletters", 1,
+                 [{"field": "list-id", "op": "contains", "value": "News.Example"}],
+                 [{"type": "fileinto", "mailbox": "Archive"},
+                  {"type": "keyword", "keyword": "$Newsletter"}, {"type": "seen"}]),
+                ("drop", 2, [{"field": "subject", "op": "starts_with", "value": "drop me"}],
+                 [{"type": "discard"}, {"type": "stop"}]),
+                ("forward", 3, [{"field": "subject", "op": "contains", "value": "fwd"}],
+                 [{"type": "forward", "to": "carol@remote.test"}, {"type": "flag"}]),
+                ("never", 4, [{"field": "size", "op": "over", "value": 10_000_000}],
+                 [{"type": "discard"}]),
+            ):
+                run_sync(conn, save_rule_txn, user_id, None, name, priority, True, "all",
+                         conditions, actions)
+        replies.append(send(ports["smtp-mx-0"], message("Weekly digest").replace(
+            b"Subject:", b"List-Id: <weekly.news.example.org>\r\nSubject:"))[0])
+        replies.append(send(ports["smtp-mx-0"], message("drop me please"))[0])
+        replies.append(send(ports["smtp-mx-0"], message("please fwd this"))[0])
+
+    await events_of(scratch, database_dsn, test_dns.nameserver, [ALICE], client)
+    assert replies == [250, 250, 250]
+    with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT b.name, m.subject, m.keywords, m.seen, m.flagged FROM messages m "
+                    "JOIN mailboxes b ON b.id = m.mailbox_id ORDER BY m.id")
+        assert cur.fetchall() == [
+            ("Archive", "Weekly digest", ["$Newsletter"], True, False),
+            ("INBOX", "please fwd this", [], False, True),
+        ]
+        cur.execute("SELECT r.address, m.sender FROM queue_recipients r JOIN queue q "
+                    "ON q.id = r.queue_id JOIN outbound_messages m ON m.id = q.message_id")
+        assert cur.fetchall() == [("carol@remote.test", "bob@spf-pass.test")]

@@ -30,10 +30,11 @@ from esp.api.mail_routes import MailRoutes
 from esp.api.models import StatusOut
 from esp.api.openapi import document
 from esp.api.ops_routes import OpsRoutes
+from esp.api.rules_routes import RulesRoutes
 from esp.storage.db import DatabaseUnavailable
 
 
-class ManagementAPI(AuthRoutes, DirectoryRoutes, MailRoutes, OpsRoutes):
+class ManagementAPI(AuthRoutes, DirectoryRoutes, MailRoutes, RulesRoutes, OpsRoutes):
     app = ROUTES
 
     def __init__(self, services: APIServices) -> None:

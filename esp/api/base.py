@@ -55,6 +55,7 @@ class APIServices:
     filter_chain: tuple[str, ...] = ()
     filter_factories: Mapping[str, Any] = field(default_factory=dict)
     forget_domain_filters: Callable[[str], None] | None = None
+    forget_rules: Callable[[int], None] | None = None
     max_message_size: int = 50 * 1024 * 1024
 
 

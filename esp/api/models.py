@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from esp.api.framework import Out, Query, Strict
 from esp.auth import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
@@ -453,3 +453,74 @@ class WebhookCreated(WebhookOut):
 
 class WebhookPage(Page[WebhookOut]):
     pass
+
+
+# -- per-user rules ------------------------------------------------------------------------------
+
+Keyword = Annotated[str, Field(min_length=1, max_length=64,
+                               pattern=r'^[^\\\s(){%*"\]\x00-\x1f\x7f][^\s(){%*"\\\]\x00-\x1f\x7f]*$')]
+
+
+class ConditionIn(Strict):
+    field: Literal["from", "to", "cc", "subject", "sender", "list-id", "header", "size",
+                   "category", "spam"]
+    op: Literal["contains", "not_contains", "is", "starts_with", "ends_with", "over", "under"]
+    value: Annotated[str, Field(max_length=500)] | int | bool
+    name: str | None = Field(None, min_length=1, max_length=76,
+                             pattern=r"^[!-9;-~]+$", description="the header field, for "
+                             "field 'header'")
+
+    @model_validator(mode="after")
+    def _fits(self) -> ConditionIn:
+        if self.field == "size":
+            if self.op not in ("over", "under") or isinstance(self.value, bool) or not (
+                    isinstance(self.value, int)):
+                raise ValueError("size takes over/under and a number of bytes")
+        elif self.field == "spam":
+            if self.op != "is" or not isinstance(self.value, bool):
+                raise ValueError("spam takes 'is' and true or false")
+        elif self.op in ("over", "under") or not isinstance(self.value, str):
+            raise ValueError(f"{self.field} takes a text comparison and a string")
+        if (self.field == "header") != (self.name is not None):
+            raise ValueError("'name' is for field 'header', which needs it")
+        return self
+
+
+class ActionIn(Strict):
+    type: Literal["fileinto", "keyword", "seen", "flag", "discard", "forward", "stop"]
+    mailbox: str | None = Field(None, min_length=1, max_length=512)
+    keyword: Keyword | None = None
+    to: Address | None = None
+
+    @model_validator(mode="after")
+    def _fits(self) -> ActionIn:
+        needs = {"fileinto": "mailbox", "keyword": "keyword", "forward": "to"}
+        for kind, name in needs.items():
+            if (self.type == kind) != (getattr(self, name) is not None):
+                raise ValueError(f"'{name}' goes with (and only with) type {kind}")
+        return self
+
+
+class RuleIn(Strict):
+    name: str = Field(min_length=1, max_length=100)
+    priority: int = Field(0, ge=-1000, le=1000, description="lower runs first")
+    enabled: bool = True
+    match: Literal["all", "any"] = "all"
+    conditions: list[ConditionIn] = Field([], max_length=20,
+                                          description="none: every message matches")
+    actions: list[ActionIn] = Field(min_length=1, max_length=10)
+
+
+class RuleOut(Out):
+    id: int
+    name: str
+    priority: int
+    enabled: bool
+    match: str
+    conditions: list[dict[str, Any]]
+    actions: list[dict[str, Any]]
+    created_at: datetime
+
+
+class RuleList(Out):
+    items: list[RuleOut]

@@ -23,6 +23,8 @@ from twisted.plugin import IPlugin, getPlugins
 from esp.events import FILTER_MATCHED, Event, EventBus
 from esp.filters import Decision, FilterContext, FilterServices, FilterSettings, Verdict, merge
 from esp.interfaces import IMessageFilter, IMessageFilterFactory
+from esp.storage.manage import domain_filters_txn
+from esp.ttlcache import TTLCache
 
 
 class FilterConfigError(ValueError):
@@ -191,22 +193,17 @@ class DomainFilterCache:
 
     def __init__(self, db: Any, reactor: Any, ttl: float) -> None:
         self._db = db
-        self._reactor = reactor
-        self._ttl = ttl
-        self._cache: dict[str, tuple[float, DomainFilters]] = {}
+        self._cache: TTLCache[str, DomainFilters] = TTLCache(
+            self._load, DomainFilters(), reactor, ttl)
+
+    async def _load(self, domains: list[str]) -> dict[str, DomainFilters]:
+        found = await self._db.run("domain_filters", domain_filters_txn, domains)
+        return {domain: DomainFilters(frozenset(raw.get("disabled", ())),
+                                      frozenset(raw.get("enabled", ())))
+                for domain, raw in found.items()}
 
     async def __call__(self, domains: Sequence[str]) -> Mapping[str, DomainFilters]:
-        from esp.storage.manage import domain_filters_txn
-
-        now = self._reactor.seconds()
-        stale = [d for d in domains if d not in self._cache or self._cache[d][0] <= now]
-        if stale:
-            found = await self._db.run("domain_filters", domain_filters_txn, stale)
-            for domain in stale:
-                raw = found.get(domain, {})
-                self._cache[domain] = (now + self._ttl, DomainFilters(
-                    frozenset(raw.get("disabled", ())), frozenset(raw.get("enabled", ()))))
-        return {d: self._cache[d][1] for d in domains}
+        return await self._cache.get_many(domains)
 
     def forget(self, domain: str) -> None:
-        self._cache.pop(domain, None)
+        self._cache.forget(domain)

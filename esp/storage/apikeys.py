@@ -17,7 +17,7 @@ from datetime import datetime
 from esp.storage.db import Cursor
 
 # Scopes a key may hold.  "read" stands for every ":read" scope, "*" for all of them.
-RESOURCES = ("domains", "users", "aliases", "mailboxes", "messages", "queue", "dkim",
+RESOURCES = ("domains", "users", "aliases", "mailboxes", "messages", "rules", "queue", "dkim",
              "webhooks", "audit", "keys")
 SCOPES = (*(f"{r}:{a}" for r in RESOURCES for a in ("read", "write")),
           "messages:send", "read", "*")
