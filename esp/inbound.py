@@ -29,10 +29,10 @@ from esp.delivery import (
     MailboxFull,
 )
 from esp.envelope import Accepted, Envelope, Listener, Refusal, Session, temporary_failure
-from esp.filters import JUNK, Decision, FilterContext, filter_headers
+from esp.filters import FILTER_FIELDS, JUNK, Decision, FilterContext, filter_headers
 from esp.filters.pipeline import FilterPipeline
 from esp.mailauth import MailAuthenticator, SPFResult, Verdict, remove_forged_results
-from esp.message import complete_submission, split_header
+from esp.message import complete_submission, remove_fields, split_header
 from esp.rules import Facts, Rule
 from esp.rules import apply as apply_rules
 from esp.signing import DKIMSigner, author_domain
@@ -198,9 +198,26 @@ class InboundPolicy:
             message, quarantine = await self._authenticate(envelope, message)
         if session.user is not None:
             message = complete_submission(message, self._hostname)
-        decision = await self._filter(session, envelope, message, [u for u, _ in users.values()])
+        # Hosted domains the mail is for: of the users it reaches and of the addresses it
+        # was sent to (an alias of one domain may lead to a user of another).
+        domains = {u.address.rpartition("@")[2] for u, _ in users.values()} | {
+            item.address.rpartition("@")[2].lower() for item in accepted
+            if isinstance(item.resolution, Resolution) and item.resolution.users}
+        if self._filters and session.user is None:
+            # Our filters' own header fields, forged by the sender, must not survive a
+            # filter that passed the message without writing its own.
+            message = remove_fields(message, FILTER_FIELDS)
+        decision = await self._filter(session, envelope, message, sorted(domains))
         folder: str | None = JUNK if quarantine else None
         keywords: tuple[str, ...] = ()
+        if decision is not None and decision.action == "quarantine":
+            if session.user is not None:
+                # Spam or a virus from one of our users goes to nobody.
+                raise Refusal(554, "5.7.1", "Message refused by the content filter")
+            if remote:
+                self.log.info("not forwarding quarantined mail to {count} address(es)",
+                              count=len(remote))
+                remote.clear()
         if decision is not None and session.user is None:
             # Headers, keywords and folders are for mail that arrives; what a user submits
             # only gets the chain's refusals.
@@ -253,7 +270,7 @@ class InboundPolicy:
             raise temporary_failure() from None
 
     async def _filter(
-        self, session: Session, envelope: Envelope, message: bytes, users: Sequence[User],
+        self, session: Session, envelope: Envelope, message: bytes, domains: Sequence[str],
     ) -> Decision | None:
         """Run the filter chain; raise its refusal (before the 250: no bounce is made)."""
         if not self._filters:
@@ -262,7 +279,7 @@ class InboundPolicy:
             sender=envelope.sender, recipients=envelope.recipients, message=message,
             client_ip=session.client_ip, helo=session.helo, user=session.user,
             listener=session.listener.value, queue_id=session.session_id,
-            recipient_domains=tuple(sorted({u.address.rpartition("@")[2] for u in users})),
+            recipient_domains=tuple(domains),
         )
         try:
             decision = await self._filters.run(context)

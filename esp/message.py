@@ -67,6 +67,26 @@ def complete_submission(message: bytes, hostname: str, now: datetime | None = No
     return header + added + b"\r\n" + body
 
 
+def remove_fields(message: bytes, names: frozenset[str]) -> bytes:
+    """The message without the header fields named (lower-case ``names``), folded lines
+    included; the body untouched."""
+    header, body = split_header(message)
+    kept: list[bytes] = []
+    dropping = False
+    for line in header.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and line.strip():
+            if not dropping:
+                kept.append(line)
+            continue
+        name = line.split(b":", 1)[0].strip().lower().decode("latin-1")
+        dropping = b":" in line and name in names
+        if not dropping:
+            kept.append(line)
+    if len(kept) == len(header.splitlines(keepends=True)):
+        return message
+    return b"".join(kept) + body
+
+
 def header_fields(block: bytes) -> list[tuple[str, str]]:
     """The fields of a header block, unfolded: (lower-cased name, value), in order."""
     fields: list[tuple[str, str]] = []

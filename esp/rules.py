@@ -11,12 +11,14 @@ never cost more than a scan of the header.
 from __future__ import annotations
 
 import email.message
+import email.utils
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 FIELDS = ("from", "to", "cc", "subject", "sender", "list-id", "header", "size", "category",
           "spam")
+ADDRESS_FIELDS = frozenset({"from", "to", "cc", "sender"})
 STRING_OPS = ("contains", "not_contains", "is", "starts_with", "ends_with")
 NUMBER_OPS = ("over", "under")
 ACTIONS = ("fileinto", "keyword", "seen", "flag", "discard", "forward", "stop")
@@ -47,6 +49,18 @@ class Facts:
         return " ".join(str(v) for v in values)
 
 
+def _compare(op: str, text: str, target: str) -> bool:
+    if op == "contains":
+        return target in text
+    if op == "is":
+        return text.strip() == target
+    if op == "starts_with":
+        return text.startswith(target)
+    if op == "ends_with":
+        return text.rstrip().endswith(target)
+    return False
+
+
 def _matches(condition: Mapping[str, Any], facts: Facts) -> bool:
     value = facts.value(condition)
     op, wanted = condition["op"], condition.get("value")
@@ -57,17 +71,15 @@ def _matches(condition: Mapping[str, Any], facts: Facts) -> bool:
             return False
         return value > wanted if op == "over" else value < wanted if op == "under" else False
     text, target = (value or "").lower(), str(wanted or "").lower()
-    if op == "contains":
-        return target in text
+    # An address field is compared as written and address by address, so that "from ends
+    # with @example.org" holds for "Bob <bob@example.org>".
+    candidates = [text]
+    if condition["field"] in ADDRESS_FIELDS:
+        candidates += [address.lower() for _, address in email.utils.getaddresses([text])
+                       if address]
     if op == "not_contains":
-        return target not in text
-    if op == "is":
-        return text.strip() == target
-    if op == "starts_with":
-        return text.startswith(target)
-    if op == "ends_with":
-        return text.rstrip().endswith(target)
-    return False
+        return not any(target in c for c in candidates)
+    return any(_compare(op, c, target) for c in candidates)
 
 
 @dataclass(frozen=True)

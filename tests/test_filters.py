@@ -51,10 +51,15 @@ def send(port: int, data: bytes, source: str = "127.0.0.1") -> tuple[int, bytes]
 
 
 def stored(scratch: Path, dsn: str) -> list[email.message.EmailMessage]:
+    return stored_in(scratch, dsn, "INBOX")
+
+
+def stored_in(scratch: Path, dsn: str, mailbox: str) -> list[email.message.EmailMessage]:
     server = EspServer(None, dsn, scratch / "var", {})  # type: ignore[arg-type]
+    folder = "" if mailbox == "INBOX" else f".{mailbox}"
     found = []
-    for _uid, _size, name in server.messages(ALICE):
-        parsed = email.message_from_bytes(server.message_file(ALICE, name),
+    for _uid, _size, name in server.messages(ALICE, mailbox):
+        parsed = email.message_from_bytes(server.message_file(ALICE, name, folder),
                                           policy=email.policy.default)
         assert isinstance(parsed, EmailMessage)
         found.append(parsed)
@@ -85,7 +90,7 @@ async def test_rspamd_rejects_gtube_in_the_session_and_passes_a_normal_message(
         top=filters("rspamd", f"    rspamd: {{url: 'http://127.0.0.1:{rspamd.port}'}}\n"))
     (ok, _), (refused, text) = replies
     assert ok == 250
-    assert refused == 554 and b"5.7.1 Spam message rejected" in text
+    assert refused == 554 and b"5.7.1 Gtube pattern" in text  # Rspamd's own words
     (kept,) = stored(scratch, database_dsn)  # the GTUBE message was never stored
     assert kept["Subject"] == "lunch"
     assert kept["X-Spamd-Result"].startswith("default: False [")
@@ -329,3 +334,37 @@ async def test_a_users_rules_file_mark_discard_and_forward(
         cur.execute("SELECT r.address, m.sender FROM queue_recipients r JOIN queue q "
                     "ON q.id = r.queue_id JOIN outbound_messages m ON m.id = q.message_id")
         assert cur.fetchall() == [("carol@remote.test", "bob@spf-pass.test")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_quarantined_mail_goes_to_junk_and_is_never_sent_on(
+    scratch: Path, database_dsn: str, test_dns: DNSServer, clamd: Service,
+) -> None:
+    replies: list[int] = []
+
+    def client(ports: dict[str, int], context: ssl.SSLContext) -> None:
+        # A forged scan result from the sender does not survive.
+        replies.append(send(ports["smtp-mx-0"], b"X-Virus-Scanned: clean, trust me\r\n"
+                            + eicar_mail())[0])
+        with smtplib.SMTP_SSL("127.0.0.1", ports["smtp-submissions-0"], context=context,
+                              timeout=30) as smtp:
+            smtp.login(ALICE, "a long password")
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                smtp.sendmail(ALICE, ["carol@remote.test"], eicar_mail())
+            replies.append(refused.value.smtp_code)
+
+    events = await events_of(
+        scratch, database_dsn, test_dns.nameserver, [ALICE], client,
+        top=filters("clamav", f"    clamav: {{address: 'tcp:host=127.0.0.1:port={clamd.port}',"
+                    " on_virus: quarantine}\n"))
+    assert replies == [250, 554]
+    assert [(box, subject) for box, subject, _ in keywords(database_dsn, ALICE)] == [
+        ("Junk", "invoice")]
+    (kept,) = stored_in(scratch, database_dsn, "Junk")
+    assert kept.get_all("X-Virus-Scanned") is None
+    assert kept["X-Virus"].startswith("Test.EICAR.NDB")
+    with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM queue")
+        assert cur.fetchone() == (0,)
+    assert [v["recipients"] for v in of_type(events, "virus.detected")] == [
+        [ALICE], ["carol@remote.test"]]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,7 +26,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Action = Literal["accept", "tag", "quarantine", "reject", "defer"]
+ACTIONS = ("accept", "tag", "quarantine", "reject", "defer")
 JUNK = "\\Junk"  # RFC 6154: a quarantine folder given by special use, not by name
+# Header fields the built-in filters write: removed from arriving mail before the chain runs,
+# so that a sender cannot forge them.
+FILTER_FIELDS = frozenset({"x-spam", "x-spam-score", "x-spamd-result", "x-spam-status",
+                           "x-virus", "x-virus-scanned"})
+_FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 §3.6.8 ftext
 
 
 class FilterSettings(BaseModel):
@@ -153,14 +160,15 @@ class FilterServices:
 
 
 def _fold(name: str, value: str) -> str:
-    """One header field, folded at spaces to lines of at most 78 characters (RFC 5322 §2.2.3),
-    control characters replaced."""
-    clean = "".join(c if c >= " " and c != "\x7f" else " " for c in value)
+    """One header field, folded at spaces to lines of at most 78 characters where it can be
+    (RFC 5322 §2.2.3) and never past 998; anything but printable ASCII becomes '?'."""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in value[:8000])
+    words = []
+    for word in clean.split(" "):
+        words += [word[i:i + 900] for i in range(0, len(word), 900)] if word else []
     lines: list[str] = []
     line = f"{name}:"
-    for word in clean.split(" "):
-        if not word:
-            continue
+    for word in words:
         if len(line) + 1 + len(word) > 78 and line.strip():
             lines.append(line)
             line = "\t" + word
@@ -171,5 +179,35 @@ def _fold(name: str, value: str) -> str:
 
 
 def filter_headers(headers: Sequence[tuple[str, str]]) -> bytes:
-    """Header fields to put at the top of the message, as filters added them."""
-    return "".join(_fold(name, value) for name, value in headers).encode("utf-8")
+    """Header fields to put at the top of the message, as filters added them (a field with a
+    name that is not one is left out)."""
+    return "".join(_fold(name, value) for name, value in headers
+                   if _FIELD_NAME.match(name)).encode("ascii")
+
+
+def check_verdict(verdict: object) -> Verdict:
+    """``verdict`` when it is a well-formed Verdict; ValueError otherwise (a reject must be
+    5xx, a defer 4xx: a filter cannot make ESP answer 250 and drop the message, or turn a
+    temporary failure into a permanent one)."""
+    if not isinstance(verdict, Verdict):
+        raise ValueError(f"check() gave {type(verdict).__name__}, not a Verdict")
+    if verdict.action not in ACTIONS:
+        raise ValueError(f"unknown verdict action {verdict.action!r}")
+    if verdict.action in ("reject", "defer"):
+        first = "5" if verdict.action == "reject" else "4"
+        if (verdict.code is None or not str(verdict.code).startswith(first)
+                or not 400 <= verdict.code < 600 or not (verdict.status or "").startswith(
+                    first + ".")):
+            raise ValueError(f"a {verdict.action} needs a {first}xx code and a {first}.x.x "
+                             f"status, not {verdict.code} {verdict.status}")
+    return verdict
+
+
+def by_domain(context: FilterContext) -> list[tuple[str | None, list[str]]]:
+    """The recipients grouped by hosted domain, for events (each domain's subscribers see
+    only their own recipients); (None, all) when the mail is for no hosted domain."""
+    groups = [(domain, [r for r in context.recipients
+                        if r.rpartition("@")[2].lower() == domain])
+              for domain in context.recipient_domains]
+    groups = [(d, rs) for d, rs in groups if rs]
+    return list(groups) if groups else [(None, list(context.recipients))]

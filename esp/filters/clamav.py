@@ -9,17 +9,18 @@ publishes ``virus.detected``; a clean message gets ``X-Virus-Scanned``.
 from __future__ import annotations
 
 import struct
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import Field
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esp.events import VIRUS_DETECTED, Event
-from esp.filters import FilterContext, FilterServices, FilterSettings, Verdict
+from esp.filters import FilterContext, FilterServices, FilterSettings, Verdict, by_domain
 from esp.interfaces import IMessageFilter
 
 CHUNK = 64 * 1024
@@ -101,8 +102,10 @@ class ClamAVFilter:
             await connected
             reply = await protocol.done
         finally:
-            if protocol.transport is not None:
-                protocol.transport.loseConnection()
+            # Abort, not close: after a timeout clamd may have stopped reading, and a close
+            # would wait to flush the rest of the message to it.
+            if protocol.transport is not None and not protocol.done.called:
+                cast(ITCPTransport, protocol.transport).abortConnection()
         signature = parse_reply(reply)
         if signature is None:
             return Verdict(headers=(("X-Virus-Scanned", f"ClamAV on {self._services.hostname}"),))
@@ -116,10 +119,11 @@ class ClamAVFilter:
     def _announce(self, context: FilterContext, signature: str) -> None:
         if self._services.events is None:
             return
-        self._services.events.publish(Event(
-            VIRUS_DETECTED,
-            {"filter": self.name, "signature": signature, "sender": context.sender,
-             "recipients": list(context.recipients), "client_ip": context.client_ip,
-             "outcome": self._settings.on_virus},
-            domain=context.recipient_domains[0] if context.recipient_domains else None,
-        ))
+        for domain, recipients in by_domain(context):
+            self._services.events.publish(Event(
+                VIRUS_DETECTED,
+                {"filter": self.name, "signature": signature, "sender": context.sender,
+                 "recipients": recipients, "client_ip": context.client_ip,
+                 "outcome": self._settings.on_virus},
+                domain=domain,
+            ))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import treq
 from pydantic import Field
@@ -39,9 +39,11 @@ class LLMSettings(FilterSettings):
     model: str = Field("gpt-4o-mini", min_length=1)
     api_key_file: Path | None = Field(None, description="a file holding the API key")
     api_key: str | None = Field(None, description="the API key (api_key_file is better)")
-    categories: tuple[str, ...] = Field(CATEGORIES, min_length=2)
+    categories: tuple[Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,40}$")], ...] = Field(
+        CATEGORIES, min_length=2)
     max_text: int = Field(8192, ge=256, le=200_000, description="bytes of text sent at most")
-    keyword_prefix: str = Field("$Category/", pattern=r"^[!#-'+-~]*$")
+    # IMAP atom characters (RFC 3501 §9): no ( ) { space % * " \\ ] or controls.
+    keyword_prefix: str = Field("$Category/", pattern=r"^[!#$&'+-/0-9:-Z\[^-z|}~]{1,40}$")
     folders: dict[str, str] = Field(default_factory=dict, description="category → mailbox "
                                     "to file into (the keyword is set either way)")
     spam_to_junk: bool = Field(True, description="the spam category goes to the Junk mailbox")

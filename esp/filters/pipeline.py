@@ -21,7 +21,16 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin, getPlugins
 
 from esp.events import FILTER_MATCHED, Event, EventBus
-from esp.filters import Decision, FilterContext, FilterServices, FilterSettings, Verdict, merge
+from esp.filters import (
+    Decision,
+    FilterContext,
+    FilterServices,
+    FilterSettings,
+    Verdict,
+    by_domain,
+    check_verdict,
+    merge,
+)
 from esp.interfaces import IMessageFilter, IMessageFilterFactory
 from esp.storage.manage import domain_filters_txn
 from esp.ttlcache import TTLCache
@@ -29,6 +38,10 @@ from esp.ttlcache import TTLCache
 
 class FilterConfigError(ValueError):
     """The chain names a filter that is not installed, or its settings are invalid."""
+
+
+# The longest the whole chain may take (the sum of the filters' timeouts).
+MAX_CHAIN_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,12 @@ def installed_filters() -> dict[str, Any]:
     for factory in getPlugins(IMessageFilterFactory, twisted.plugins):
         if not IPlugin.providedBy(factory):
             continue
-        found.setdefault(str(factory.name), factory)
+        name = str(factory.name)
+        if name in found and found[name] is not factory:
+            # Which one would win depends on the order of discovery: refuse both.
+            raise FilterConfigError(f"two installed filters are named {name!r} "
+                                    f"({found[name]!r} and {factory!r}); uninstall one")
+        found[name] = factory
     return found
 
 
@@ -91,8 +109,16 @@ def resolve_chain(
     extra = [name for name in settings if name not in chain]
     if extra:
         raise FilterConfigError(f"filters.settings has {', '.join(extra)}, not in the chain")
-    return [(name, factories[name], validate_settings(factories[name], settings.get(name, {})))
-            for name in chain]
+    resolved = [(name, factories[name], validate_settings(factories[name],
+                                                          settings.get(name, {})))
+                for name in chain]
+    total = sum(validated.timeout for _, _, validated in resolved)
+    if total > MAX_CHAIN_SECONDS:
+        raise FilterConfigError(
+            f"the filters' timeouts add up to {total:g} seconds; keep them under "
+            f"{MAX_CHAIN_SECONDS} (a client waits 10 minutes for the answer to DATA, RFC 5321 "
+            "§4.5.3.2.6, and retries after: the message would arrive twice)")
+    return resolved
 
 
 def build_stages(
@@ -101,7 +127,10 @@ def build_stages(
 ) -> list[Stage]:
     stages = []
     for name, factory, validated in resolve_chain(chain, settings, factories):
-        built = factory.build(validated, services)
+        try:
+            built = factory.build(validated, services)
+        except Exception as e:
+            raise FilterConfigError(f"filter {name} could not be set up: {e}") from e
         if not IMessageFilter.providedBy(built):
             raise FilterConfigError(f"filter {name}: build() did not give an IMessageFilter")
         stages.append(Stage(name, built, validated,
@@ -114,8 +143,8 @@ class FilterPipeline:
 
     def __init__(
         self, stages: Sequence[Stage], events: EventBus, reactor: Any,
-        domain_filters: Callable[[Sequence[str]], Awaitable[Mapping[str, DomainFilters]]]
-        | None = None,
+        domain_filters: Callable[[Sequence[str], bool],
+                                 Awaitable[Mapping[str, DomainFilters]]] | None = None,
     ) -> None:
         self.stages = list(stages)
         self._events = events
@@ -130,7 +159,10 @@ class FilterPipeline:
         domains = sorted(set(context.recipient_domains))
         choices: Mapping[str, DomainFilters] = {}
         if domains and self._domain_filters is not None:
-            choices = await self._domain_filters(domains)
+            # A domain that turned an off-machine filter off must be obeyed at once, on
+            # every node: read its choices afresh when such a filter is in the chain.
+            fresh = any(stage.off_machine for stage in self.stages)
+            choices = await self._domain_filters(domains, fresh)
         chosen = []
         for stage in self.stages:
             mine = [choices.get(d, DomainFilters()) for d in domains]
@@ -163,9 +195,7 @@ class FilterPipeline:
             if isinstance(result, Deferred):
                 result.addTimeout(stage.settings.timeout, self._reactor)
                 result = await result
-            if not isinstance(result, Verdict):
-                raise TypeError(f"check() gave {type(result).__name__}, not a Verdict")
-            return result
+            return check_verdict(result)
         except Exception as e:
             self.failures[stage.name] = self.failures.get(stage.name, 0) + 1
             self.log.warn(
@@ -178,14 +208,15 @@ class FilterPipeline:
             return None
 
     def _announce(self, context: FilterContext, verdict: Verdict) -> None:
-        self._events.publish(Event(
-            FILTER_MATCHED,
-            {"filter": verdict.filter, "action": verdict.action, "score": verdict.score,
-             "text": verdict.text, "details": dict(verdict.details),
-             "sender": context.sender, "recipients": list(context.recipients),
-             "client_ip": context.client_ip, "queue_id": context.queue_id},
-            domain=context.recipient_domains[0] if context.recipient_domains else None,
-        ))
+        for domain, recipients in by_domain(context):
+            self._events.publish(Event(
+                FILTER_MATCHED,
+                {"filter": verdict.filter, "action": verdict.action, "score": verdict.score,
+                 "text": verdict.text, "details": dict(verdict.details),
+                 "sender": context.sender, "recipients": recipients,
+                 "client_ip": context.client_ip, "queue_id": context.queue_id},
+                domain=domain,
+            ))
 
 
 class DomainFilterCache:
@@ -202,7 +233,11 @@ class DomainFilterCache:
                                       frozenset(raw.get("enabled", ())))
                 for domain, raw in found.items()}
 
-    async def __call__(self, domains: Sequence[str]) -> Mapping[str, DomainFilters]:
+    async def __call__(self, domains: Sequence[str],
+                       fresh: bool = False) -> Mapping[str, DomainFilters]:
+        if fresh:
+            for domain in domains:
+                self._cache.forget(domain)
         return await self._cache.get_many(domains)
 
     def forget(self, domain: str) -> None:

@@ -15,6 +15,8 @@ import random
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from esp.filters import FilterContext, FilterServices, FilterSettings, Verdict
@@ -53,6 +55,7 @@ def client_key(ip: str) -> str:
 @implementer(IMessageFilter)
 class RateLimitFilter:
     name = "ratelimit"
+    log = Logger()
 
     def __init__(self, settings: RateLimitSettings, services: FilterServices) -> None:
         self._settings = settings
@@ -76,8 +79,10 @@ class RateLimitFilter:
         if self._settings.shared:
             refusal = await self._services.db.run("take_rate_tokens", take_txn, buckets)
             if random.random() < 0.001:  # noqa: S311 (housekeeping, not security)
-                await self._services.db.run("forget_rate_buckets", forget_idle_txn,
-                                            max(86400.0, self._longest()))
+                # Off the message's path: nobody waits for it, and a failure only logs.
+                Deferred.fromCoroutine(self._services.db.run(
+                    "forget_rate_buckets", forget_idle_txn, max(86400.0, self._longest()),
+                )).addErrback(lambda f: self.log.failure("rate bucket clean-up", f))
         else:
             refusal = self._take_locally(buckets)
         if refusal is None:

@@ -18,7 +18,14 @@ from pydantic import Field
 from zope.interface import implementer
 
 from esp.events import SPAM_DETECTED, Event
-from esp.filters import Action, FilterContext, FilterServices, FilterSettings, Verdict
+from esp.filters import (
+    Action,
+    FilterContext,
+    FilterServices,
+    FilterSettings,
+    Verdict,
+    by_domain,
+)
 from esp.interfaces import IMessageFilter
 
 
@@ -96,11 +103,20 @@ class RspamdFilter:
         headers = [("X-Spamd-Result", result_header(answer)),
                    ("X-Spam-Score", f"{score:.2f}")]
         details = {"action": action, "score": score, "symbols": sorted(symbols)}
+        # Rspamd may say what to answer (messages.smtp_message); printable ASCII only.
+        said = str((answer.get("messages") or {}).get("smtp_message") or "")
+        said = "".join(c for c in said if " " <= c <= "~")[:200]
         if action == "reject":
             self._announce(context, score, symbols, "reject")
-            return Verdict.reject("Spam message rejected", score=score, details=details)
+            return Verdict.reject(said or "Spam message rejected", score=score,
+                                  details=details)
         if action in ("soft reject", "greylist"):
-            return Verdict.defer("Try again later", status="4.7.1", details=details)
+            return Verdict.defer(said or "Try again later", status="4.7.1", details=details)
+        if action in ("discard", "quarantine"):
+            # Rspamd's own quarantine, and its discard (never dropped here: quarantined).
+            self._announce(context, score, symbols, "quarantine")
+            return Verdict("quarantine", headers=(*headers, ("X-Spam", "Yes")), score=score,
+                           keywords=("$Junk",), details=details)
         if action in ("add header", "rewrite subject"):
             self._announce(context, score, symbols, self._settings.on_spam)
             headers.append(("X-Spam", "Yes"))
@@ -113,10 +129,11 @@ class RspamdFilter:
                   outcome: str) -> None:
         if self._services.events is None:
             return
-        self._services.events.publish(Event(
-            SPAM_DETECTED,
-            {"filter": self.name, "score": score, "symbols": sorted(symbols),
-             "outcome": outcome, "sender": context.sender,
-             "recipients": list(context.recipients), "client_ip": context.client_ip},
-            domain=context.recipient_domains[0] if context.recipient_domains else None,
-        ))
+        for domain, recipients in by_domain(context):
+            self._services.events.publish(Event(
+                SPAM_DETECTED,
+                {"filter": self.name, "score": score, "symbols": sorted(symbols),
+                 "outcome": outcome, "sender": context.sender, "recipients": recipients,
+                 "client_ip": context.client_ip},
+                domain=domain,
+            ))

@@ -29,34 +29,42 @@ def refill(tokens: float, elapsed: float, bucket: Bucket) -> float:
 
 
 def take_txn(cur: Cursor, buckets: Sequence[Bucket]) -> Refusal | None:
-    """Take one token from each bucket, or from none: the first bucket that is empty."""
-    # Locked in the database's order of the keys (ORDER BY key), whatever Python's is.
-    ordered = list({b.key: b for b in buckets}.values())
+    """Take one token from each bucket, or from none: the first bucket that is empty.
+
+    One statement finds or makes every row and locks it, in the order of the keys as Python
+    sorts them (the same on every node, so two messages never wait on each other in a
+    circle); a row another transaction deletes meanwhile is made again, never missed."""
+    ordered = sorted({b.key: b for b in buckets}.values(), key=lambda b: b.key)
     if not ordered:
         return None
-    for bucket in ordered:
-        cur.execute("INSERT INTO rate_buckets (key, tokens) VALUES (%s, %s) "
-                    "ON CONFLICT (key) DO NOTHING", (bucket.key, bucket.capacity))
+    rows = ", ".join(["(%s, %s::double precision)"] * len(ordered))
     cur.execute(
-        "SELECT key, tokens, extract(epoch FROM clock_timestamp() - updated_at) "
-        "FROM rate_buckets WHERE key = ANY(%s) ORDER BY key FOR UPDATE",
-        ([b.key for b in ordered],),
+        f"INSERT INTO rate_buckets (key, tokens) VALUES {rows} "
+        "ON CONFLICT (key) DO UPDATE SET key = excluded.key "
+        "RETURNING key, tokens, extract(epoch FROM clock_timestamp() - updated_at)",
+        [value for b in ordered for value in (b.key, b.capacity)],
     )
-    rows = {key: (tokens, float(elapsed)) for key, tokens, elapsed in cur.fetchall()}
-    state = {b.key: refill(*rows[b.key], b) for b in ordered}
+    found = {key: (tokens, float(elapsed)) for key, tokens, elapsed in cur.fetchall()}
+    state = {b.key: refill(*found[b.key], b) for b in ordered}
     empty = [b for b in ordered if state[b.key] < 1.0]
     take = 0.0 if empty else 1.0
-    for bucket in ordered:
-        cur.execute("UPDATE rate_buckets SET tokens = %s, updated_at = clock_timestamp() "
-                    "WHERE key = %s", (state[bucket.key] - take, bucket.key))
+    cur.execute(
+        "UPDATE rate_buckets AS r SET tokens = v.tokens, updated_at = clock_timestamp() "
+        "FROM (SELECT unnest(%s::text[]) AS key, unnest(%s::double precision[]) AS tokens) v "
+        "WHERE r.key = v.key",
+        ([b.key for b in ordered], [state[b.key] - take for b in ordered]),
+    )
     if empty:
         first = empty[0]
         return Refusal(first.key, (1.0 - state[first.key]) / first.rate)
     return None
 
 
-def forget_idle_txn(cur: Cursor, older_than_seconds: float) -> int:
-    """Drop buckets untouched for so long that they are full again anyway."""
-    cur.execute("DELETE FROM rate_buckets WHERE updated_at < now() - %s * interval '1 second'",
-                (older_than_seconds,))
+def forget_idle_txn(cur: Cursor, older_than_seconds: float, limit: int = 1000) -> int:
+    """Drop buckets untouched for so long that they are full again anyway (rows a message
+    holds right now are skipped, not waited for)."""
+    cur.execute(
+        "DELETE FROM rate_buckets WHERE key IN (SELECT key FROM rate_buckets "
+        "WHERE updated_at < now() - %s * interval '1 second' LIMIT %s FOR UPDATE SKIP LOCKED)",
+        (older_than_seconds, limit))
     return int(cur.rowcount)
