@@ -31,32 +31,19 @@ def refill(tokens: float, elapsed: float, bucket: Bucket) -> float:
 def take_txn(cur: Cursor, buckets: Sequence[Bucket]) -> Refusal | None:
     """Take one token from each bucket, or from none: the first bucket that is empty.
 
-    One statement finds or makes every row and locks it, in the order of the keys as Python
-    sorts them (the same on every node, so two messages never wait on each other in a
-    circle); a row another transaction deletes meanwhile is made again, never missed."""
+    One call of ``esp_take_tokens`` (sql/011) finds or makes every row and locks it, in the
+    order of the keys as Python sorts them (the same on every node, so two messages never
+    wait on each other in a circle); a row deleted meanwhile is made again, never missed."""
     ordered = sorted({b.key: b for b in buckets}.values(), key=lambda b: b.key)
     if not ordered:
         return None
-    rows = ", ".join(["(%s, %s::double precision)"] * len(ordered))
-    cur.execute(
-        f"INSERT INTO rate_buckets (key, tokens) VALUES {rows} "
-        "ON CONFLICT (key) DO UPDATE SET key = excluded.key "
-        "RETURNING key, tokens, extract(epoch FROM clock_timestamp() - updated_at)",
-        [value for b in ordered for value in (b.key, b.capacity)],
-    )
-    found = {key: (tokens, float(elapsed)) for key, tokens, elapsed in cur.fetchall()}
-    state = {b.key: refill(*found[b.key], b) for b in ordered}
-    empty = [b for b in ordered if state[b.key] < 1.0]
-    take = 0.0 if empty else 1.0
-    cur.execute(
-        "UPDATE rate_buckets AS r SET tokens = v.tokens, updated_at = clock_timestamp() "
-        "FROM (SELECT unnest(%s::text[]) AS key, unnest(%s::double precision[]) AS tokens) v "
-        "WHERE r.key = v.key",
-        ([b.key for b in ordered], [state[b.key] - take for b in ordered]),
-    )
-    if empty:
-        first = empty[0]
-        return Refusal(first.key, (1.0 - state[first.key]) / first.rate)
+    cur.execute("SELECT key, tokens FROM esp_take_tokens(%s, %s, %s)",
+                ([b.key for b in ordered], [float(b.capacity) for b in ordered],
+                 [b.rate for b in ordered]))
+    state = dict(cur.fetchall())
+    for bucket in ordered:
+        if state[bucket.key] < 1.0:
+            return Refusal(bucket.key, (1.0 - state[bucket.key]) / bucket.rate)
     return None
 
 
