@@ -7,6 +7,7 @@ value and what is allowed, so start-up stops with something an operator can act 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
 )
 from twisted.internet import endpoints
 
@@ -331,7 +333,27 @@ class FiltersConfig(Section):
 
 
 class WebhooksConfig(Section):
+    # Deliver events to the configured webhooks from this process.
     enabled: bool = True
+    # Networks webhooks may reach besides public addresses (e.g. 10.0.0.0/8 for an internal
+    # receiver); loopback, private, link-local and metadata addresses are refused otherwise.
+    allow_networks: tuple[str, ...] = ()
+    # Seconds to wait for a receiver's answer.
+    timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
+    # Deliveries in a row that gave up before the webhook is disabled.
+    disable_after: Annotated[int, Field(ge=1)] = 10
+    # Deliveries attempted at once by each process.
+    concurrency: Annotated[int, Field(ge=1, le=1000)] = 16
+    # Seconds before each retry of a failed delivery (then it gives up): about a day.
+    retry_schedule: tuple[Annotated[float, Field(gt=0)], ...] = (
+        5, 300, 1800, 7200, 18000, 36000, 36000)
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for text in value:
+            ipaddress.ip_network(text, strict=False)  # ValueError names the bad one
+        return value
 
 
 class EventsConfig(Section):

@@ -16,8 +16,8 @@ quota) fails alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from esp.storage.mailstore import (
     add_messages_txn,
     record_fields,
 )
+from esp.storage.outbox import event_record
 from esp.storage.queue import enqueue_txn
 from esp.storage.recorder import Outcome
 
@@ -108,6 +109,10 @@ class LocalDelivery:
         )
         # Called after something was queued for remote recipients (wakes the delivery workers).
         self.on_queued: Callable[[], None] | None = None
+        # Which events (type, domain) leave the process (a webhook wants them): those are
+        # written to the outbox in the transaction that stores the message.
+        self.outbox_filter: Callable[[], Awaitable[Callable[[str, str | None], bool]]] | None
+        self.outbox_filter = None
 
     def prepare(self) -> None:
         """Create the spool and start the Maildir writer; blocking, at start-up."""
@@ -132,18 +137,32 @@ class LocalDelivery:
         """Store ``message`` for every local recipient and queue it for the remote ones."""
         summary = summarize(message)
         received = internal_date or datetime.now(UTC)
+        events = [
+            Event(MESSAGE_RECEIVED,
+                  {"user": recipient.address, "mailbox": recipient.mailbox, "sender": sender,
+                   "message_id": summary.message_id, **(event_payload or {})},
+                  domain=recipient.address.rpartition("@")[2])
+            for recipient in local
+        ]
+        outboxed: list[dict[str, Any] | None] = [None] * len(events)
+        if self.outbox_filter is not None and events:
+            try:
+                wants = await self.outbox_filter()
+            except DatabaseUnavailable as e:
+                raise DeliveryFailed(str(e)) from e
+            outboxed = [event_record(e) if wants(e.type, e.domain) else None for e in events]
         try:
             queued: list[int] = []
             if not remote:
                 stored = await self._deliver_local(
-                    message, summary, received, sender, local, enforce_quota
+                    message, summary, received, sender, local, enforce_quota, outboxed
                 )
             else:
                 # Files and rows in one trip to a pool thread: the transaction starts with its
                 # first statement, after the files are durable.
                 stored, queued = await self._db.run(
                     "deliver_message", self._deliver_txn, message, summary, received, sender,
-                    local, remote, sender_user_id, enforce_quota,
+                    local, remote, sender_user_id, enforce_quota, outboxed,
                 )
         except QuotaExceeded as e:
             raise MailboxFull(str(e)) from e
@@ -157,22 +176,11 @@ class LocalDelivery:
             raise DeliveryFailed(str(e)) from e
         if queued and self.on_queued is not None:
             self.on_queued()
-        for item, recipient in zip(stored, local, strict=True):
-            self._events.publish(
-                Event(
-                    MESSAGE_RECEIVED,
-                    {
-                        "user": recipient.address,
-                        "mailbox": recipient.mailbox,
-                        "uid": item.uid,
-                        "size": item.size,
-                        "sender": sender,
-                        "message_id": summary.message_id,
-                        **(event_payload or {}),
-                    },
-                    domain=recipient.address.rpartition("@")[2],
-                )
-            )
+        for item, event in zip(stored, events, strict=True):
+            # The same event (and id) as the outbox row, with where the message went.
+            self._events.publish(replace(event, payload={
+                **event.payload, "mailbox_id": item.mailbox_id, "uid": item.uid,
+                "size": item.size}))
         return DeliveryResult(tuple(stored), tuple(queued))
 
     async def _deliver_local(
@@ -183,6 +191,7 @@ class LocalDelivery:
         sender: str,
         local: Sequence[LocalRecipient],
         enforce_quota: bool,
+        outboxed: Sequence[dict[str, Any] | None],
     ) -> list[StoredMessage]:
         """The common case, local recipients only: files and rows, group-committed, in one
         trip to the Maildir writer."""
@@ -190,8 +199,8 @@ class LocalDelivery:
             return []
         records = [
             record_fields(_new_message(recipient, None, summary, sender, received,
-                                       enforce_quota))
-            for recipient in local
+                                       enforce_quota, event))
+            for recipient, event in zip(local, outboxed, strict=True)
         ]
         status, value = await self._deliveries.submit(
             (message, tuple((r.maildir, r.folder) for r in local), tuple(records))
@@ -221,12 +230,14 @@ class LocalDelivery:
         remote: Sequence[str],
         sender_user_id: int | None,
         enforce_quota: bool,
+        outboxed: Sequence[dict[str, Any] | None],
     ) -> tuple[list[StoredMessage], list[int]]:
         files, spooled = self._write_files(message, local, bool(remote))
         try:
             records = [
-                _new_message(recipient, stored, summary, sender, received, enforce_quota)
-                for recipient, stored in zip(local, files, strict=True)
+                _new_message(recipient, stored, summary, sender, received, enforce_quota,
+                             event)
+                for recipient, stored, event in zip(local, files, outboxed, strict=True)
             ]
             stored = add_messages_txn(cur, records)
             queued: list[int] = []
@@ -274,6 +285,7 @@ def _new_message(
     sender: str,
     received: datetime,
     enforce_quota: bool,
+    event: dict[str, Any] | None = None,
 ) -> NewMessage:
     flags = {f.lower() for f in recipient.flags}
     return NewMessage(
@@ -293,4 +305,5 @@ def _new_message(
         deleted="\\deleted" in flags,
         draft="\\draft" in flags,
         enforce_quota=enforce_quota,
+        event=event,
     )

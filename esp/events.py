@@ -135,7 +135,7 @@ class EventBus:
 
     def add_subscriber(self, subscriber: IEventSubscriber) -> list[Subscription]:
         """Subscribe an :class:`IEventSubscriber` to each of its patterns."""
-        handler: Handler = subscriber.handle  # type: ignore[assignment]
+        handler: Handler = subscriber.handle
         return [
             self.subscribe(pattern, handler, name=str(subscriber.name))
             for pattern in subscriber.patterns

@@ -20,7 +20,7 @@ class IEventSubscriber(Interface):
         "segment) or '#' (everything)."
     )
 
-    def handle(event: object) -> object:
+    def handle(event: Any) -> Any:
         """Handle one :class:`esp.events.Event`; may return an awaitable or a Deferred."""
 
 

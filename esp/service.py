@@ -53,10 +53,13 @@ from esp.storage.dkimkeys import SecretBox
 from esp.storage.mailboxes import MailboxStore
 from esp.storage.migrations import apply_migrations_txn, load_migrations
 from esp.storage.notify import MailboxNotifier
+from esp.storage.outbox import CHANNEL as OUTBOX_CHANNEL
 from esp.storage.pgasync import AsyncDatabase
 from esp.storage.rules import rules_for_txn
 from esp.tls import CertificateStore
 from esp.ttlcache import TTLCache
+from esp.webhooks.dispatcher import WebhookDispatcher
+from esp.webhooks.routing import EndpointDirectory, OutboxWriter
 from esp.workers import WorkerPool, worker_count
 
 
@@ -440,6 +443,19 @@ def makeService(
         delivery.on_queued = outbound.wake
         children.append(outbound)
         wake_outbound = outbound.wake
+    endpoints = EndpointDirectory(db, reactor)
+    delivery.outbox_filter = endpoints.wanted
+    events.add_subscriber(OutboxWriter(db, endpoints))
+    webhooks = config.events.webhooks
+    dispatcher = None
+    if webhooks.enabled:
+        dispatcher = WebhookDispatcher(
+            db, reactor, resolver=resolver, dns_pool=dns_pool.pool,
+            allow_networks=webhooks.allow_networks, timeout=webhooks.timeout,
+            disable_after=webhooks.disable_after, concurrency=webhooks.concurrency,
+            schedule=webhooks.retry_schedule)
+        notifier.listen(OUTBOX_CHANNEL, dispatcher.wake)
+        children.append(dispatcher)
     store = MailboxStore(db, config.maildir_root, disk.pool, reactor)
     body_index = config.storage.body_index
     if body_index.background:
@@ -523,6 +539,7 @@ def makeService(
             max_message_size=config.server.smtp.max_message_size,
             filter_chain=config.filters.chain, filter_factories=installed_filters(),
             forget_domain_filters=domain_filters.forget, forget_rules=rules.forget,
+            webhook_networks=webhooks.allow_networks, forget_endpoints=endpoints.forget,
         ))
         listeners += api_listeners(
             api_config.listen, api, api_config.max_body, reactor, adopted,

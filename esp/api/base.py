@@ -56,6 +56,8 @@ class APIServices:
     filter_factories: Mapping[str, Any] = field(default_factory=dict)
     forget_domain_filters: Callable[[str], None] | None = None
     forget_rules: Callable[[int], None] | None = None
+    webhook_networks: tuple[str, ...] = ()
+    forget_endpoints: Callable[[], None] | None = None
     max_message_size: int = 50 * 1024 * 1024
 
 

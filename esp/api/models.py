@@ -424,14 +424,14 @@ EventPattern = Annotated[str, Field(min_length=1, max_length=100,
 
 
 class WebhookCreate(Strict):
-    url: str = Field(min_length=8, max_length=2000, pattern=r"^https?://[^\s]+$")
+    url: str = Field(min_length=8, max_length=2000, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
     event_types: list[EventPattern] = Field(min_length=1, max_length=50)
     domain: str | None = Field(None, min_length=1, max_length=253)
     enabled: bool = True
 
 
 class WebhookUpdate(Strict):
-    url: str | None = Field(None, min_length=8, max_length=2000, pattern=r"^https?://[^\s]+$")
+    url: str | None = Field(None, min_length=8, max_length=2000, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")
     event_types: list[EventPattern] | None = Field(None, min_length=1, max_length=50)
     enabled: bool | None = None
 
@@ -524,3 +524,38 @@ class RuleOut(Out):
 
 class RuleList(Out):
     items: list[RuleOut]
+
+
+class AttemptOut(Out):
+    attempted_at: datetime
+    status: int | None = Field(description="the receiver's HTTP status; null: no answer")
+    error: str | None
+    latency_ms: int
+    response: str | None = Field(description="the start of the answer's body")
+
+
+class DeliveryOut(Out):
+    id: int
+    event_id: str = Field(description="also the webhook-id header of every attempt")
+    event_type: str
+    status: str = Field(description="pending, delivering, delivered or failed (gave up)")
+    attempts: int
+    next_attempt_at: datetime
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    tries: list[AttemptOut]
+
+
+class DeliveryPage(Page[DeliveryOut]):
+    pass
+
+
+class SecretRotation(Strict):
+    overlap_seconds: int = Field(86400, ge=0, le=30 * 86400,
+                                 description="how long the old secret keeps signing too")
+
+
+class SecretOut(Out):
+    secret: str = Field(description="the new secret: shown this once")
+    previous_valid_until: datetime

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
-from urllib.parse import urlsplit
+from datetime import UTC, datetime
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.web.iweb import IRequest
@@ -12,14 +11,20 @@ from esp.api.base import APIBase, field_domain
 from esp.api.directory_routes import visible_domains
 from esp.api.framework import ApiError, Principal, endpoint, forbidden, not_found
 from esp.api.models import (
+    AttemptOut,
     AuditEntry,
     AuditPage,
     AuditQuery,
+    DeliveryOut,
+    DeliveryPage,
     DomainFilter,
+    Paging,
     QueueEntryOut,
     QueuePage,
     QueueQuery,
     QueueRecipient,
+    SecretOut,
+    SecretRotation,
     WebhookCreate,
     WebhookCreated,
     WebhookOut,
@@ -35,10 +40,14 @@ from esp.storage.manage import (
     delete_webhook_txn,
     get_webhook_txn,
     page_audit_txn,
+    page_deliveries_txn,
     page_domains_txn,
     page_webhooks_txn,
+    redeliver_txn,
+    rotate_secret_txn,
     update_webhook_txn,
 )
+from esp.webhooks import guard
 
 
 def queue_out(entry: queue.QueueEntry) -> QueueEntryOut:
@@ -57,27 +66,22 @@ def webhook_out(row: WebhookRow) -> WebhookOut:
                       disabled_reason=row.disabled_reason, created_at=row.created_at)
 
 
-def internal_host(url: str) -> bool:
-    """Whether the URL names this machine or a private network by itself (a name that only
-    resolves to one is checked again when events are sent)."""
-    host = (urlsplit(url).hostname or "").rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost") or not host:
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return not address.is_global
-
-
 class OpsRoutes(APIBase):
-    @staticmethod
-    def _check_url(principal: Principal, url: str) -> None:
-        """Only a superadmin may point a webhook at this machine or a private network."""
-        if internal_host(url) and (principal.role != "superadmin"
-                                   or principal.key_domain_id is not None):
-            raise ApiError(422, "internal_url", "webhooks go to public addresses",
-                           {"fields": [{"field": "url", "problem": "not a public address"}]})
+    async def _check_url(self, url: str) -> None:
+        """Webhooks go to public addresses (or the configured allow-list): checked now, and
+        again before every delivery."""
+        services = self.services
+        try:
+            await deferToThreadPool(services.reactor, services.dns_pool, guard.check_url, url,
+                                    guard.networks(services.webhook_networks),
+                                    services.resolver)
+        except guard.Refused as e:
+            raise ApiError(422, "internal_url", str(e),
+                           {"fields": [{"field": "url", "problem": str(e)}]}) from None
+
+    def _changed(self) -> None:
+        if self.services.forget_endpoints is not None:
+            self.services.forget_endpoints()
 
     # -- queue -------------------------------------------------------------------------------
 
@@ -198,7 +202,7 @@ class OpsRoutes(APIBase):
               response=WebhookCreated, status=201, errors=(422,))
     async def create_webhook(self, request: IRequest, principal: Principal,
                              body: WebhookCreate) -> WebhookCreated:
-        self._check_url(principal, body.url)
+        await self._check_url(body.url)
         domain: Domain | None = None
         if body.domain is not None:
             domain = await self.domain(principal, field_domain("domain", body.domain),
@@ -210,6 +214,7 @@ class OpsRoutes(APIBase):
             create_webhook_txn, body.url, sorted(set(body.event_types)),
             domain.id if domain else None, body.enabled,
             summary=lambda r: {"after": webhook_out(r).model_dump(mode="json")})
+        self._changed()
         request.setHeader(b"location", f"/api/v1/webhooks/{row.id}".encode())
         return WebhookCreated(**webhook_out(row).model_dump(), secret=row.secret)
 
@@ -226,7 +231,7 @@ class OpsRoutes(APIBase):
                              body: WebhookUpdate) -> WebhookOut:
         before = await self._webhook(principal, webhook_id)
         if body.url is not None:
-            self._check_url(principal, body.url)
+            await self._check_url(body.url)
         changes = {k: v for k, v in body.model_dump(exclude_unset=True).items()
                    if v is not None}
         if "event_types" in changes:
@@ -236,6 +241,7 @@ class OpsRoutes(APIBase):
             webhook_id, changes,
             summary=lambda r: {"before": webhook_out(before).model_dump(mode="json"),
                                "after": webhook_out(r).model_dump(mode="json")})
+        self._changed()
         return webhook_out(row)
 
     @endpoint("DELETE", "/api/v1/webhooks/<int:webhook_id>", summary="Remove a webhook",
@@ -246,3 +252,46 @@ class OpsRoutes(APIBase):
         await self.change(request, principal, "webhook.remove", f"webhook {webhook_id}",
                           delete_webhook_txn, webhook_id,
                           summary=lambda _: {"before": {"url": row.url}})
+        self._changed()
+
+    @endpoint("GET", "/api/v1/webhooks/<int:webhook_id>/deliveries", summary="A webhook's "
+              "deliveries, newest first, with every attempt", tag="webhooks",
+              scope="webhooks:read", query=Paging, response=DeliveryPage)
+    async def webhook_deliveries(self, request: IRequest, principal: Principal,
+                                 webhook_id: int, query: Paging) -> DeliveryPage:
+        await self._webhook(principal, webhook_id)
+        rows, total = await self.db.run("api_deliveries", page_deliveries_txn, webhook_id,
+                                        query.limit, query.offset)
+        return DeliveryPage(items=[DeliveryOut(
+            **{k: v for k, v in row.__dict__.items() if k != "tries"},
+            tries=[AttemptOut(**t.__dict__) for t in row.tries]) for row in rows],
+            total=total, limit=query.limit, offset=query.offset)
+
+    @endpoint("POST", "/api/v1/webhooks/<int:webhook_id>/deliveries/<int:delivery_id>/retry",
+              summary="Deliver again now (also a delivery that gave up)", tag="webhooks",
+              scope="webhooks:write", status=204, errors=(409,))
+    async def redeliver(self, request: IRequest, principal: Principal, webhook_id: int,
+                        delivery_id: int) -> None:
+        await self._webhook(principal, webhook_id)
+        not_now = ApiError(409, "in_progress", "no such delivery, or it is being attempted "
+                           "right now")
+
+        def again(cur: Cursor) -> None:
+            if not redeliver_txn(cur, webhook_id, delivery_id):
+                raise not_now
+
+        await self.change(request, principal, "webhook.redeliver",
+                          f"webhook {webhook_id} delivery {delivery_id}", again)
+
+    @endpoint("POST", "/api/v1/webhooks/<int:webhook_id>/rotate-secret", summary="A new "
+              "signing secret; the old one signs too during the overlap", tag="webhooks",
+              scope="webhooks:write", body=SecretRotation, response=SecretOut)
+    async def rotate_secret(self, request: IRequest, principal: Principal, webhook_id: int,
+                            body: SecretRotation) -> SecretOut:
+        await self._webhook(principal, webhook_id)
+        secret = await self.change(request, principal, "webhook.rotate_secret",
+                                   f"webhook {webhook_id}", rotate_secret_txn, webhook_id,
+                                   body.overlap_seconds)
+        until = datetime.fromtimestamp(self.services.reactor.seconds() + body.overlap_seconds,
+                                       UTC)
+        return SecretOut(secret=secret, previous_valid_until=until)

@@ -8,13 +8,14 @@ when it is counted.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from esp.message import MessageSummary
 from esp.storage.db import Cursor, Prepared
+from esp.storage.outbox import insert_events_txn, stored_events
 
 # Sent with pg_notify at commit, so IDLE sessions on any node learn of new mail.
 MAILBOX_CHANNEL = "esp_mailbox"
@@ -58,6 +59,8 @@ class NewMessage:
     draft: bool = False
     enforce_quota: bool = False
     mailbox: str | None = None
+    # The message.received event to write to the outbox with the row (esp.storage.outbox).
+    event: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ def record_fields(m: NewMessage) -> dict[str, object]:
         "sent_date": summary.sent_date.isoformat() if summary.sent_date else None,
         # PostgreSQL text cannot hold NUL.
         "headers": summary.header_text.replace("\x00", ""),
+        **({"event": dict(m.event)} if m.event is not None else {}),
     }
 
 
@@ -175,7 +179,9 @@ def add_messages_txn(cur: Cursor, messages: Sequence[NewMessage]) -> list[Stored
     if not messages:
         return []
     STORE_MESSAGES.execute(cur, store_params([messages]))
-    outcome = store_outcomes([messages], cur.fetchall())[0]
+    rows = cur.fetchall()
+    outcome = store_outcomes([messages], rows)[0]
     if isinstance(outcome, Exception):
         raise outcome
+    insert_events_txn(cur, stored_events([[record_fields(m) for m in messages]], rows))
     return outcome

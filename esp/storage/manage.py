@@ -379,3 +379,76 @@ def set_domain_filters_txn(cur: Cursor, domain_id: int, filters: dict[str, Any])
     cur.execute("UPDATE domains SET settings = jsonb_set(settings, '{filters}', %s), "
                 "updated_at = now() WHERE id = %s",
                 (psycopg2.extras.Json(filters), domain_id))
+
+
+# -- webhook deliveries ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    attempted_at: datetime
+    status: int | None
+    error: str | None
+    latency_ms: int
+    response: str | None
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    id: int
+    event_id: str
+    event_type: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    tries: list[AttemptRow]
+
+
+def page_deliveries_txn(
+    cur: Cursor, webhook_id: int, limit: int, offset: int,
+) -> tuple[list[DeliveryRow], int]:
+    """A webhook's deliveries, newest first, each with its attempts."""
+    cur.execute(
+        """
+        SELECT d.id, d.event_id::text, e.type, d.status, d.attempts, d.next_attempt_at,
+               d.last_status, d.last_error, d.created_at, count(*) OVER ()
+        FROM webhook_deliveries d JOIN event_outbox e ON e.id = d.event_id
+        WHERE d.webhook_id = %s ORDER BY d.id DESC LIMIT %s OFFSET %s
+        """,
+        (webhook_id, limit, offset))
+    rows = cur.fetchall()
+    tries: dict[int, list[AttemptRow]] = {row[0]: [] for row in rows}
+    if rows:
+        cur.execute("SELECT delivery_id, attempted_at, status, error, latency_ms, response "
+                    "FROM webhook_attempts WHERE delivery_id = ANY(%s) ORDER BY id",
+                    (list(tries),))
+        for delivery_id, *attempt in cur.fetchall():
+            tries[delivery_id].append(AttemptRow(*attempt))
+    return ([DeliveryRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                         row[8], tries[row[0]]) for row in rows],
+            rows[0][9] if rows else 0)
+
+
+def redeliver_txn(cur: Cursor, webhook_id: int, delivery_id: int) -> bool:
+    """Make a delivery due again now (also one that gave up), unless one is under way."""
+    cur.execute(
+        "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now(), "
+        "updated_at = now() WHERE id = %s AND webhook_id = %s AND status <> 'delivering' "
+        "RETURNING id", (delivery_id, webhook_id))
+    if cur.fetchone() is None:
+        return False
+    cur.execute("SELECT pg_notify('esp_events', '')")
+    return True
+
+
+def rotate_secret_txn(cur: Cursor, webhook_id: int, overlap_seconds: int) -> str:
+    """A new secret; the old one keeps signing too for ``overlap_seconds``."""
+    secret = new_webhook_secret()
+    cur.execute(
+        "UPDATE webhooks SET previous_secret = secret, secret = %s, "
+        "previous_secret_expires_at = now() + %s * interval '1 second', updated_at = now() "
+        "WHERE id = %s", (secret, overlap_seconds, webhook_id))
+    return secret

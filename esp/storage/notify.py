@@ -42,6 +42,13 @@ class MailboxNotifier(Service):
         self._fd = -1
         self._retry: Any = None
         self._delay = 0.5
+        # Other channels: callback per channel, called once per batch of notices (and after
+        # a reconnection, for what may have been missed).
+        self._channels: dict[str, Callable[[], None]] = {}
+
+    def listen(self, channel: str, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``channel`` is notified (set up before the start)."""
+        self._channels[channel] = callback
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -78,6 +85,8 @@ class MailboxNotifier(Service):
             connection.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
             with connection.cursor() as cur:
                 cur.execute(f"LISTEN {MAILBOX_CHANNEL}")
+                for channel in self._channels:
+                    cur.execute(f"LISTEN {channel}")
         except psycopg2.Error as e:
             self.log.warn("cannot listen for mailbox changes ({error}); retrying in {delay}s",
                           error=str(e).strip(), delay=self._delay)
@@ -107,6 +116,14 @@ class MailboxNotifier(Service):
         for subscribers in list(self._subscribers.values()):
             for subscriber in list(subscribers):
                 self._call(subscriber, None)
+        for callback in list(self._channels.values()):
+            self._call_channel(callback)
+
+    def _call_channel(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            self.log.failure("a notification callback failed")
 
     # -- IReadDescriptor ----------------------------------------------------------------------
 
@@ -127,8 +144,12 @@ class MailboxNotifier(Service):
             return
         notifies = connection.notifies
         seen: set[int] = set()
+        woken: set[str] = set()
         while notifies:
             notice = notifies.pop(0)
+            if notice.channel != MAILBOX_CHANNEL:
+                woken.add(notice.channel)
+                continue
             try:
                 mailbox_id = int(notice.payload.split(":", 1)[0])
             except ValueError:
@@ -138,6 +159,10 @@ class MailboxNotifier(Service):
             seen.add(mailbox_id)
             for subscriber in list(self._subscribers.get(mailbox_id, ())):
                 self._call(subscriber, mailbox_id)
+        for channel in woken:
+            callback = self._channels.get(channel)
+            if callback is not None:
+                self._call_channel(callback)
 
     def connectionLost(self, reason: Failure) -> None:
         self.log.warn("lost the mailbox notification connection: {reason}",

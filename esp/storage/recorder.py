@@ -29,6 +29,7 @@ import psycopg2
 
 from esp.storage.db import DatabaseUnavailable, Prepared, connect
 from esp.storage.mailstore import STORE_MESSAGES, rows_per_job
+from esp.storage.outbox import insert_events_txn, stored_events
 
 Outcome = tuple[str, Any]
 _LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
@@ -78,7 +79,10 @@ class Recorder:
                 self._statement.execute(
                     cur, {"batch": json.dumps(jobs, separators=(",", ":"))}
                 )
-                return list(cur.fetchall())
+                rows = list(cur.fetchall())
+                # The events of what was stored, in the same transaction (the outbox).
+                insert_events_txn(cur, stored_events(jobs, rows))
+                return rows
         except _REFUSED:
             self.rollback()
             raise

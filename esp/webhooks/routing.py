@@ -1,0 +1,65 @@
+"""Which events leave the process (a webhook wants them), and the subscriber that writes
+those of them that describe no database change of their own to the outbox.
+
+``message.received`` is written by the delivery itself, in the transaction that stores the
+message; ``user.login``, the filters' verdicts and the rest are written here as they are
+published."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from esp.events import MESSAGE_RECEIVED, Event
+from esp.interfaces import IEventSubscriber
+from esp.storage.outbox import Endpoint, enabled_endpoints_txn, event_record, insert_events_txn
+
+Wants = Callable[[str, str | None], bool]
+
+
+class EndpointDirectory:
+    """The enabled webhooks, read again at most every ``ttl`` seconds (at once after
+    :meth:`forget`, which the API calls when it changes one)."""
+
+    def __init__(self, db: Any, reactor: Any, ttl: float = 5.0) -> None:
+        self._db = db
+        self._reactor = reactor
+        self._ttl = ttl
+        self._endpoints: list[Endpoint] = []
+        self._until = 0.0
+
+    async def wanted(self) -> Wants:
+        now = self._reactor.seconds()
+        if now >= self._until:
+            self._endpoints = await self._db.run("webhook_endpoints", enabled_endpoints_txn)
+            self._until = now + self._ttl
+        endpoints = self._endpoints
+
+        def wants(event_type: str, domain: str | None) -> bool:
+            return any(e.wants(event_type, domain) for e in endpoints)
+
+        return wants
+
+    def forget(self) -> None:
+        self._until = 0.0
+
+
+@implementer(IEventSubscriber)
+class OutboxWriter:
+    name = "outbox"
+    patterns = ("#",)
+    log = Logger()
+
+    def __init__(self, db: Any, directory: EndpointDirectory) -> None:
+        self._db = db
+        self._directory = directory
+
+    async def handle(self, event: Event) -> None:
+        if event.type == MESSAGE_RECEIVED:
+            return  # written with the message
+        wants = await self._directory.wanted()
+        if wants(event.type, event.domain):
+            await self._db.run("outbox_event", insert_events_txn, [event_record(event)])

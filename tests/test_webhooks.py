@@ -1,0 +1,185 @@
+"""Events leave the process: a message delivered over SMTP becomes a signed webhook call
+(checked with the standardwebhooks library, as a receiver would), retried until the receiver
+is back, never lost when ESP is killed before dispatching, never sent to private addresses."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import signal
+import smtplib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+import standardwebhooks
+
+from tests.dnszone import DNSServer
+from tests.espserver import EspServer, start_esp
+from tests.test_api import call, login
+
+ROOT_PASSWORD = "root's long password"
+WEBHOOKS = ("events:\n  webhooks:\n    allow_networks: ['127.0.0.0/8']\n"
+            "    retry_schedule: [0.2, 0.2, 0.2, 0.2]\n")
+
+
+class Receiver:
+    """An HTTP receiver on loopback; answers each request with the next status of ``answers``
+    (200 once they run out); ``got`` is set at each request."""
+
+    def __init__(self, answers: list[int], port: int = 0) -> None:
+        self.answers = list(answers)
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.got = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = receiver.answers.pop(0) if receiver.answers else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+                with receiver.got:
+                    receiver.requests.append(({k.lower(): v for k, v in self.headers.items()},
+                                              body))
+                    receiver.got.notify_all()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, count: int) -> None:
+        with self.got:
+            assert self.got.wait_for(lambda: len(self.requests) >= count, timeout=60), (
+                f"{len(self.requests)} of {count} webhook calls arrived")
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    made = Receiver([])
+    yield made
+    made.stop()
+
+
+def start(scratch: Path, dsn: str, dns: str, extra: str = "") -> EspServer:
+    esp = start_esp(scratch, dsn, dns, top=WEBHOOKS + extra)
+    return esp
+
+
+def make_hook(esp: EspServer, url: str) -> tuple[int, str]:
+    esp.add_user("root@example.test", ROOT_PASSWORD)
+    esp.add_user("alice@example.test", "alice's long password")
+    with psycopg2.connect(esp.dsn) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE users SET role = 'superadmin' WHERE localpart = 'root'")
+    token = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+    status, hook = call(esp, "POST", "/api/v1/webhooks", {
+        "url": url, "event_types": ["message.*"], "domain": "example.test"}, token)
+    assert status == 201, hook
+    return hook["id"], hook["secret"]
+
+
+def send(esp: EspServer, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", esp.ports["mx"], timeout=60) as client:
+        client.sendmail("bob@spf-pass.test", ["alice@example.test"],
+                        f"From: bob@spf-pass.test\r\nSubject: {subject}\r\n\r\nhello\r\n")
+
+
+def test_a_delivery_becomes_a_webhook_call_a_receiver_can_verify(
+    scratch: Path, database_dsn: str, test_dns: DNSServer, receiver: Receiver,
+) -> None:
+    esp = start(scratch, database_dsn, test_dns.nameserver)
+    try:
+        _, secret = make_hook(esp, f"http://127.0.0.1:{receiver.port}/hook")
+        send(esp, "hello webhook")
+        receiver.wait(1)
+    finally:
+        esp.process.stop()
+    headers, body = receiver.requests[0]
+    payload = standardwebhooks.Webhook(secret).verify(body, headers)
+    assert payload["type"] == "message.received"
+    data = payload["data"]
+    assert data["user"] == "alice@example.test" and data["domain"] == "example.test"
+    assert data["uid"] == 1 and data["mailbox"] == "INBOX" and data["size"] > 0
+    assert headers["webhook-id"] == data["id"]
+    other = "whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE="
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(other).verify(body, headers)
+
+
+def test_retries_reach_a_receiver_that_failed_then_was_down(
+    scratch: Path, database_dsn: str, test_dns: DNSServer,
+) -> None:
+    receiver = Receiver([500])
+    esp = start(scratch, database_dsn, test_dns.nameserver)
+    try:
+        hook_id, _ = make_hook(esp, f"http://127.0.0.1:{receiver.port}/hook")
+        send(esp, "keep trying")
+        receiver.wait(1)  # answered 500
+        port = receiver.port
+        receiver.stop()  # down
+        esp.process.wait_for("webhook delivery", count=2)  # the 500, then no answer
+        receiver = Receiver([], port)  # back
+        receiver.wait(1)
+        token = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+        status, page = call(esp, "GET", f"/api/v1/webhooks/{hook_id}/deliveries", token=token)
+    finally:
+        receiver.stop()
+        esp.process.stop()
+    assert status == 200
+    (delivery,) = page["items"]
+    assert delivery["status"] == "delivered" and delivery["event_type"] == "message.received"
+    statuses = [t["status"] for t in delivery["tries"]]
+    assert statuses[0] == 500 and statuses[-1] == 200 and None in statuses
+    (headers, _), = receiver.requests
+    assert headers["webhook-id"] == delivery["event_id"]
+
+
+def test_an_event_committed_before_a_crash_is_delivered_after_the_restart(
+    scratch: Path, database_dsn: str, test_dns: DNSServer, receiver: Receiver,
+) -> None:
+    # First run: no dispatcher in this process (webhooks off), so nothing is sent before
+    # the kill; the event is in the outbox with the message.
+    esp = start(scratch, database_dsn, test_dns.nameserver)
+    esp.process.stop()
+    off = WEBHOOKS.replace("  webhooks:\n", "  webhooks:\n    enabled: false\n")
+    esp = start_esp(scratch, database_dsn, test_dns.nameserver, top=off)
+    make_hook(esp, f"http://127.0.0.1:{receiver.port}/hook")
+    send(esp, "survives a crash")
+    esp.process.stop(signal.SIGKILL)
+    assert receiver.requests == []
+    esp = start(scratch, database_dsn, test_dns.nameserver)
+    try:
+        receiver.wait(1)
+    finally:
+        esp.process.stop()
+    body = json.loads(receiver.requests[0][1])
+    assert body["type"] == "message.received" and body["data"]["user"] == "alice@example.test"
+
+
+def test_webhooks_to_private_or_metadata_addresses_are_refused(
+    scratch: Path, database_dsn: str, test_dns: DNSServer,
+) -> None:
+    esp = start(scratch, database_dsn, test_dns.nameserver)
+    try:
+        make_hook(esp, "http://127.0.0.1:9/allowed-by-config")
+        token = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+        for url in ("http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data",
+                    "http://192.168.0.10:8080/", "http://[::1]:8080/", "http://[fd00::1]/",
+                    "http://0.0.0.0/", "ftp://example.com/"):
+            status, body = call(esp, "POST", "/api/v1/webhooks", {
+                "url": url, "event_types": ["message.*"]}, token)
+            assert status in (400, 422), (url, body)
+    finally:
+        esp.process.stop()
