@@ -356,8 +356,16 @@ class WebhooksConfig(Section):
         return value
 
 
+class AuditConfig(Section):
+    # Write logins (and failed logins) to the audit log, with the client's address.
+    logins: bool = True
+    # Days audit lines are kept.
+    retention_days: Annotated[int, Field(ge=1)] = 365
+
+
 class EventsConfig(Section):
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
 
 class Config(Section):

@@ -25,6 +25,7 @@ from esp.api.app import ManagementAPI
 from esp.api.base import APIServices
 from esp.api.service import api_listeners
 from esp.api.tokens import TokenIssuer
+from esp.auditlog import AuditLogger
 from esp.auth import DirectoryChecker, PasswordHasher
 from esp.config import Config
 from esp.delivery import LocalDelivery
@@ -446,6 +447,8 @@ def makeService(
     endpoints = EndpointDirectory(db, reactor)
     delivery.outbox_filter = endpoints.wanted
     events.add_subscriber(OutboxWriter(db, endpoints))
+    if config.events.audit.logins:
+        events.add_subscriber(AuditLogger(db, config.events.audit.retention_days))
     webhooks = config.events.webhooks
     dispatcher = None
     if webhooks.enabled:

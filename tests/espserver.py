@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +160,7 @@ def start_esp(
 async def events_of(
     scratch: Path, database_dsn: str, dns: str, users: list[str],
     client: Callable[[dict[str, int], ssl.SSLContext], None], top: str = "",
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Event]:
     """Start ESP in this process with ``users`` (password "a long password"), run ``client``
     (ports by listener name, a context trusting ESP's certificate) in a thread, stop ESP;
@@ -182,6 +183,8 @@ async def events_of(
                                                         "selfsigned.crt"))
         context.check_hostname = False
         await threads.deferToThread(client, ports, context)
+        if settle is not None:
+            await settle()  # e.g. until() what the client set off has happened
     finally:
         await service.stopService()
     return seen

@@ -483,6 +483,12 @@ class ESMTPServer(smtp.ESMTP):
         failures = self._limits.auth_failures.add(self._peer_ip)
         account = username.decode("utf-8", "replace").lower()
         failures = max(failures, self._limits.auth_failures.add("user:" + account))
+        self._events.publish(Event(
+            USER_LOGIN,
+            {"user": account[:320], "protocol": "smtp", "client_ip": self._peer_ip,
+             "listener": self.settings.listener.value, "success": False},
+            domain=account.rpartition("@")[2][:253] or None,
+        ))
         # Slow each failure down, more with every recent failure from this address or for this
         # account, so guessing passwords is slow without locking the real user out.
         delay = min(2 ** (failures - 1), 16)
