@@ -124,6 +124,7 @@ def start_esp(work: Path) -> tuple[subprocess.Popen[bytes], EmbeddedCluster, dic
         "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
         "    connection_rate_per_ip: 0\n    connections_per_ip: 0\n"
         "  api: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        "  metrics: {listen: 'tcp:0:interface=127.0.0.1'}\n"
         "  imap:\n    listen: 'tcp:0:interface=127.0.0.1'\n"
         "    listen_tls: 'tcp:0:interface=127.0.0.1'\n"
         "    connections_per_ip: 0\n    connection_rate_per_ip: 0\n    sessions_per_user: 0\n"

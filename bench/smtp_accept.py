@@ -215,6 +215,7 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int, chain: str = "",
             "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
             "    connection_rate_per_ip: 0\n    connections_per_ip: 0\n"
             "  api: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+            "  metrics: {listen: 'tcp:0:interface=127.0.0.1'}\n"
             f"storage:\n  data_dir: {work / 'var'}\n  database:\n    dsn: '{cluster.dsn}'\n"
             f"    pool_max: {os.environ.get('ESP_BENCH_POOL', '10')}\n"
             "security:\n  mailauth: {enabled: false}\n"

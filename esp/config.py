@@ -142,6 +142,14 @@ class APIConfig(Section):
     tls: bool = False
 
 
+class MetricsConfig(Section):
+    enabled: bool = True
+    # Prometheus scrapes /metrics here (each process its own figures; see docs).
+    listen: Listen = ("tcp:9464:interface=127.0.0.1",)
+    # Seconds between readings of the queue and outbox depths.
+    interval: Annotated[float, Field(gt=0, le=3600)] = 15.0
+
+
 def _default_hostname() -> str:
     # The machine's name may not be a valid host name (e.g. 'mail_01'): then say so in config
     # rather than refuse to start.
@@ -228,6 +236,7 @@ class ServerConfig(Section):
     smtp: SMTPConfig = Field(default_factory=SMTPConfig)
     imap: IMAPConfig = Field(default_factory=IMAPConfig)
     api: APIConfig = Field(default_factory=APIConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     dns: DNSConfig = Field(default_factory=DNSConfig)
     outbound: OutboundConfig = Field(default_factory=OutboundConfig)
 

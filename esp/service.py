@@ -43,6 +43,7 @@ from esp.inbound import InboundPolicy, MailAuthPolicy
 from esp.indexer import BodyIndexer
 from esp.listeners import ListenerService
 from esp.mailauth import MailAuthenticator
+from esp.metrics import DepthReader, Metrics, MetricsSubscriber, metrics_site
 from esp.outbound import OutboundService
 from esp.rules import Rule
 from esp.signing import DKIMSigner
@@ -424,6 +425,8 @@ def makeService(
     children.append(notifier)
 
     events = EventBus()
+    metrics = Metrics()
+    events.add_subscriber(MetricsSubscriber(metrics))
     directory = DirectoryStore(
         db, config.maildir_root, fast, config.storage.directory_cache_seconds
     )
@@ -456,7 +459,7 @@ def makeService(
             db, reactor, resolver=resolver, dns_pool=dns_pool.pool,
             allow_networks=webhooks.allow_networks, timeout=webhooks.timeout,
             disable_after=webhooks.disable_after, concurrency=webhooks.concurrency,
-            schedule=webhooks.retry_schedule)
+            schedule=webhooks.retry_schedule, metrics=metrics)
         notifier.listen(OUTBOX_CHANNEL, dispatcher.wake)
         children.append(dispatcher)
     store = MailboxStore(db, config.maildir_root, disk.pool, reactor)
@@ -478,7 +481,7 @@ def makeService(
     domain_filters = DomainFilterCache(db, reactor, config.filters.domain_cache_seconds)
     pipeline = FilterPipeline(
         build_stages(config.filters.chain, config.filters.settings, filter_services),
-        events, reactor, domain_filters)
+        events, reactor, domain_filters, metrics)
     rules: TTLCache[int, list[Rule]] = TTLCache(
         lambda user_ids: db.run("user_rules", rules_for_txn, user_ids), [], reactor,
         config.filters.rules_cache_seconds)
@@ -551,7 +554,16 @@ def makeService(
     workers = worker_count(config.server.workers)
     if adopted is None and workers > 1:
         children.append(WorkerPool(config, dsn, listeners, workers - 1, reactor))
-    children.append(ReadyAnnouncement(config, database_description, listeners))
+    announced = list(listeners)
+    if config.server.metrics.enabled and adopted is None:
+        # In the parent only: a worker's figures are its own (docs/configuration.md).
+        for index, description in enumerate(config.server.metrics.listen):
+            service = ListenerService(f"metrics-{index}", description, reactor,
+                                      lambda: metrics_site(metrics))
+            children.append(service)
+            announced.append(service)
+        children.append(DepthReader(metrics, db, reactor, config.server.metrics.interval))
+    children.append(ReadyAnnouncement(config, database_description, announced))
     for child in children:
         child.setServiceParent(root)
     root.delivery = delivery

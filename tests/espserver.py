@@ -123,6 +123,8 @@ def write_config(
         "    connection_rate_per_ip: 0\n"
         "  api:\n"
         "    listen: 'tcp:0:interface=127.0.0.1'\n"
+        "  metrics:\n"
+        "    listen: 'tcp:0:interface=127.0.0.1'\n"
         "  imap:\n"
         "    listen: 'tcp:0:interface=127.0.0.1'\n"
         "    listen_tls: 'tcp:0:interface=127.0.0.1'\n"
@@ -138,7 +140,8 @@ def write_config(
     return config
 
 
-_LISTENING = re.compile(r"(?:smtp-(\w+)|(imaps?|api))-0 listening on 127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(
+    r"(?:smtp-(\w+)|(imaps?|api|metrics))-0 listening on 127\.0\.0\.1:(\d+)")
 
 
 def start_esp(
@@ -153,7 +156,8 @@ def start_esp(
     process = start_twistd("esp", "--config", str(config))
     process.wait_for("ready: host")
     ports = {m.group(1) or m.group(2): int(m.group(3)) for m in _LISTENING.finditer(process.log)}
-    assert set(ports) == {"mx", "submission", "submissions", "imap", "imaps", "api"}, process.log
+    assert set(ports) == {"mx", "submission", "submissions", "imap", "imaps", "api",
+                          "metrics"}, process.log
     return EspServer(process, dsn, directory / "var", ports)
 
 

@@ -29,6 +29,7 @@ def test_defaults_run_on_one_machine_without_root(tmp_path: Path) -> None:
             *config.server.imap.listen,
             *config.server.imap.listen_tls,
             *config.server.api.listen,
+            *config.server.metrics.listen,
         )
     ]
     assert all(p >= 1024 for p in ports)

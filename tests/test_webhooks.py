@@ -5,10 +5,13 @@ is back, never lost when ESP is killed before dispatching, never sent to private
 from __future__ import annotations
 
 import http.server
+import imaplib
 import json
 import signal
 import smtplib
+import ssl
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import psycopg2
 import pytest
 import standardwebhooks
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dnszone import DNSServer
 from tests.espserver import EspServer, start_esp
@@ -129,7 +133,7 @@ def test_retries_reach_a_receiver_that_failed_then_was_down(
         receiver.wait(1)  # answered 500
         port = receiver.port
         receiver.stop()  # down
-        esp.process.wait_for("webhook delivery", count=2)  # the 500, then no answer
+        esp.process.wait_for("failed (", count=2)  # the 500, then no answer
         receiver = Receiver([], port)  # back
         receiver.wait(1)
         token = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
@@ -183,3 +187,41 @@ def test_webhooks_to_private_or_metadata_addresses_are_refused(
             assert status in (400, 422), (url, body)
     finally:
         esp.process.stop()
+
+
+def test_metrics_move_with_a_delivery_a_login_and_a_webhook_call(
+    scratch: Path, database_dsn: str, test_dns: DNSServer, receiver: Receiver,
+) -> None:
+    def scrape(esp: EspServer) -> dict[str, float]:
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{esp.ports['metrics']}/metrics", timeout=30) as answer:
+            text = answer.read().decode()
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                values[f"{sample.name}{{{labels}}}"] = sample.value
+        return values
+
+    esp = start(scratch, database_dsn, test_dns.nameserver)
+    try:
+        make_hook(esp, f"http://127.0.0.1:{receiver.port}/hook")
+        before = scrape(esp)
+        send(esp, "counted")
+        esp.process.wait_for("delivered (200")  # logged once it is counted
+        context = ssl.create_default_context(cafile=str(esp.certificate))
+        context.check_hostname = False
+        with imaplib.IMAP4_SSL("127.0.0.1", esp.ports["imaps"], ssl_context=context) as imap:
+            imap.login("alice@example.test", "alice's long password")
+        after = scrape(esp)
+    finally:
+        esp.process.stop()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew("esp_messages_received_total{}") == 1
+    assert grew("esp_events_total{type=message.received}") == 1
+    assert grew("esp_logins_total{outcome=success,protocol=imap}") == 1
+    assert grew("esp_webhook_deliveries_total{outcome=delivered}") == 1
+    assert grew("esp_webhook_seconds_count{}") == 1

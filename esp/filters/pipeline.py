@@ -145,7 +145,9 @@ class FilterPipeline:
         self, stages: Sequence[Stage], events: EventBus, reactor: Any,
         domain_filters: Callable[[Sequence[str], bool],
                                  Awaitable[Mapping[str, DomainFilters]]] | None = None,
+        metrics: Any = None,
     ) -> None:
+        self._metrics = metrics  # esp.metrics.Metrics, when metrics are kept
         self.stages = list(stages)
         self._events = events
         self._reactor = reactor
@@ -188,15 +190,12 @@ class FilterPipeline:
         return merge(verdicts)
 
     async def _check(self, stage: Stage, context: FilterContext) -> Verdict | None:
+        started = self._reactor.seconds()
         try:
-            result = stage.filter.check(context)
-            if inspect.iscoroutine(result):
-                result = Deferred.fromCoroutine(result)
-            if isinstance(result, Deferred):
-                result.addTimeout(stage.settings.timeout, self._reactor)
-                result = await result
-            return check_verdict(result)
+            return await self._judge(stage, context)
         except Exception as e:
+            if self._metrics is not None:
+                self._metrics.filter_failures.labels(stage.name).inc()
             self.failures[stage.name] = self.failures.get(stage.name, 0) + 1
             self.log.warn(
                 "filter {filter} failed ({policy}): {error}", filter=stage.name,
@@ -206,6 +205,19 @@ class FilterPipeline:
                 return Verdict.defer(f"Message filter {stage.name} is unavailable, try again "
                                      "later", status="4.3.0")
             return None
+        finally:
+            if self._metrics is not None:
+                self._metrics.filter_seconds.labels(stage.name).observe(
+                    max(0.0, self._reactor.seconds() - started))
+
+    async def _judge(self, stage: Stage, context: FilterContext) -> Verdict:
+        result = stage.filter.check(context)
+        if inspect.iscoroutine(result):
+            result = Deferred.fromCoroutine(result)
+        if isinstance(result, Deferred):
+            result.addTimeout(stage.settings.timeout, self._reactor)
+            result = await result
+        return check_verdict(result)
 
     def _announce(self, context: FilterContext, verdict: Verdict) -> None:
         for domain, recipients in by_domain(context):

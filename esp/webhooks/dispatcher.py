@@ -60,7 +60,9 @@ class WebhookDispatcher(Service):
         allow_networks: Sequence[str] = (), timeout: float = 10.0, lease: float = 120.0,
         disable_after: int = 10, concurrency: int = 16, poll_interval: float = 60.0,
         schedule: Sequence[float] = RETRY_SCHEDULE, events: EventBus | None = None,
+        metrics: Any = None,
     ) -> None:
+        self._metrics = metrics  # esp.metrics.Metrics
         self.setName("webhooks")
         self._db = db
         self._reactor = reactor
@@ -142,8 +144,17 @@ class WebhookDispatcher(Service):
                 [Deferred.fromCoroutine(self._attempt(d)) for d in claimed],
                 consumeErrors=True)
             outcomes = [r for ok, r in results if ok]
+            if self._metrics is not None:
+                for o in outcomes:
+                    kind = ("delivered" if o.delivered else "gone" if o.gone
+                            else "no_answer" if o.status is None else "refused")
+                    self._metrics.webhook_deliveries.labels(kind).inc()
+                    self._metrics.webhook_seconds.observe(o.latency_ms / 1000)
             for o in outcomes:
-                if not o.delivered:
+                if o.delivered:
+                    self.log.info("webhook delivery {id} delivered ({status}, {ms} ms)",
+                                  id=o.delivery_id, status=o.status, ms=o.latency_ms)
+                else:
                     self.log.info(
                         "webhook delivery {id} failed ({error}); {next}", id=o.delivery_id,
                         error=o.error,
