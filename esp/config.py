@@ -375,6 +375,8 @@ class AuditConfig(Section):
 class EventsConfig(Section):
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    # IEventSubscriber plugins (found through twisted.plugin) to run, by name.
+    subscribers: tuple[str, ...] = ()
 
 
 class Config(Section):

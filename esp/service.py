@@ -58,6 +58,7 @@ from esp.storage.notify import MailboxNotifier
 from esp.storage.outbox import CHANNEL as OUTBOX_CHANNEL
 from esp.storage.pgasync import AsyncDatabase
 from esp.storage.rules import rules_for_txn
+from esp.subscribers import chosen_subscribers
 from esp.tls import CertificateStore
 from esp.ttlcache import TTLCache
 from esp.webhooks.dispatcher import WebhookDispatcher
@@ -450,6 +451,8 @@ def makeService(
     endpoints = EndpointDirectory(db, reactor)
     delivery.outbox_filter = endpoints.wanted
     events.add_subscriber(OutboxWriter(db, endpoints))
+    for subscriber in chosen_subscribers(config.events.subscribers):
+        events.add_subscriber(subscriber)
     if config.events.audit.logins:
         events.add_subscriber(AuditLogger(db, config.events.audit.retention_days))
     webhooks = config.events.webhooks

@@ -10,6 +10,7 @@ from twisted.python import usage
 from esp.config import Config, ConfigError, default_config_path, load_config
 from esp.filters.pipeline import FilterConfigError, resolve_chain
 from esp.service import makeService as buildService
+from esp.subscribers import SubscriberConfigError, chosen_subscribers
 
 
 class Options(usage.Options):
@@ -29,7 +30,8 @@ class Options(usage.Options):
         try:
             self.config = load_config(path)
             resolve_chain(self.config.filters.chain, self.config.filters.settings)
-        except (ConfigError, FilterConfigError) as e:
+            chosen_subscribers(self.config.events.subscribers)
+        except (ConfigError, FilterConfigError, SubscriberConfigError) as e:
             raise usage.UsageError(str(e)) from None
 
 

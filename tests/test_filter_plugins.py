@@ -1,4 +1,4 @@
-"""A third party's filter: a package built here, installed into this environment with pip, with
+"""A third party's filter and event subscriber: a package built here, installed into this environment with pip, with
 its plugin module in its own ``twisted/plugins/``.  ESP finds it without any change to ESP,
 checks its settings, and runs it in the chain."""
 
@@ -46,10 +46,29 @@ class Shout:
 '''
 
 PLUGIN = '''
+import os
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
 from esp.filters.builtin import FilterFactory
+from esp.interfaces import IEventSubscriber
 from esp_filter_shout import Shout, ShoutSettings
 
 shout = FilterFactory("shout", "Shouts the subject (a test plugin)", ShoutSettings, Shout)
+
+
+@implementer(IPlugin, IEventSubscriber)
+class Tally:
+    name = "shout-tally"
+    patterns = ("message.received",)
+
+    def handle(self, event):
+        with open(os.environ["ESP_SHOUT_TALLY"], "a") as tally:
+            tally.write(event.payload["user"] + "\\n")
+
+
+tally = Tally()
 '''
 
 SETUP = '''
@@ -87,6 +106,7 @@ def shout_package(scratch: Path) -> Iterator[None]:
 
 def test_a_third_party_filter_is_found_configured_and_run(
     shout_package: None, module_scratch: Path, module_database_dsn: str, test_dns: DNSServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     listed = subprocess.run([sys.executable, "-m", "esp.cli", "filters", "list", "--json"],
                             capture_output=True, text=True, check=True, cwd=module_scratch)
@@ -94,8 +114,11 @@ def test_a_third_party_filter_is_found_configured_and_run(
     assert {"shout", "rspamd", "clamav", "ratelimit", "llm"} <= set(found)
     assert found["shout"]["settings"]["required"] == ["word"]
 
+    tally = module_scratch / "tally"
+    monkeypatch.setenv("ESP_SHOUT_TALLY", str(tally))  # read by the plugin in twistd
     esp = start_esp(module_scratch, module_database_dsn, test_dns.nameserver,
-                    top="filters:\n  chain: [shout]\n  settings:\n    shout: {word: gadzooks}\n")
+                    top="filters:\n  chain: [shout]\n  settings:\n    shout: {word: gadzooks}\n"
+                        "events:\n  subscribers: [shout-tally]\n")
     try:
         esp.add_user("alice@example.test", "a long password")
         with smtplib.SMTP("127.0.0.1", esp.ports["mx"], timeout=60) as client:
@@ -107,6 +130,8 @@ def test_a_third_party_filter_is_found_configured_and_run(
         assert refused.value.smtp_code == 550 and b"we do not say gadzooks" in refused.value.smtp_error
         ((_uid, _size, name),) = esp.messages("alice@example.test")
         assert b"X-Shout: QUIET PLEASE\r\n" in esp.message_file("alice@example.test", name)
+        # The package's event subscriber, enabled by events.subscribers, saw the delivery.
+        assert tally.read_text() == "alice@example.test\n"
     finally:
         esp.process.stop()
 

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dnszone import DNSServer
 from tests.espserver import EspServer, start_esp
+from tests.helpers import wait_for_logs
 from tests.test_api import call, login
 
 ROOT_PASSWORD = "root's long password"
@@ -225,3 +226,46 @@ def test_metrics_move_with_a_delivery_a_login_and_a_webhook_call(
     assert grew("esp_logins_total{outcome=success,protocol=imap}") == 1
     assert grew("esp_webhook_deliveries_total{outcome=delivered}") == 1
     assert grew("esp_webhook_seconds_count{}") == 1
+
+
+def test_two_nodes_deliver_a_thousand_events_none_lost(
+    scratch: Path, database_dsn: str, test_dns: DNSServer, receiver: Receiver,
+) -> None:
+    shared = WEBHOOKS.replace("    retry_schedule:", "    concurrency: 32\n    retry_schedule:")
+    (scratch / "a").mkdir()
+    (scratch / "b").mkdir()
+    first = start_esp(scratch / "a", database_dsn, test_dns.nameserver, top=shared)
+    second = start_esp(scratch / "b", database_dsn, test_dns.nameserver, top=shared)
+    try:
+        make_hook(first, f"http://127.0.0.1:{receiver.port}/hook")
+        sent: list[int] = []
+
+        def load() -> None:
+            for node in (first, second):
+                with smtplib.SMTP("127.0.0.1", node.ports["mx"], timeout=60) as client:
+                    for n in range(500):
+                        client.sendmail("bob@spf-pass.test", ["alice@example.test"],
+                                        f"Subject: {n}\r\n\r\nhello\r\n")
+                        sent.append(n)
+
+        sender = threading.Thread(target=load)
+        sender.start()
+        # Both servers log every delivery and webhook call: their logs are read meanwhile.
+        wait_for_logs([first.process, second.process],
+                      lambda: len(receiver.requests) >= 1000, "1,000 webhook calls",
+                      timeout=300)
+        sender.join(60)
+        assert len(sent) == 1000
+        with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT status, count(*) FROM webhook_deliveries GROUP BY status")
+            statuses = dict(cur.fetchall())
+    finally:
+        first.process.stop()
+        second.process.stop()
+    ids = [headers["webhook-id"] for headers, _ in receiver.requests]
+    assert len(set(ids)) == 1000  # none lost
+    # Any duplicate is a repeat of the same event, with the same id and body.
+    bodies: dict[str, bytes] = {}
+    for headers, body in receiver.requests:
+        assert bodies.setdefault(headers["webhook-id"], body) == body
+    assert statuses == {"delivered": 1000}
