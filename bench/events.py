@@ -47,8 +47,6 @@ class Receiver:
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 self.send_response(200)
@@ -61,7 +59,10 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 256  # the default 5 drops SYNs of 32 calls at once
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -88,7 +89,8 @@ def run(work: Path, args: argparse.Namespace, hook: Receiver | None) -> tuple[Re
             "  metrics: {listen: 'tcp:0:interface=127.0.0.1'}\n"
             f"storage:\n  data_dir: {work / 'var'}\n  database:\n    dsn: '{cluster.dsn}'\n"
             "security:\n  mailauth: {enabled: false}\n"
-            "events:\n  webhooks: {allow_networks: ['127.0.0.0/8'], concurrency: 64}\n"
+            "events:\n  webhooks: {allow_networks: ['127.0.0.0/8'], concurrency: 32,\n"
+            "             retry_schedule: [1, 1, 1, 1, 1]}\n"
         )
         process, text = start_esp(work, config, "esp")
         match = re.search(r"smtp-mx-0 listening on 127\.0\.0\.1:(\d+)", text)
