@@ -29,13 +29,15 @@ import psycopg2.extensions
 from esp.addresses import InvalidAddress, normalize_domain, parse_address
 from esp.auth import PasswordHasher, WeakPassword, check_new_password
 from esp.config import Config, ConfigError, default_config_path, load_config
+from esp.dns import Resolver
 from esp.filters.pipeline import installed_filters
 from esp.message import split_header
-from esp.storage import apikeys, directory, dkimkeys, queue
+from esp.storage import apikeys, directory, dkimkeys, manage, queue
 from esp.storage.cluster import ClusterError, EmbeddedCluster
 from esp.storage.db import Cursor, DatabaseUnavailable, connect, run_sync
 from esp.storage.maildir import retire
 from esp.storage.migrations import MigrationError, apply_migrations_txn, load_migrations
+from esp.webhooks import guard
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -393,6 +395,57 @@ def cmd_apikey_revoke(args: argparse.Namespace, config: Config, out: TextIO) -> 
     return 0
 
 
+# -- webhooks ----------------------------------------------------------------------------------
+
+
+def cmd_webhook_add(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    allow = guard.networks(config.events.webhooks.allow_networks)
+    resolver = Resolver(config.server.dns.nameservers, config.server.dns.timeout)
+    try:
+        guard.check_url(args.url, allow, resolver)
+    except guard.Refused as e:
+        raise UsageProblem(f"{args.url}: {e}") from None
+    patterns = tuple(dict.fromkeys(args.event))
+    bad = [p for p in patterns if not _EVENT_PATTERN.match(p)]
+    if bad:
+        raise UsageProblem(f"not event patterns: {', '.join(bad)} (e.g. message.received, "
+                           "message.*, #)")
+
+    def add(cur: Cursor) -> manage.WebhookRow:
+        domain_id = directory.get_domain_txn(cur, args.domain).id if args.domain else None
+        return manage.create_webhook_txn(cur, args.url, sorted(patterns), domain_id, True)
+
+    with open_database(config) as connection:
+        row = run_sync(connection, _change("webhook.create", args.url, add,
+                                           event_types=sorted(patterns), domain=args.domain))
+    out.write(f"webhook {row.id} added; its signing secret is shown only now:\n{row.secret}\n")
+    return 0
+
+
+def cmd_webhook_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    with open_database(config) as connection:
+        rows, _ = run_sync(connection, manage.page_webhooks_txn, None, 10_000, 0)
+    for row in rows:
+        state = "" if row.enabled else f" (disabled: {row.disabled_reason or 'by hand'})"
+        scope = f"\tdomain {row.domain}" if row.domain else ""
+        out.write(f"{row.id}\t{row.url}\t{','.join(row.event_types)}{scope}{state}\n")
+    return 0
+
+
+def cmd_webhook_remove(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    def remove(cur: Cursor) -> manage.WebhookRow:
+        row = manage.get_webhook_txn(cur, args.id)
+        if row is None:
+            raise Refused(f"no webhook {args.id}")  # rolled back: nothing to audit
+        manage.delete_webhook_txn(cur, args.id)
+        return row
+
+    with open_database(config) as connection:
+        row = run_sync(connection, _change("webhook.remove", f"webhook {args.id}", remove))
+    out.write(f"webhook {row.id} ({row.url}) removed\n")
+    return 0
+
+
 # -- filters -----------------------------------------------------------------------------------
 
 
@@ -461,6 +514,9 @@ def cmd_dkim_show(args: argparse.Namespace, config: Config, out: TextIO) -> int:
 
 
 # -- outbound queue and suppression list ---------------------------------------------------------
+
+
+_EVENT_PATTERN = re.compile(r"^(#|[a-z_]+(\.([a-z_]+|\*))*)$")
 
 
 class Refused(Exception):
@@ -695,6 +751,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = apikey.add_parser("revoke", help="end a key at once")
     p.add_argument("id", type=int)
     p.set_defaults(run=cmd_apikey_revoke)
+
+    webhook = commands.add_parser("webhook", help="webhooks (docs/events.md)").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = webhook.add_parser("add", help="send events to a URL (the secret is printed once)")
+    p.add_argument("url")
+    p.add_argument("--event", action="append", required=True,
+                   help="event type or pattern, repeat for several: message.received, "
+                        "message.*, # (everything)")
+    p.add_argument("--domain", help="only events of this hosted domain")
+    p.set_defaults(run=cmd_webhook_add)
+    p = webhook.add_parser("list", help="webhooks and whether they are enabled")
+    p.set_defaults(run=cmd_webhook_list)
+    p = webhook.add_parser("remove", help="stop sending to a webhook")
+    p.add_argument("id", type=int)
+    p.set_defaults(run=cmd_webhook_remove)
 
     filters_ = commands.add_parser("filters", help="message filter plugins").add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -184,3 +184,29 @@ def test_password_is_prompted_for_twice_on_a_terminal(config: Path, database_dsn
     with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT localpart FROM users ORDER BY localpart")
         assert cur.fetchall() == [("tty",)]
+
+
+def test_webhooks_are_added_listed_and_removed(config: Path, database_dsn: str) -> None:
+    refused = run_esp("webhook", "add", "http://10.1.2.3/hook", "--event", "message.*",
+                      config=config)
+    assert refused.returncode == 2 and "not a public address" in refused.stderr
+    config.write_text(config.read_text()
+                      + "events:\n  webhooks:\n    allow_networks: ['127.0.0.0/8']\n")
+    ok("domain", "add", "example.test", config=config)
+    added = ok("webhook", "add", "http://127.0.0.1:9/hook", "--event", "message.*",
+               "--event", "user.login", "--domain", "example.test", config=config)
+    secret = added.strip().splitlines()[-1]
+    assert secret.startswith("whsec_")
+    listed = ok("webhook", "list", config=config)
+    assert listed.startswith("1\thttp://127.0.0.1:9/hook\tmessage.*,user.login\tdomain example.test")
+    assert secret not in listed
+    with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT action FROM audit_log WHERE action LIKE 'webhook.%' ORDER BY id")
+        assert [r[0] for r in cur.fetchall()] == ["webhook.create"]
+    assert "removed" in ok("webhook", "remove", "1", config=config)
+    assert ok("webhook", "list", config=config) == ""
+    again = run_esp("webhook", "remove", "1", config=config)
+    assert again.returncode == 1 and "no webhook 1" in again.stderr
+    with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM audit_log WHERE action = 'webhook.remove'")
+        assert cur.fetchone() == (1,)  # the refused second removal wrote nothing
