@@ -5,15 +5,14 @@ clamd gets a signature file written here, no download).  See ../shared/REAL-SERV
 from __future__ import annotations
 
 import binascii
+import collections
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import time
+import threading
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 # Kept out of the repository as one literal, so that scanners do not flag the source.
@@ -25,11 +24,33 @@ RSPAMD_OFF = ("rbl surbl fuzzy_check asn phishing multimap whitelist mid emails 
               "greylist ratelimit replies history_redis bimi").split()
 
 
-@dataclass
 class Service:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
+    """A service process whose output (its log) is read by a thread as it comes: kept for
+    error messages, and watched for the line that says it is listening."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, ready_line: bytes) -> None:
+        self.process = process
+        self.port = port
+        self._ready_line = ready_line
+        self.ready = threading.Event()
+        self.ended = threading.Event()
+        self._lines: collections.deque[bytes] = collections.deque(maxlen=200)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.append(line)
+            if self._ready_line in line:
+                self.ready.set()
+        self.ended.set()
+        self.ready.set()  # wake the waiter: it sees the process gone
+
+    def wait_ready(self, what: str, timeout: float = 120) -> None:
+        if not self.ready.wait(timeout) or self.ended.is_set():
+            self.stop()
+            raise AssertionError(f"{what} did not start ({self.process.poll()}):\n"
+                                 f"{self.tail()}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -42,12 +63,10 @@ class Service:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        self.ended.wait(30)
 
     def tail(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-4000:]
-        except OSError:
-            return "(no log)"
+        return b"".join(self._lines).decode("utf-8", "replace")[-4000:]
 
 
 def free_port() -> int:
@@ -61,20 +80,6 @@ def _program(name: str) -> str:
     assert found is not None, (f"{name} is not installed (apt-get install rspamd "
                                "clamav-daemon; .ci/run does)")
     return found
-
-
-def _wait_until(ready: Callable[[], bool], service: Service, what: str,
-                timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if service.process.poll() is not None:
-            raise AssertionError(f"{what} exited ({service.process.returncode}):\n"
-                                 f"{service.tail()}")
-        if time.monotonic() > deadline:
-            service.stop()
-            raise AssertionError(f"{what} did not become ready:\n{service.tail()}")
-        # Polling a process's readiness: it has no other way to tell us.
-        time.sleep(0.05)
 
 
 def start_rspamd(directory: Path, dns_port: int, hs_cache: Path) -> Service:
@@ -92,7 +97,7 @@ def start_rspamd(directory: Path, dns_port: int, hs_cache: Path) -> Service:
         '    .include "$CONFDIR/options.inc"\n'
         '    .include(try=true; priority=1,duplicate=merge) "$LOCAL_CONFDIR/local.d/options.inc"\n'
         "}\n"
-        'logging { type = "file"; filename = "$LOGDIR/rspamd.log"; level = "info"; }\n'
+        'logging { type = "console"; level = "info"; }\n'
         f'worker "normal" {{ bind_socket = "127.0.0.1:{port}"; '
         '.include "$CONFDIR/worker-normal.inc"; count = 1; }\n'
         f'worker "controller" {{ bind_socket = "127.0.0.1:{controller}"; '
@@ -107,17 +112,13 @@ def start_rspamd(directory: Path, dns_port: int, hs_cache: Path) -> Service:
         [_program("rspamd"), "-f", "-i", "-c", str(directory / "rspamd.conf"),
          f"--var=LOCAL_CONFDIR={directory}", f"--var=RUNDIR={directory / 'run'}",
          f"--var=DBDIR={directory / 'db'}", f"--var=LOGDIR={directory / 'log'}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    service = Service(process, port, directory / "log" / "rspamd.log")
-
-    def answers() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                return r.read().strip() == b"pong"
-        except OSError:
-            return False
-
-    _wait_until(answers, service, "rspamd")
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # The main process binds the worker's socket before it starts the worker: from this
+    # line on, a request waits in the socket's queue until the worker takes it.
+    service = Service(process, port, b"starting normal process")
+    service.wait_ready("rspamd")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=120) as r:
+        assert r.read().strip() == b"pong", service.tail()
     return service
 
 
@@ -133,20 +134,15 @@ def start_clamd(directory: Path, port: int | None = None) -> Service:
         "Foreground yes\n"
         f"DatabaseDirectory {database}\n"
         f"TCPSocket {port}\nTCPAddr 127.0.0.1\n"
-        f"PidFile {directory / 'clamd.pid'}\nLogFile {directory / 'clamd.log'}\n"
+        f"PidFile {directory / 'clamd.pid'}\n"
         "ScanMail yes\nStreamMaxLength 25M\nMaxThreads 4\nSelfCheck 0\nBytecode no\n")
     process = subprocess.Popen(
         [_program("clamd"), "--foreground", "-c", str(directory / "clamd.conf")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    service = Service(process, port, directory / "clamd.log")
-
-    def answers() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                s.sendall(b"zPING\0")
-                return s.recv(16).startswith(b"PONG")
-        except OSError:
-            return False
-
-    _wait_until(answers, service, "clamd")
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # Its last line before it takes connections (the socket is bound earlier).
+    service = Service(process, port, b"Self checking disabled")
+    service.wait_ready("clamd")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"zPING\0")
+        assert s.recv(16).startswith(b"PONG"), service.tail()
     return service
