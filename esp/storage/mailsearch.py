@@ -32,7 +32,8 @@ _HEADER_COLUMNS = {"subject": "subject", "from": "from_header", "to": "to_header
 Criterion = tuple[Any, ...]
 
 
-def _like(text: str) -> str:
+def like_pattern(text: str) -> str:
+    """A LIKE/ILIKE pattern matching ``text`` anywhere, its wildcards escaped."""
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
@@ -76,13 +77,13 @@ def _sql(node: Criterion, params: list[object]) -> str:
         return f"size {op} %s"
     if kind == "header":
         field = node[1].lower()
-        params.append(_like(node[2]))
+        params.append(like_pattern(node[2]))
         column = _HEADER_COLUMNS.get(field)
         if column is not None:
             return f"coalesce({column}, '') ILIKE %s"
         # Any other field: a line of the stored header block that starts with its name.
         params[-1] = node[1].replace("\\", "\\\\").replace("%", "\\%").replace(
-            "_", "\\_") + ":" + _like(node[2])
+            "_", "\\_") + ":" + like_pattern(node[2])
         return "(E'\\n' || coalesce(headers, '')) ILIKE E'%%\\n' || %s"
     if kind in ("body", "text"):
         text: str = node[1]
@@ -93,7 +94,7 @@ def _sql(node: Criterion, params: list[object]) -> str:
         match = "coalesce(body_tsv @@ (SELECT esp_body_query(%s)), FALSE)"
         if kind == "body":
             return match
-        params.append(_like(text))
+        params.append(like_pattern(text))
         return f"({match} OR coalesce(headers, '') ILIKE %s)"
     if kind == "not":
         return f"NOT ({_sql(node[1], params)})"

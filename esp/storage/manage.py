@@ -15,6 +15,7 @@ import psycopg2.extras
 from esp.storage.db import Cursor
 from esp.storage.directory import _USER_COLUMNS, Domain, NotFound, User, _user
 from esp.storage.mailboxes import flags_of
+from esp.storage.mailsearch import like_pattern
 
 # -- domains -----------------------------------------------------------------------------------
 
@@ -64,10 +65,6 @@ def set_domain_enabled_txn(cur: Cursor, domain_id: int, enabled: bool) -> Domain
 # -- users -------------------------------------------------------------------------------------
 
 
-def _like(text: str) -> str:
-    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
 def page_users_txn(
     cur: Cursor, domain_id: int | None, query: str | None, limit: int, offset: int,
 ) -> tuple[list[User], int]:
@@ -79,7 +76,7 @@ def page_users_txn(
           AND (%(q)s::text IS NULL OR u.localpart || '@' || d.name ILIKE %(q)s)
         ORDER BY d.name, u.localpart LIMIT %(limit)s OFFSET %(offset)s
         """,
-        {"domain": domain_id, "q": _like(query) if query else None, "limit": limit,
+        {"domain": domain_id, "q": like_pattern(query) if query else None, "limit": limit,
          "offset": offset},
     )
     rows = cur.fetchall()
