@@ -16,7 +16,7 @@ quota) fails alone.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from esp.batching import Batcher
-from esp.events import MESSAGE_RECEIVED, Event, EventBus
+from esp.events import MESSAGE_RECEIVED, Event, EventBus, event_record
 from esp.message import MessageSummary, summarize
 from esp.storage.db import Cursor, Database, DatabaseUnavailable
 from esp.storage.diskwriter import BATCHES_AT_ONCE, Delivery, DiskWriter
@@ -48,7 +48,6 @@ from esp.storage.mailstore import (
     add_messages_txn,
     record_fields,
 )
-from esp.storage.outbox import event_record
 from esp.storage.queue import enqueue_txn
 from esp.storage.recorder import Outcome
 
@@ -109,10 +108,6 @@ class LocalDelivery:
         )
         # Called after something was queued for remote recipients (wakes the delivery workers).
         self.on_queued: Callable[[], None] | None = None
-        # Which events (type, domain) leave the process (a webhook wants them): those are
-        # written to the outbox in the transaction that stores the message.
-        self.outbox_filter: Callable[[], Awaitable[Callable[[str, str | None], bool]]] | None
-        self.outbox_filter = None
 
     def prepare(self) -> None:
         """Create the spool and start the Maildir writer; blocking, at start-up."""
@@ -144,13 +139,12 @@ class LocalDelivery:
                   domain=recipient.address.rpartition("@")[2])
             for recipient in local
         ]
-        outboxed: list[dict[str, Any] | None] = [None] * len(events)
-        if self.outbox_filter is not None and events:
-            try:
-                wants = await self.outbox_filter()
-            except DatabaseUnavailable as e:
-                raise DeliveryFailed(str(e)) from e
-            outboxed = [event_record(e) if wants(e.type, e.domain) else None for e in events]
+        # Those that leave the process are written with the message, in its transaction.
+        try:
+            wants = await self._events.leaving()
+        except DatabaseUnavailable as e:
+            raise DeliveryFailed(str(e)) from e
+        outboxed = [event_record(e) if wants(e.type, e.domain) else None for e in events]
         try:
             queued: list[int] = []
             if not remote:

@@ -14,10 +14,10 @@ import random as _random_module
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
@@ -35,13 +35,31 @@ FILTER_MATCHED = "filter.matched"
 SPAM_DETECTED = "spam.detected"
 VIRUS_DETECTED = "virus.detected"
 CERTIFICATE_RENEWED = "certificate.renewed"
+WEBHOOK_DISABLED = "webhook.disabled"
 
 EVENT_TYPES = frozenset(
     {
         MESSAGE_RECEIVED, MESSAGE_SENT, MESSAGE_BOUNCED, MESSAGE_DELETED, USER_LOGIN,
         MAILBOX_CREATED, FILTER_MATCHED, SPAM_DETECTED, VIRUS_DETECTED, CERTIFICATE_RENEWED,
+        WEBHOOK_DISABLED,
     }
 )
+
+# Events that describe a database change are written to the outbox in the transaction of that
+# change, by whoever makes it (the message row, the queue update, the expunge, the new
+# mailbox); the others (logins, verdicts) are written as they are published.
+RECORDED_WITH_CHANGE = frozenset(
+    {MESSAGE_RECEIVED, MESSAGE_SENT, MESSAGE_BOUNCED, MESSAGE_DELETED, MAILBOX_CREATED}
+)
+
+T = TypeVar("T")
+
+# Whether an event of a type, for a domain, leaves the process (some webhook wants it).
+Wants = Callable[[str, str | None], bool]
+
+
+def _nothing_leaves(event_type: str, domain: str | None) -> bool:
+    return False
 
 
 class _Node:
@@ -86,6 +104,64 @@ class Event:
     node: str = field(default_factory=lambda: _Node.current().name)
 
 
+def event_record(event: Event) -> dict[str, Any]:
+    """An event as JSON, the form the outbox stores."""
+    return {"id": str(event.id), "type": event.type, "occurred_at": event.occurred_at.isoformat(),
+            "domain": event.domain, "actor": event.actor, "node": event.node,
+            "payload": dict(event.payload)}
+
+
+def leaving_records(events: Iterable[Event], wants: Wants) -> list[dict[str, Any]]:
+    """The outbox records of those of ``events`` that leave the process."""
+    return [event_record(e) for e in events if wants(e.type, e.domain)]
+
+
+class Announcement(Generic[T]):
+    """Events that describe a change whose details only its transaction knows (the UIDs an
+    expunge removed, the mailboxes a CREATE made).  :meth:`records` runs in that transaction:
+    it makes the events and returns the outbox records of those that leave the process;
+    :meth:`publish` hands the same events (same ids) to the bus after the commit."""
+
+    def __init__(self, make: Callable[[T], Iterable[Event]], wants: Wants) -> None:
+        self._make = make
+        self._wants = wants
+        self.events: list[Event] = []
+
+    def records(self, what: T) -> list[dict[str, Any]]:
+        self.events = list(self._make(what))  # made again should the transaction be retried
+        return leaving_records(self.events, self._wants)
+
+    def publish(self, bus: EventBus) -> None:
+        for event in self.events:
+            bus.publish(event)
+
+
+def deleted_messages(user: str, mailbox: str, uidvalidity: int, reason: str, protocol: str,
+                     actor: str | None) -> Callable[[list[int]], list[Event]]:
+    """The message.deleted events of the UIDs an expunge removed (for an Announcement)."""
+
+    def make(uids: list[int]) -> list[Event]:
+        return [Event(MESSAGE_DELETED,
+                      {"user": user, "mailbox": mailbox, "uid": uid, "uidvalidity": uidvalidity,
+                       "reason": reason, "protocol": protocol},
+                      domain=user.rpartition("@")[2], actor=actor)
+                for uid in uids]
+
+    return make
+
+
+def created_mailboxes(user: str, protocol: str,
+                      actor: str | None) -> Callable[[list[str]], list[Event]]:
+    """The mailbox.created events of the mailboxes a CREATE made (for an Announcement)."""
+
+    def make(names: list[str]) -> list[Event]:
+        return [Event(MAILBOX_CREATED, {"user": user, "mailbox": name, "protocol": protocol},
+                      domain=user.rpartition("@")[2], actor=actor)
+                for name in names]
+
+    return make
+
+
 Handler = Callable[[Event], Coroutine[Any, Any, None] | Deferred[None] | None]
 
 
@@ -124,6 +200,15 @@ class EventBus:
     def __init__(self, known_types: Iterable[str] = EVENT_TYPES) -> None:
         self._known = frozenset(known_types)
         self._subscriptions: list[Subscription] = []
+        # Set when events can leave the process (see :meth:`leaving`).
+        self.outbox_filter: Callable[[], Awaitable[Wants]] | None = None
+
+    async def leaving(self) -> Wants:
+        """Which events leave the process: those of :data:`RECORDED_WITH_CHANGE` that it
+        accepts are for the emitter to write to the outbox in its transaction."""
+        if self.outbox_filter is None:
+            return _nothing_leaves
+        return await self.outbox_filter()
 
     def subscribe(self, pattern: str, handler: Handler, name: str | None = None) -> Subscription:
         if not pattern or any(not part for part in pattern.split(".")):

@@ -62,6 +62,7 @@ class ConnectionLimits:
         self.rate_per_minute = rate_per_minute
         self.auth_failures_per_ip = auth_failures_per_ip
         self._open: dict[str, int] = defaultdict(int)
+        self.open = 0  # connections admitted and not yet closed, from every address
         self._rate = SlidingCounter(60.0, now)
         self.auth_failures = SlidingCounter(600.0, now)
 
@@ -76,9 +77,11 @@ class ConnectionLimits:
         ):
             return "Too many failed authentications from your address"
         self._open[ip] += 1
+        self.open += 1
         return None
 
     def release(self, ip: str) -> None:
+        self.open -= 1
         self._open[ip] -= 1
         if self._open[ip] <= 0:
             del self._open[ip]

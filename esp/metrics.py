@@ -9,6 +9,7 @@ shows the parent's figures (and the database readings, which are the cluster's).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -21,6 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from esp.envelope import Refusal
 from esp.events import (
     FILTER_MATCHED,
     MESSAGE_BOUNCED,
@@ -74,6 +76,21 @@ class Metrics:
                                       "Webhook deliveries waiting for an attempt", registry=r)
         self.db_pool_in_use = Gauge("esp_db_connections_in_use",
                                     "Database pool connections in use", registry=r)
+        self.db_waiting = Gauge("esp_db_transactions_waiting",
+                                "Transactions waiting for a pool connection", registry=r)
+        self.sessions = Gauge("esp_sessions_open", "Client connections open, by protocol",
+                              ["protocol"], registry=r)
+        self.rejected = Counter("esp_smtp_rejected",
+                                "Senders, recipients and messages refused over SMTP, by stage "
+                                "(mail, rcpt, data) and enhanced status code",
+                                ["stage", "status"], registry=r)
+
+    def count_refusal(self, stage: str, refusal: Refusal) -> None:
+        self.rejected.labels(stage, refusal.status or str(refusal.code)).inc()
+
+    def watch_sessions(self, protocol: str, count: Callable[[], float]) -> None:
+        """The sessions gauge of ``protocol`` reads ``count`` at each scrape."""
+        self.sessions.labels(protocol).set_function(count)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -156,9 +173,9 @@ class DepthReader(Service):
         self._m.queue_oldest.set(oldest)
         self._m.outbox_pending.set(outbox)
         self._m.webhooks_pending.set(pending)
-        in_use = getattr(self._db, "connections_in_use", None)
-        if callable(in_use):
-            self._m.db_pool_in_use.set(in_use())
+        in_use, waiting = self._db.load()
+        self._m.db_pool_in_use.set(in_use)
+        self._m.db_waiting.set(waiting)
 
 
 class MetricsResource(Resource):

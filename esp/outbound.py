@@ -44,7 +44,7 @@ from esp.config import OutboundConfig, parse_host_port
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
 from esp.dns import DNSTemporaryError, NoMailHost, Resolver
 from esp.dsn import FailedRecipient, delivery_status_notification
-from esp.events import MESSAGE_BOUNCED, MESSAGE_SENT, Event, EventBus
+from esp.events import MESSAGE_BOUNCED, MESSAGE_SENT, Event, EventBus, leaving_records
 from esp.loglines import LineLog
 from esp.smtp.client import (
     Reply,
@@ -844,8 +844,11 @@ class OutboundService(Service):
                 claim = replace(claim, expired=False)
                 final = {a: (_deferred(f"bounce report not written: {e}", "4.3.0")
                              if o.status == "bounced" else o) for a, o in final.items()}
+        events = self._outcome_events(claim, final, connection)
         try:
-            finished = await self._finisher.submit((claim, final, notification))
+            # The events that leave the process are written with the outcome.
+            records = leaving_records(events, await self._events.leaving())
+            finished = await self._finisher.submit((claim, final, notification, records))
         except Exception as e:  # LeaseLost, DatabaseUnavailable...
             # Not recorded: the row's lease runs out and it is tried again (a remote that
             # accepted may then get the message twice: RFC 5321 §6.1 prefers that to loss).
@@ -855,7 +858,8 @@ class OutboundService(Service):
                 remove_files([report_path])
             return
         self._held.discard(claim.queue_id)
-        self._announce(claim, final, connection)
+        for event in events:
+            self._events.publish(event)
         # One line per attempt, as Postfix logs (esp.loglines: one event per reactor turn).
         self._attempts_log.line(
             f"queue {claim.queue_id}: "
@@ -889,7 +893,7 @@ class OutboundService(Service):
             self._spent = waiting + self._spent
             raise
         spent = [self._spool.path / "new" / claim.spool_name
-                 for (claim, _, _), result in zip(attempts, results, strict=True)
+                 for (claim, _, _, _), result in zip(attempts, results, strict=True)
                  if isinstance(result, Finished) and result.message_done]
         if durable:
             await self._remove_spent(waiting + spent)
@@ -953,13 +957,14 @@ class OutboundService(Service):
             now=self._now(),
         )
 
-    def _announce(
+    def _outcome_events(
         self, claim: Claim, final: dict[str, RecipientOutcome], connection: Connection | None
-    ) -> None:
+    ) -> list[Event]:
         domain = claim.sender.rpartition("@")[2].lower() or None
         sent = [a for a, o in final.items() if o.status == "sent"]
+        events = []
         if sent:
-            self._events.publish(Event(MESSAGE_SENT, {
+            events.append(Event(MESSAGE_SENT, {
                 "queue_id": claim.queue_id, "sender": claim.sender, "recipients": sent,
                 "remote_mta": connection.host if connection else self.hostname,
                 "tls": bool(connection and connection.protocol.tls),
@@ -967,11 +972,12 @@ class OutboundService(Service):
             }, domain=domain))
         for address, outcome in final.items():
             if outcome.status == "bounced":
-                self._events.publish(Event(MESSAGE_BOUNCED, {
+                events.append(Event(MESSAGE_BOUNCED, {
                     "queue_id": claim.queue_id, "sender": claim.sender, "recipient": address,
                     "status": outcome.status_code, "diagnostic": outcome.text,
                     "remote_mta": outcome.remote_mta, "suppressed": outcome.hard,
                 }, domain=domain))
+        return events
 
 
 def _is_ip(host: str) -> bool:

@@ -449,7 +449,7 @@ def makeService(
         children.append(outbound)
         wake_outbound = outbound.wake
     endpoints = EndpointDirectory(db, reactor)
-    delivery.outbox_filter = endpoints.wanted
+    events.outbox_filter = endpoints.wanted
     events.add_subscriber(OutboxWriter(db, endpoints))
     for subscriber in chosen_subscribers(config.events.subscribers):
         events.add_subscriber(subscriber)
@@ -509,6 +509,7 @@ def makeService(
         reactor=reactor,
         is_ready=lambda: root.ready.called,
         adopted=adopted,
+        metrics=metrics,
     )
     listeners += imap_listeners(
         config.server.imap,
@@ -525,6 +526,7 @@ def makeService(
         reactor=reactor,
         is_ready=lambda: root.ready.called,
         adopted=adopted,
+        metrics=metrics,
     )
     if config.server.api.enabled:
         api_config = config.server.api

@@ -20,7 +20,7 @@ from esp.events import Event
 from esp.service import makeService
 from esp.storage import directory
 from esp.storage.db import run_sync
-from tests.helpers import Server, start_twistd
+from tests.helpers import Server, assert_event_matches_schema, start_twistd
 
 FAST_HASHING = Argon2Config(time_cost=1, memory_cost_kib=8192, parallelism=1)
 HOSTNAME = "mx.example.test"
@@ -191,4 +191,6 @@ async def events_of(
             await settle()  # e.g. until() what the client set off has happened
     finally:
         await service.stopService()
+    for event in seen:
+        assert_event_matches_schema(event)  # what docs/schemas/events promises
     return seen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -11,6 +12,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from esp.events import Event
+from esp.eventschemas import schema_of, webhook_body
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -144,3 +151,17 @@ async def until(condition: Callable[[], bool], limit: float = 60) -> None:
     while not condition():
         assert reactor.seconds() < deadline, "the condition never held"
         await deferLater(reactor, 0.01)
+
+
+def assert_matches_schema(body: dict[str, Any]) -> None:
+    """``body`` (a webhook body, or an event as :func:`webhook_body` makes it) is valid under
+    its type's published schema, and carries no field that schema does not describe."""
+    schema = schema_of(body["type"])
+    jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER).validate(body)
+    unknown = set(body["data"]) - set(schema["properties"]["data"]["properties"])
+    assert not unknown, f"{body['type']} carries fields its schema lacks: {sorted(unknown)}"
+
+
+def assert_event_matches_schema(event: Event) -> None:
+    assert_matches_schema(json.loads(json.dumps(webhook_body(event), default=str)))

@@ -33,6 +33,7 @@ from esp.storage.directory import DirectoryStore
 from esp.storage.queue import Claim, Finished, RecipientOutcome
 from esp.tls import CertificateStore
 from tests.dnszone import DNSServer
+from tests.helpers import assert_event_matches_schema
 from tests.sink import Sink, start_sink
 from tests.test_smtp_client import Scenario, ScriptedServer
 
@@ -46,6 +47,7 @@ class World:
     dsn: str
     maildir_root: Path
     sender_id: int
+    bus: EventBus
     events: list[Event] = field(default_factory=list)
     finished: list[tuple[Claim, Finished, dict[str, RecipientOutcome]]] = field(
         default_factory=list
@@ -146,7 +148,7 @@ async def make_world(
             Resolver((test_dns.nameserver,), 2.0), pools[1], pools[0], scratch / "spool",
             DirectoryStore(db, root), delivery, events, reactor, clock=clock,
         )
-        world = World(service, db, clock, delivery, database_dsn, root, alice.id)
+        world = World(service, db, clock, delivery, database_dsn, root, alice.id, events)
         events.subscribe("#", lambda event: world.events.append(event))
         service.finished_hooks.append(lambda *args: world.finished.append(args))
         delivery.on_queued = service.wake
@@ -156,6 +158,8 @@ async def make_world(
 
     yield make
     for world in made:
+        for event in world.events:
+            assert_event_matches_schema(event)  # what docs/schemas/events promises
         await world.service.stopService()
         await world.delivery.close()
         world.db.close()
@@ -239,6 +243,35 @@ async def test_a_permanent_refusal_bounces_to_the_sender_and_suppresses_the_addr
         ("bob@remote.test", "5.1.1")]
     statuses = sorted(status for _, status, _, _, _ in world.rows())
     assert statuses == ["bounced", "sent"]  # the original, and the report delivered locally
+
+
+@pytest_twisted.ensureDeferred
+async def test_outcome_events_are_written_to_the_outbox_with_the_outcome(
+    make_world: MakeWorld, sinks: list[Sink], scratch: Path,
+) -> None:
+    sink = start_sink(scratch / "sink", options=[
+        "-f", "RCPT", "-B", "550 5.1.1 <gone@remote.test>: Recipient address rejected"])
+    sinks.append(sink)
+    world = await make_world(port=sink.port)
+
+    async def everything() -> Callable[[str, str | None], bool]:
+        return lambda event_type, domain: event_type != "message.received"
+
+    world.bus.outbox_filter = everything
+    await world.queue("gone@remote.test", subject="one bounce")
+    await world.settle()
+    published = sorted((str(e.id), e.type, e.payload.get("recipient"))
+                       for e in world.events if e.type in ("message.sent", "message.bounced"))
+    with psycopg2.connect(world.dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id::text, type, payload->>'recipient' FROM event_outbox "
+                    "ORDER BY id")
+        outbox = sorted(cur.fetchall())
+    # The bounce, and the report's local delivery by the queue: each event in the outbox
+    # under the id the bus saw, written by the outcome's transaction (nothing else writes
+    # these types).
+    assert [(t, r) for _, t, r in published] == [("message.bounced", "gone@remote.test"),
+                                                 ("message.sent", None)]
+    assert outbox == published
 
 
 @pytest_twisted.ensureDeferred

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg2
 import pytest
 
+from esp.events import MESSAGE_SENT, Event, event_record
 from esp.storage.db import connect, run_sync
 from esp.storage.queue import (
     DEFAULT_RETRY_SCHEDULE,
@@ -19,6 +20,7 @@ from esp.storage.queue import (
     backoff_seconds,
     claim_due_txn,
     enqueue_txn,
+    finish_many_txn,
     finish_txn,
 )
 
@@ -85,6 +87,28 @@ def test_a_dead_workers_lease_runs_out_and_it_cannot_finish_afterwards(db: Any) 
     assert finished.status == "sent" and finished.message_done
     assert row(db, queue_id)[0] == "sent"
     assert claim(db, "anyone") == []
+
+
+def outbox_ids(db: psycopg2.extensions.connection) -> list[str]:
+    with db.cursor() as cur:
+        cur.execute("SELECT id::text FROM event_outbox ORDER BY id")
+        found = [i for (i,) in cur.fetchall()]
+    db.commit()
+    return found
+
+
+def test_an_outcomes_events_are_written_only_with_the_outcome(db: Any) -> None:
+    [queue_id] = enqueue(db, "m9", "a@one.test")
+    [lost] = claim(db, "dead-worker", lease=0)
+    [taken] = claim(db, "live-worker")
+    outcome = {"a@one.test": RecipientOutcome("sent", 250, "ok")}
+    late, on_time = (event_record(Event(MESSAGE_SENT, {"queue_id": queue_id}))
+                     for _ in range(2))
+    [result] = run_sync(db, finish_many_txn, "dead-worker", [(lost, outcome, None, [late])])
+    assert isinstance(result, LeaseLost)
+    assert outbox_ids(db) == []  # the outcome was not recorded: neither is its event
+    run_sync(db, finish_many_txn, "live-worker", [(taken, outcome, None, [on_time])])
+    assert outbox_ids(db) == [on_time["id"]]
 
 
 def test_deferred_recipients_are_retried_on_the_backoff_schedule(db: Any) -> None:

@@ -66,7 +66,7 @@ async def test_imap_logins_mailboxes_and_deletions_are_announced(
               for e in seen if e.type == "user.login"]
     assert logins == [("carl@example.test", "imap", False), ("carl@example.test", "imap", True)]
     created = [e.payload for e in seen if e.type == "mailbox.created"]
-    assert created == [{"user": "carl@example.test", "mailbox": "Receipts"}]
+    assert created == [{"user": "carl@example.test", "mailbox": "Receipts", "protocol": "imap"}]
     received = [e.payload for e in seen if e.type == "message.received"]
     assert [(p["mailbox"], p["uid"], p["protocol"]) for p in received] == [("Receipts", 1, "imap")]
     deleted = [e.payload for e in seen if e.type == "message.deleted"]

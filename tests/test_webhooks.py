@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dnszone import DNSServer
 from tests.espserver import EspServer, start_esp
-from tests.helpers import wait_for_logs
+from tests.helpers import assert_matches_schema, wait_for_logs
 from tests.test_api import call, login
 
 ROOT_PASSWORD = "root's long password"
@@ -38,6 +38,7 @@ class Receiver:
     def __init__(self, answers: list[int], port: int = 0) -> None:
         self.answers = list(answers)
         self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.invalid: list[str] = []  # bodies not valid under docs/schemas/events
         self.got = threading.Condition()
         receiver = self
 
@@ -49,6 +50,10 @@ class Receiver:
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
+                try:
+                    assert_matches_schema(json.loads(body))
+                except AssertionError as e:
+                    receiver.invalid.append(str(e))
                 with receiver.got:
                     receiver.requests.append(({k.lower(): v for k, v in self.headers.items()},
                                               body))
@@ -65,6 +70,7 @@ class Receiver:
         with self.got:
             assert self.got.wait_for(lambda: len(self.requests) >= count, timeout=60), (
                 f"{len(self.requests)} of {count} webhook calls arrived")
+        assert not self.invalid, self.invalid
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -83,14 +89,15 @@ def start(scratch: Path, dsn: str, dns: str, extra: str = "") -> EspServer:
     return esp
 
 
-def make_hook(esp: EspServer, url: str) -> tuple[int, str]:
+def make_hook(esp: EspServer, url: str,
+              event_types: tuple[str, ...] = ("message.*",)) -> tuple[int, str]:
     esp.add_user("root@example.test", ROOT_PASSWORD)
     esp.add_user("alice@example.test", "alice's long password")
     with psycopg2.connect(esp.dsn) as conn, conn.cursor() as cur:
         cur.execute("UPDATE users SET role = 'superadmin' WHERE localpart = 'root'")
     token = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
     status, hook = call(esp, "POST", "/api/v1/webhooks", {
-        "url": url, "event_types": ["message.*"], "domain": "example.test"}, token)
+        "url": url, "event_types": list(event_types), "domain": "example.test"}, token)
     assert status == 201, hook
     return hook["id"], hook["secret"]
 
@@ -149,6 +156,63 @@ def test_retries_reach_a_receiver_that_failed_then_was_down(
     assert statuses[0] == 500 and statuses[-1] == 200 and None in statuses
     (headers, _), = receiver.requests
     assert headers["webhook-id"] == delivery["event_id"]
+
+
+def test_mailbox_creation_and_expunges_leave_with_their_change(
+    scratch: Path, database_dsn: str, test_dns: DNSServer, receiver: Receiver,
+) -> None:
+    esp = start(scratch, database_dsn, test_dns.nameserver)
+    try:
+        make_hook(esp, f"http://127.0.0.1:{receiver.port}/hook",
+                  ("mailbox.created", "message.deleted"))
+        send(esp, "to be expunged")
+        context = ssl.create_default_context(cafile=str(esp.certificate))
+        context.check_hostname = False
+        with imaplib.IMAP4_SSL("127.0.0.1", esp.ports["imaps"], ssl_context=context) as imap:
+            imap.login("alice@example.test", "alice's long password")
+            assert imap.create("Projects/2026")[0] == "OK"
+            imap.select("INBOX")
+            imap.store("1", "+FLAGS", "(\\Deleted)")
+            assert imap.expunge()[0] == "OK"
+        receiver.wait(3)
+    finally:
+        esp.process.stop()
+    seen = sorted((body["type"], body["data"].get("mailbox"), body["data"].get("uid"))
+                  for _, body in ((h, json.loads(b)) for h, b in receiver.requests))
+    assert seen == [("mailbox.created", "Projects", None),
+                    ("mailbox.created", "Projects/2026", None),
+                    ("message.deleted", "INBOX", 1)]
+    deleted = next(json.loads(b) for _, b in receiver.requests if b"message.deleted" in b)
+    assert deleted["data"]["reason"] == "expunge" and deleted["data"]["actor"] == \
+        "alice@example.test"
+
+
+def test_a_410_disables_the_webhook_with_an_audit_line_and_an_event(
+    scratch: Path, database_dsn: str, test_dns: DNSServer, receiver: Receiver,
+) -> None:
+    gone = Receiver([410])
+    esp = start(scratch, database_dsn, test_dns.nameserver)
+    try:
+        hook_id, _ = make_hook(esp, f"http://127.0.0.1:{gone.port}/hook")
+        token = login(esp, "root@example.test", ROOT_PASSWORD)["access_token"]
+        status, _ = call(esp, "POST", "/api/v1/webhooks", {
+            "url": f"http://127.0.0.1:{receiver.port}/watch",
+            "event_types": ["webhook.*"]}, token)
+        assert status == 201
+        send(esp, "answered with 410")
+        receiver.wait(1)
+        status, hook = call(esp, "GET", f"/api/v1/webhooks/{hook_id}", token=token)
+    finally:
+        gone.stop()
+        esp.process.stop()
+    assert status == 200 and hook["enabled"] is False and "410" in hook["disabled_reason"]
+    body = json.loads(receiver.requests[0][1])
+    assert body["type"] == "webhook.disabled" and body["data"]["webhook_id"] == hook_id
+    assert body["data"]["domain"] == "example.test"
+    with psycopg2.connect(database_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT actor, target, details->>'reason' FROM audit_log "
+                    "WHERE action = 'webhook.disable'")
+        assert cur.fetchall() == [("esp", str(hook_id), hook["disabled_reason"])]
 
 
 def test_an_event_committed_before_a_crash_is_delivered_after_the_restart(
@@ -214,6 +278,11 @@ def test_metrics_move_with_a_delivery_a_login_and_a_webhook_call(
         context.check_hostname = False
         with imaplib.IMAP4_SSL("127.0.0.1", esp.ports["imaps"], ssl_context=context) as imap:
             imap.login("alice@example.test", "alice's long password")
+            during = scrape(esp)
+        with smtplib.SMTP("127.0.0.1", esp.ports["mx"], timeout=60) as client:
+            client.ehlo("client.test")
+            client.mail("bob@spf-pass.test")
+            assert client.rcpt("nobody@example.test")[0] == 550
         after = scrape(esp)
     finally:
         esp.process.stop()
@@ -226,6 +295,10 @@ def test_metrics_move_with_a_delivery_a_login_and_a_webhook_call(
     assert grew("esp_logins_total{outcome=success,protocol=imap}") == 1
     assert grew("esp_webhook_deliveries_total{outcome=delivered}") == 1
     assert grew("esp_webhook_seconds_count{}") == 1
+    assert grew("esp_smtp_rejected_total{stage=rcpt,status=5.1.1}") == 1
+    assert during["esp_sessions_open{protocol=imap}"] == 1
+    assert after["esp_sessions_open{protocol=imap}"] == 0
+    assert "esp_db_connections_in_use{}" in after and "esp_queue_depth{}" in after
 
 
 def test_two_nodes_deliver_a_thousand_events_none_lost(

@@ -37,7 +37,7 @@ from esp.api.models import (
 )
 from esp.compose import ComposeError, Draft, FilePart, Mailbox, compose
 from esp.envelope import Envelope, Listener, Refusal, Session
-from esp.events import MESSAGE_DELETED, Event
+from esp.events import Announcement, created_mailboxes, deleted_messages
 from esp.storage.directory import User
 from esp.storage.mailboxes import (
     InvalidMailboxName,
@@ -110,10 +110,13 @@ class MailRoutes(APIBase):
                              body: MailboxCreate) -> MailboxOut:
         user = await self.user(principal, address)
         name = _name("name", body.name)
+        creations = Announcement(created_mailboxes(user.address, "api", principal.user.address),
+                                 await self.services.events.leaving())
         try:
-            await self._store.create(user.id, name)
+            await self._store.create(user.id, name, announce=creations.records)
         except MailboxExists as e:
             raise ApiError(409, "exists", str(e)) from None
+        creations.publish(self.services.events)
         info = await self._store.info(user.id, name)
         await self.audit(request, principal, "mailbox.create", f"{user.address}/{name}", {})
         return mailbox_out(info)
@@ -210,11 +213,12 @@ class MailRoutes(APIBase):
     async def delete_message(self, request: IRequest, principal: Principal, address: str,
                              mailbox_id: int, uid: int) -> None:
         user, box, _ = await self._message(principal, address, mailbox_id, uid)
-        removed = await self._store.expunge(user.maildir, box.id, user.id, [uid],
-                                            only_deleted=False)
+        deletions = await self._deletions(principal, user, box, "api")
+        await self._store.expunge(user.maildir, box.id, user.id, [uid], only_deleted=False,
+                                  announce=deletions.records)
         await self.audit(request, principal, "message.delete",
                          f"{user.address}/{box.name}/{uid}", {"uidvalidity": box.uidvalidity})
-        self._announce_deleted(principal, user, box, removed, "api")
+        deletions.publish(self.services.events)
 
     @endpoint("POST", MESSAGE_PATH + "/move", summary="Move a message to another of the "
               "user's mailboxes", tag="messages", scope="messages:write", body=MessageMove,
@@ -231,24 +235,22 @@ class MailRoutes(APIBase):
             moved = await self._store.copy(user.maildir, user.id, box.id, [uid], target)
         except MailboxError as e:
             raise ApiError(409, "conflict", str(e)) from None
-        await self._store.expunge(user.maildir, box.id, user.id, [uid], only_deleted=False)
+        deletions = await self._deletions(principal, user, box, "move")
+        await self._store.expunge(user.maildir, box.id, user.id, [uid], only_deleted=False,
+                                  announce=deletions.records)
         await self.audit(request, principal, "message.move", f"{user.address}/{box.name}/{uid}",
                          {"after": {"mailbox": target.name, "uid": moved[0][1]}})
-        self._announce_deleted(principal, user, box, [uid], "move")
+        deletions.publish(self.services.events)
         new = await self.db.run("api_message", message_meta_txn, target.id, moved[0][1])
         if new is None:
             raise not_found("the message was removed while it moved")
         return message_out(new, target.name)
 
-    def _announce_deleted(self, principal: Principal, user: User, box: MailboxInfo,
-                          uids: list[int], how: str) -> None:
-        for uid in uids:
-            self.services.events.publish(Event(
-                MESSAGE_DELETED,
-                {"user": user.address, "mailbox": box.name, "uid": uid,
-                 "uidvalidity": box.uidvalidity, "reason": how, "protocol": "api"},
-                domain=user.address.rpartition("@")[2], actor=principal.user.address,
-            ))
+    async def _deletions(self, principal: Principal, user: User, box: MailboxInfo,
+                         how: str) -> Announcement[list[int]]:
+        make = deleted_messages(user.address, box.name, box.uidvalidity, how, "api",
+                                principal.user.address)
+        return Announcement(make, await self.services.events.leaving())
 
     # -- sending -----------------------------------------------------------------------------
 

@@ -33,7 +33,14 @@ from esp import __version__
 from esp.addresses import InvalidAddress, parse_address
 from esp.auth import AuthenticationBusy
 from esp.delivery import DeliveryFailed, LocalDelivery, LocalRecipient, MailboxFull
-from esp.events import MAILBOX_CREATED, MESSAGE_DELETED, USER_LOGIN, Event, EventBus
+from esp.events import (
+    USER_LOGIN,
+    Announcement,
+    Event,
+    EventBus,
+    created_mailboxes,
+    deleted_messages,
+)
 from esp.imap.fetch import FetchError, FetchItem, parse_fetch, render_fetch
 from esp.imap.idle import Changes, IdleWaker
 from esp.imap.search import MONTHS, BadCharset, SearchError, parse_search, uses_modseq
@@ -527,15 +534,12 @@ class IMAPServer(imap4.IMAP4Server):
                    + b"] Logged in")
         self._announce_login(user.address, True)
 
-    def _announce_deleted(self, mailbox: MailboxInfo, uids: Sequence[int], how: str) -> None:
+    async def _deletions(self, mailbox: MailboxInfo, how: str) -> Announcement[list[int]]:
+        """The message.deleted events of an expunge, written with it (see Announcement)."""
         assert self._user is not None
-        for uid in uids:
-            self._events.publish(Event(
-                MESSAGE_DELETED,
-                {"user": self._user.address, "mailbox": mailbox.name, "uid": uid,
-                 "uidvalidity": mailbox.uidvalidity, "reason": how, "protocol": "imap"},
-                domain=self._user.address.rpartition("@")[2], actor=self._user.address,
-            ))
+        make = deleted_messages(self._user.address, mailbox.name, mailbox.uidvalidity, how,
+                                "imap", self._user.address)
+        return Announcement(make, await self._events.leaving())
 
     def _announce_login(self, user: str, success: bool) -> None:
         self._events.publish(Event(
@@ -861,9 +865,10 @@ async def _close(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> No
     assert selected is not None and self._user is not None
     self._select(None)
     if not selected.readonly:
-        removed = await self._store.expunge(self._user.maildir, selected.info.id,
-                                            self._user.id)
-        self._announce_deleted(selected.info, removed, "close")
+        deletions = await self._deletions(selected.info, "close")
+        await self._store.expunge(self._user.maildir, selected.info.id, self._user.id,
+                                  announce=deletions.records)
+        deletions.publish(self._events)
     self._ok(tag, "CLOSE completed")
 
 
@@ -884,9 +889,10 @@ async def _expunge(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> 
         if len(args) != 1 or not isinstance(args[0], str):
             raise Bad("UID EXPUNGE needs a UID set")
         only = selected.uids_of(args[0], uid=True)
-    removed = await self._store.expunge(self._user.maildir, selected.info.id, self._user.id,
-                                        only)
-    self._announce_deleted(selected.info, removed, "expunge")
+    deletions = await self._deletions(selected.info, "expunge")
+    await self._store.expunge(self._user.maildir, selected.info.id, self._user.id, only,
+                              announce=deletions.records)
+    deletions.publish(self._events)
     await self._sync(expunges=True)
     self._ok(tag, "EXPUNGE completed")
 
@@ -1012,15 +1018,13 @@ async def _create(self: IMAPServer, tag: bytes, args: list[Any], uid: bool) -> N
     if name.upper() == "INBOX":
         raise No("[ALREADYEXISTS] INBOX always exists")
     assert self._user is not None
+    make = created_mailboxes(self._user.address, "imap", self._user.address)
+    creations = Announcement(make, await self._events.leaving())
     try:
-        created = await self._store.create(self._user.id, name)
+        await self._store.create(self._user.id, name, announce=creations.records)
     except MailboxExists:
         raise No("[ALREADYEXISTS] Mailbox already exists") from None
-    for created_name in created:
-        self._events.publish(Event(
-            MAILBOX_CREATED, {"user": self._user.address, "mailbox": created_name},
-            domain=self._user.address.rpartition("@")[2], actor=self._user.address,
-        ))
+    creations.publish(self._events)
     self._ok(tag, "CREATE completed")
 
 
@@ -1213,10 +1217,11 @@ async def _copy(self: IMAPServer, tag: bytes, args: list[Any], uid: bool, move: 
     if move:
         if pairs:
             self._send(f"* OK {code}Moved".encode())
-            removed = await self._store.expunge(self._user.maildir, selected.info.id,
-                                                self._user.id, [a for a, _ in pairs],
-                                                only_deleted=False)
-            self._announce_deleted(selected.info, removed, "move")
+            deletions = await self._deletions(selected.info, "move")
+            await self._store.expunge(self._user.maildir, selected.info.id, self._user.id,
+                                      [a for a, _ in pairs], only_deleted=False,
+                                      announce=deletions.records)
+            deletions.publish(self._events)
             await self._sync(expunges=True)
         self._ok(tag, f"{'UID ' if uid else ''}MOVE completed")
     else:

@@ -15,6 +15,7 @@ from esp.imap.idle import IdleWaker
 from esp.imap.server import IMAPServer, IMAPSettings
 from esp.limits import ConnectionLimits, SessionCounter
 from esp.listeners import ListenerService, NotReady, listener_services
+from esp.metrics import Metrics
 from esp.storage.mailboxes import MailboxStore
 from esp.storage.notify import MailboxNotifier
 from esp.tls import CertificateStore
@@ -82,6 +83,7 @@ def imap_listeners(
     reactor: Any,
     is_ready: Callable[[], bool],
     adopted: Mapping[str, tuple[int, int]] | None = None,
+    metrics: Metrics | None = None,
 ) -> list[ListenerService]:
     limits = ConnectionLimits(
         reactor.seconds,
@@ -89,6 +91,8 @@ def imap_listeners(
         rate_per_minute=config.connection_rate_per_ip,
         auth_failures_per_ip=config.auth_failures_per_ip,
     )
+    if metrics is not None:
+        metrics.watch_sessions("imap", lambda: limits.open)
     sessions = SessionCounter(config.sessions_per_user)
     waker = IdleWaker(store, notifier, reactor)
     services: list[ListenerService] = []

@@ -75,8 +75,11 @@ class ESMTPServer(smtp.ESMTP):
         limits: ConnectionLimits,
         events: EventBus,
         clock: Any,
+        count_refusal: Callable[[str, Refusal], None] | None = None,
     ) -> None:
         super().__init__(chal={}, contextFactory=tls)
+        # Told of every MAIL, RCPT and message refused (the stage, the refusal): metrics.
+        self._count_refusal = count_refusal
         self.settings = settings
         self.host = settings.hostname.encode("ascii")
         self.timeout = settings.idle_timeout
@@ -254,7 +257,9 @@ class ESMTPServer(smtp.ESMTP):
             out.append((prefix + line).encode("utf-8") + b"\r\n")
         self.transport.writeSequence(out)
 
-    def _refused(self, refusal: Refusal) -> None:
+    def _refused(self, refusal: Refusal, stage: str) -> None:
+        if self._count_refusal is not None:
+            self._count_refusal(stage, refusal)
         self._reply(refusal.code, refusal.status, refusal.text)
 
     def _error(self, code: int, status: str, text: str) -> None:
@@ -524,7 +529,7 @@ class ESMTPServer(smtp.ESMTP):
             size = self._check_mail_params(path.params, path.address)
         except Refusal as refusal:
             self._errors += 1
-            self._refused(refusal)
+            self._refused(refusal, "mail")
             return None
         return self._run(self._mail(path.address, path.params, size))
 
@@ -554,7 +559,7 @@ class ESMTPServer(smtp.ESMTP):
             self._sender_note = await self._policy.check_sender(self.session(), address, size)
         except Refusal as refusal:
             self._errors += 1
-            self._refused(refusal)
+            self._refused(refusal, "mail")
             return
         self._sender = address
         self._envelope_params = params
@@ -576,7 +581,7 @@ class ESMTPServer(smtp.ESMTP):
                 raise Refusal(553, "5.6.7", "Non-ASCII address without SMTPUTF8")
         except Refusal as refusal:
             self._errors += 1
-            self._refused(refusal)
+            self._refused(refusal, "rcpt")
             return None
         return self._run(self._rcpt(path.address))
 
@@ -588,7 +593,7 @@ class ESMTPServer(smtp.ESMTP):
         except Refusal as refusal:
             if not refusal.temporary:
                 self._errors += 1
-            self._refused(refusal)
+            self._refused(refusal, "rcpt")
             return
         self._accepted.append(accepted)
         self._reply(250, "2.1.5", "Recipient OK")
@@ -669,7 +674,7 @@ class ESMTPServer(smtp.ESMTP):
         if self._bdat_refusal is not None:
             refusal, self._bdat_refusal = self._bdat_refusal, None
             self._errors += 1
-            self._refused(refusal)
+            self._refused(refusal, "data")
             self._reset_transaction()
         elif self._bdat_last:
             body = bytes(self._data)
@@ -684,11 +689,14 @@ class ESMTPServer(smtp.ESMTP):
 
     def _message_complete(self, body: bytes) -> None:
         if self._data_too_big:
-            self._reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            self._refused(Refusal(552, "5.3.4", "Message size exceeds fixed maximum message size"),
+                          "data")
             self._reset_transaction()
             return
         if body.count(b"\n") != body.count(b"\r\n") or body.count(b"\r") != body.count(b"\r\n"):
-            self._reply(550, "5.6.0", "Message contains bare CR or LF characters (RFC 5321 §2.3.8)")
+            self._refused(Refusal(550, "5.6.0",
+                                  "Message contains bare CR or LF characters (RFC 5321 §2.3.8)"),
+                          "data")
             self._reset_transaction()
             return
         self._wait(self._run(self._deliver(body)))
@@ -709,7 +717,7 @@ class ESMTPServer(smtp.ESMTP):
         try:
             stored = await self._policy.receive(self.session(), envelope, accepted, message)
         except Refusal as refusal:
-            self._refused(refusal)
+            self._refused(refusal, "data")
         else:
             # One line per message (esp.loglines: one log event per reactor turn).
             self.accepted_log.line(

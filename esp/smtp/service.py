@@ -13,6 +13,7 @@ from esp.envelope import Listener
 from esp.events import EventBus
 from esp.limits import ConnectionLimits
 from esp.listeners import ListenerService, NotReady, listener_services
+from esp.metrics import Metrics
 from esp.smtp.server import ESMTPServer, SMTPSettings
 from esp.tls import CertificateStore
 
@@ -28,8 +29,10 @@ class SMTPFactory(ServerFactory):
         events: EventBus,
         clock: Any,
         is_ready: Callable[[], bool],
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self._metrics = metrics
         self._policy = policy
         self._checker = checker
         self._certificates = certificates
@@ -47,6 +50,7 @@ class SMTPFactory(ServerFactory):
             protocol = ESMTPServer(
                 self.settings, self._policy, self._checker,
                 self._certificates.context_factory(), self._limits, self._events, self._clock,
+                self._metrics.count_refusal if self._metrics is not None else None,
             )
         protocol.factory = self
         return protocol
@@ -63,6 +67,7 @@ def smtp_listeners(
     reactor: Any,
     is_ready: Callable[[], bool],
     adopted: Mapping[str, tuple[int, int]] | None = None,
+    metrics: Metrics | None = None,
 ) -> list[ListenerService]:
     limits = ConnectionLimits(
         reactor.seconds,
@@ -70,6 +75,8 @@ def smtp_listeners(
         rate_per_minute=config.connection_rate_per_ip,
         auth_failures_per_ip=config.auth_failures_per_ip,
     )
+    if metrics is not None:
+        metrics.watch_sessions("smtp", lambda: limits.open)
     services: list[ListenerService] = []
     for listener, section in (
         (Listener.MX, config.mx),
@@ -88,7 +95,8 @@ def smtp_listeners(
 
         def build(settings: SMTPSettings = settings) -> Any:
             factory = SMTPFactory(
-                settings, policy, checker, certificates, limits, events, reactor, is_ready
+                settings, policy, checker, certificates, limits, events, reactor, is_ready,
+                metrics,
             )
             if settings.listener is Listener.SUBMISSIONS:
                 return TLSMemoryBIOFactory(certificates.context_factory(), False, factory)

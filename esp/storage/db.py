@@ -92,6 +92,11 @@ class Database:
         self._max = max(min_connections, max_connections)
         self._application_name = application_name
         self._pool: adbapi.ConnectionPool | None = None
+        self._running = 0  # transactions handed to the pool and not yet finished
+
+    def load(self) -> tuple[int, int]:
+        """(connections in use, transactions waiting for one), for the metrics."""
+        return min(self._running, self._max), max(0, self._running - self._max)
 
     def open(self) -> None:
         """Create and start the pool (threads start now; connections open on first use)."""
@@ -138,6 +143,7 @@ class Database:
             raise DatabaseUnavailable(f"database pool is not open (running {name})")
         started = time.monotonic()
         d: Deferred[T] = self._pool.runInteraction(fn, *args, **kwargs)
+        self._running += 1
         try:
             return await d
         except TRANSIENT_ERRORS as e:
@@ -148,6 +154,8 @@ class Database:
                 error=str(e).strip(),
             )
             raise DatabaseUnavailable(f"{name}: {str(e).strip()}") from e
+        finally:
+            self._running -= 1
 
 
 def connect(dsn: str, application_name: str = "esp") -> psycopg2.extensions.connection:

@@ -9,7 +9,7 @@ for the IMAP server (and later the API).  Every change to a mailbox takes a new 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +38,10 @@ from esp.storage.mailsearch import (
     sort_txn,
 )
 from esp.storage.mailstore import MAILBOX_CHANNEL, NewMessage, QuotaExceeded
+from esp.storage.outbox import insert_events_txn
+
+# Given what a transaction changed, the outbox records of the events that describe it.
+Announce = Callable[[list[Any]], Sequence[Mapping[str, Any]]]
 
 # Flags stored as columns; anything else is a keyword.
 SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
@@ -280,10 +284,11 @@ def store_flags_txn(
 
 def expunge_txn(
     cur: Cursor, mailbox_id: int, user_id: int, uids: Sequence[int] | None = None,
-    only_deleted: bool = True,
+    only_deleted: bool = True, announce: Announce | None = None,
 ) -> list[tuple[int, str]]:
     """Remove the messages flagged \\Deleted (only those among ``uids`` when given); return
-    their (UID, file name), for the caller to delete the files after the commit."""
+    their (UID, file name), for the caller to delete the files after the commit.
+    ``announce`` gets the UIDs removed and returns the events to write to the outbox."""
     modseq = _next_modseq(cur, mailbox_id)
     if modseq is None:
         return []
@@ -311,6 +316,8 @@ def expunge_txn(
     )
     _release_usage(cur, user_id, size, len(removed))
     _notify(cur, mailbox_id, 0, modseq)
+    if announce is not None:
+        insert_events_txn(cur, announce([uid for uid, *_ in removed]))
     return [(uid, filename) for uid, filename, *_ in removed]
 
 
@@ -463,8 +470,10 @@ def check_mailbox_name(name: str) -> str:
     return name
 
 
-def create_mailbox_txn(cur: Cursor, user_id: int, name: str) -> list[str]:
-    """Create ``name`` and any missing parent; return the names created (for events)."""
+def create_mailbox_txn(cur: Cursor, user_id: int, name: str,
+                       announce: Announce | None = None) -> list[str]:
+    """Create ``name`` and any missing parent; return the names created.  ``announce`` gets
+    those names and returns the events to write to the outbox."""
     parts = name.split("/")
     created = []
     for depth in range(1, len(parts) + 1):
@@ -480,6 +489,8 @@ def create_mailbox_txn(cur: Cursor, user_id: int, name: str) -> list[str]:
             created.append(path)
         elif depth == len(parts):
             raise MailboxExists(f"{name} already exists")
+    if announce is not None:
+        insert_events_txn(cur, announce(created))
     return created
 
 
@@ -652,12 +663,13 @@ class MailboxStore:
 
     async def expunge(
         self, maildir: str, mailbox_id: int, user_id: int, uids: Sequence[int] | None = None,
-        only_deleted: bool = True,
+        only_deleted: bool = True, announce: Announce | None = None,
     ) -> list[int]:
         """Remove the \\Deleted messages (or, with ``only_deleted`` false, exactly ``uids``);
         their files go after the commit."""
         removed, folder = await self._db.run(
-            "expunge", _expunge_with_folder_txn, mailbox_id, user_id, uids, only_deleted
+            "expunge", _expunge_with_folder_txn, mailbox_id, user_id, uids, only_deleted,
+            announce,
         )
         if removed:
             box = Maildir(self._root / maildir).folder(folder)
@@ -666,8 +678,10 @@ class MailboxStore:
             )
         return [uid for uid, _ in removed]
 
-    async def create(self, user_id: int, name: str) -> list[str]:
-        return await self._db.run("create_mailbox", create_mailbox_txn, user_id, name)
+    async def create(self, user_id: int, name: str,
+                     announce: Announce | None = None) -> list[str]:
+        return await self._db.run("create_mailbox", create_mailbox_txn, user_id, name,
+                                  announce)
 
     async def delete(self, maildir: str, user_id: int, name: str) -> None:
         folder = await self._db.run("delete_mailbox", delete_mailbox_txn, user_id, name)
@@ -759,9 +773,9 @@ class MailboxStore:
 
 def _expunge_with_folder_txn(
     cur: Cursor, mailbox_id: int, user_id: int, uids: Sequence[int] | None,
-    only_deleted: bool = True,
+    only_deleted: bool = True, announce: Announce | None = None,
 ) -> tuple[list[tuple[int, str]], str]:
-    return (expunge_txn(cur, mailbox_id, user_id, uids, only_deleted),
+    return (expunge_txn(cur, mailbox_id, user_id, uids, only_deleted, announce),
             folder_of_txn(cur, mailbox_id))
 
 

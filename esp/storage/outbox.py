@@ -13,17 +13,12 @@ from typing import Any
 
 import psycopg2.extras
 
-from esp.events import Event, pattern_matches
+from esp.events import WEBHOOK_DISABLED, Event, event_record, pattern_matches
 from esp.storage.db import Cursor
 
 CHANNEL = "esp_events"
 
-
-def event_record(event: Event) -> dict[str, Any]:
-    """An event as JSON for the outbox (the form the message writer carries it in)."""
-    return {"id": str(event.id), "type": event.type, "occurred_at": event.occurred_at.isoformat(),
-            "domain": event.domain, "actor": event.actor, "node": event.node,
-            "payload": dict(event.payload)}
+__all__ = ["CHANNEL", "event_record", "insert_events_txn"]
 
 
 def insert_events_txn(cur: Cursor, records: Sequence[Mapping[str, Any]]) -> None:
@@ -221,7 +216,23 @@ def finish_attempts_txn(cur: Cursor, owner: str, outcomes: Sequence[AttemptOutco
         state = cur.fetchone()
         if state is not None and not state[0] and webhook_id not in disabled:
             disabled.append(webhook_id)
+            _announce_disabled_txn(cur, webhook_id, reason)
     return disabled
+
+
+def _announce_disabled_txn(cur: Cursor, webhook_id: int, reason: str) -> None:
+    """A webhook was disabled: a line in the audit log and a webhook.disabled event (for the
+    webhooks that watch the others), in the transaction that disabled it."""
+    cur.execute("SELECT w.url, d.name FROM webhooks w LEFT JOIN domains d ON d.id = w.domain_id "
+                "WHERE w.id = %s", (webhook_id,))
+    row = cur.fetchone()
+    url, domain = (row[0], row[1]) if row else ("", None)
+    cur.execute("INSERT INTO audit_log (actor, action, target, details) VALUES (%s, %s, %s, %s)",
+                ("esp", "webhook.disable", str(webhook_id),
+                 json.dumps({"reason": reason, "url": url})))
+    insert_events_txn(cur, [event_record(Event(
+        WEBHOOK_DISABLED, {"webhook_id": webhook_id, "url": url, "reason": reason},
+        domain=domain))])
 
 
 def next_due_txn(cur: Cursor) -> float | None:

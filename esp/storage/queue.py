@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from esp.storage.db import Cursor
+from esp.storage.outbox import insert_events_txn
 
 
 def enqueue_txn(
@@ -282,13 +284,17 @@ def finish_txn(
     notification: Notification | None = None,
 ) -> Finished:
     """Record one attempt's outcome (see :func:`finish_many_txn`); raises LeaseLost."""
-    [result] = finish_many_txn(cur, owner, [(claim, outcomes, notification)], now, schedule)
+    [result] = finish_many_txn(cur, owner, [(claim, outcomes, notification, ())], now,
+                               schedule)
     if isinstance(result, LeaseLost):
         raise result
     return result
 
 
-Attempt = tuple[Claim, Mapping[str, RecipientOutcome], "Notification | None"]
+# An attempt's claim, outcomes per recipient, bounce report, and the outbox records of the
+# events that describe its outcome (written only if the outcome is).
+Attempt = tuple[Claim, Mapping[str, RecipientOutcome], "Notification | None",
+                Sequence[Mapping[str, Any]]]
 
 
 def finish_many_txn(
@@ -312,7 +318,7 @@ def finish_many_txn(
     if not durable:
         _relaxed_commit(cur)
     finals = [(claim, final_outcomes(claim, outcomes), notification)
-              for claim, outcomes, notification in attempts]
+              for claim, outcomes, notification, _ in attempts]
     ids: list[int] = []
     waits: list[int] = []
     errors: list[str | None] = []
@@ -342,8 +348,10 @@ def finish_many_txn(
             notification_ids[claim.queue_id] = enqueue_txn(
                 cur, notification.spool_name, "", [notification.recipient], notification.size
             )
+    insert_events_txn(cur, [record for claim, _, _, records in attempts
+                            if claim.queue_id in rows for record in records])
     results: list[Finished | LeaseLost] = []
-    for claim, _, _ in attempts:
+    for claim, _, _, _ in attempts:
         if claim.queue_id not in rows:
             results.append(LeaseLost(f"queue row {claim.queue_id} is no longer leased to "
                                      f"{owner}"))

@@ -1,23 +1,21 @@
 """Which events leave the process (a webhook wants them), and the subscriber that writes
 those of them that describe no database change of their own to the outbox.
 
-``message.received`` is written by the delivery itself, in the transaction that stores the
-message; ``user.login``, the filters' verdicts and the rest are written here as they are
+The events of :data:`esp.events.RECORDED_WITH_CHANGE` are written by their emitters, in the
+transaction of the change (the stored message, the queue update, the expunge, the new
+mailbox); ``user.login``, the filters' verdicts and the rest are written here as they are
 published."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from esp.events import MESSAGE_RECEIVED, Event
+from esp.events import RECORDED_WITH_CHANGE, Event, Wants, event_record
 from esp.interfaces import IEventSubscriber
-from esp.storage.outbox import Endpoint, enabled_endpoints_txn, event_record, insert_events_txn
-
-Wants = Callable[[str, str | None], bool]
+from esp.storage.outbox import Endpoint, enabled_endpoints_txn, insert_events_txn
 
 
 class EndpointDirectory:
@@ -58,8 +56,8 @@ class OutboxWriter:
         self._directory = directory
 
     async def handle(self, event: Event) -> None:
-        if event.type == MESSAGE_RECEIVED:
-            return  # written with the message
+        if event.type in RECORDED_WITH_CHANGE:
+            return  # written with their change
         wants = await self._directory.wanted()
         if wants(event.type, event.domain):
             await self._db.run("outbox_event", insert_events_txn, [event_record(event)])
