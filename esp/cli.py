@@ -784,6 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.add_argument("address")
     p.set_defaults(run=cmd_suppression_remove)
+
+    from esp.certs.commands import add_commands  # it uses this module's helpers
+
+    add_commands(commands)
     return parser
 
 

@@ -286,11 +286,67 @@ class StorageConfig(Section):
     body_index: BodyIndexConfig = Field(default_factory=BodyIndexConfig)
 
 
+class AcmeProviderConfig(Section):
+    # The ACME directory URL.
+    directory: Annotated[str, Field(pattern=r"^https?://")]
+    # Contact address given at registration (expiry notices from the CA).
+    email: str | None = None
+    # External Account Binding (ZeroSSL, commercial CAs): key id and base64url HMAC key.
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = None
+    # CA bundle to verify the ACME server's own HTTPS certificate (a private CA); default: the
+    # system's.
+    ca_bundle: Path | None = None
+
+
+DEFAULT_ACME_PROVIDERS: dict[str, AcmeProviderConfig] = {
+    "letsencrypt": AcmeProviderConfig(
+        directory="https://acme-v02.api.letsencrypt.org/directory"),
+    "letsencrypt-staging": AcmeProviderConfig(
+        directory="https://acme-staging-v02.api.letsencrypt.org/directory"),
+    "zerossl": AcmeProviderConfig(directory="https://acme.zerossl.com/v2/DV90"),
+}
+
+
+class AcmeConfig(Section):
+    # Issue and renew certificates with ACME (RFC 8555).  Off: certificates are served from the
+    # database (imported ones, those another node issued) but none is ordered here.
+    enabled: bool = False
+    # The provider new certificates use, a key of ``providers``.
+    provider: str = "letsencrypt"
+    # Contact address for every provider that sets none.
+    email: str | None = None
+    # Built in: letsencrypt, letsencrypt-staging, zerossl (ZeroSSL needs eab_kid and
+    # eab_hmac_key).  Entries here are added to them, or replace one of the same name.
+    providers: dict[str, AcmeProviderConfig] = Field(default_factory=dict)
+    # Certificates to have: each a list of names (the first names the certificate), e.g.
+    # [[mail.example.com, example.com], [mx.example.org]].  More over the CLI and the API.
+    certificates: list[list[Annotated[str, Field(pattern=r"^(\*\.)?[a-z0-9.-]+$")]]] = Field(
+        default_factory=list)
+    # Where the HTTP-01 challenge responder listens (the CA connects to port 80).
+    challenge_listen: Listen = ("tcp:80",)
+    # Seconds between renewal checks (a tenth of jitter either way).
+    check_interval: Annotated[float, Field(gt=0)] = 43200.0
+    # Seconds to wait after the 1st, 2nd, ... failed attempt (the last repeats).
+    retry_schedule: tuple[Annotated[float, Field(gt=0)], ...] = (300, 1800, 7200, 21600, 43200)
+    # Seconds one order may take, challenges and finalization included.
+    timeout: Annotated[float, Field(gt=0)] = 300.0
+    # An IDNSChallengeSolver plugin by name, for DNS-01 (wildcard names); its settings.
+    dns_solver: str | None = None
+    dns_solver_settings: dict[str, Any] = Field(default_factory=dict)
+
+    def all_providers(self) -> dict[str, AcmeProviderConfig]:
+        return {**DEFAULT_ACME_PROVIDERS, **self.providers}
+
+
 class TLSConfig(Section):
     # PEM files; with neither set a self-signed certificate is generated under <data_dir>/tls.
+    # This is the default certificate: clients that name no server, or a name no certificate
+    # in the database covers, get it.
     certificate: Path | None = None
     private_key: Path | None = None
     min_version: Literal["1.2", "1.3"] = "1.2"
+    acme: AcmeConfig = Field(default_factory=AcmeConfig)
 
 
 class Argon2Config(Section):
@@ -497,6 +553,9 @@ def _resolve_paths(config: Config, base: Path, source: Path | None) -> Config:
                         update={
                             "certificate": absolute(tls.certificate),
                             "private_key": absolute(tls.private_key),
+                            "acme": tls.acme.model_copy(update={"providers": {
+                                name: p.model_copy(update={"ca_bundle": absolute(p.ca_bundle)})
+                                for name, p in tls.acme.providers.items()}}),
                         }
                     ),
                     "dkim": config.security.dkim.model_copy(

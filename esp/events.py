@@ -35,13 +35,14 @@ FILTER_MATCHED = "filter.matched"
 SPAM_DETECTED = "spam.detected"
 VIRUS_DETECTED = "virus.detected"
 CERTIFICATE_RENEWED = "certificate.renewed"
+CERTIFICATE_FAILED = "certificate.failed"
 WEBHOOK_DISABLED = "webhook.disabled"
 
 EVENT_TYPES = frozenset(
     {
         MESSAGE_RECEIVED, MESSAGE_SENT, MESSAGE_BOUNCED, MESSAGE_DELETED, USER_LOGIN,
         MAILBOX_CREATED, FILTER_MATCHED, SPAM_DETECTED, VIRUS_DETECTED, CERTIFICATE_RENEWED,
-        WEBHOOK_DISABLED,
+        WEBHOOK_DISABLED, CERTIFICATE_FAILED,
     }
 )
 
@@ -49,7 +50,8 @@ EVENT_TYPES = frozenset(
 # change, by whoever makes it (the message row, the queue update, the expunge, the new
 # mailbox); the others (logins, verdicts) are written as they are published.
 RECORDED_WITH_CHANGE = frozenset(
-    {MESSAGE_RECEIVED, MESSAGE_SENT, MESSAGE_BOUNCED, MESSAGE_DELETED, MAILBOX_CREATED}
+    {MESSAGE_RECEIVED, MESSAGE_SENT, MESSAGE_BOUNCED, MESSAGE_DELETED, MAILBOX_CREATED,
+     CERTIFICATE_RENEWED, CERTIFICATE_FAILED}
 )
 
 T = TypeVar("T")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from esp.events import (
+    CERTIFICATE_FAILED,
     CERTIFICATE_RENEWED,
     EVENT_TYPES,
     FILTER_MATCHED,
@@ -165,7 +166,8 @@ PAYLOADS: dict[str, tuple[str, dict[str, Schema], tuple[str, ...]]] = {
         ("filter", "signature", "outcome", "sender", "recipients"),
     ),
     CERTIFICATE_RENEWED: (
-        "A certificate was issued or renewed and is being served.",
+        "A certificate was issued or renewed and is being served (every node serves it to new "
+        "connections). Written with the new certificate.",
         {
             "names": {"type": "array", "items": STRING},
             "not_before": {"type": "string", "format": "date-time"},
@@ -176,6 +178,20 @@ PAYLOADS: dict[str, tuple[str, dict[str, Schema], tuple[str, ...]]] = {
             "provider": OPTIONAL_STRING,
         },
         ("names", "not_after", "issuer", "source"),
+    ),
+    CERTIFICATE_FAILED: (
+        "Issuing or renewing a certificate failed; the one in service (if any) stays, and the "
+        "attempt is repeated at retry_at. Written with the failure's record.",
+        {
+            "names": {"type": "array", "items": STRING},
+            "error": STRING,
+            "failures": _field("attempts that failed in a row", INTEGER),
+            "retry_at": {"type": "string", "format": "date-time"},
+            "provider": OPTIONAL_STRING,
+            "not_after": _field("when the certificate in service expires (null: none yet)",
+                                {"type": ["string", "null"], "format": "date-time"}),
+        },
+        ("names", "error", "failures", "retry_at"),
     ),
     WEBHOOK_DISABLED: (
         "A webhook was disabled: it answered 410 Gone, or too many deliveries in a row failed. "

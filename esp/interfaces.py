@@ -62,3 +62,24 @@ class IMessageFilterFactory(Interface):
     def build(settings: Any, services: Any) -> Any:
         """A filter with ``settings`` (an instance of ``settings``) and
         :class:`esp.filters.FilterServices`."""
+
+
+class IDNSChallengeSolver(Interface):
+    """Publishes ACME DNS-01 answers (RFC 8555 §8.4) in a DNS zone ESP does not serve: the
+    only challenge a wildcard name can use.  Found through ``twisted.plugin`` (an object
+    providing :class:`twisted.plugin.IPlugin` and this), chosen by ``name`` in
+    ``security.tls.acme.dns_solver``.  Its methods are called from a thread (the ACME client
+    is blocking): they may block, and must return only once the record is published (or
+    removed) on every authoritative server."""
+
+    name = Attribute("The name configuration chooses it by.")
+
+    def configure(settings: dict[str, Any]) -> None:
+        """Take ``security.tls.acme.dns_solver_settings``; raise ValueError if they are
+        wrong (checked at start-up)."""
+
+    def present(name: str, record: str, value: str) -> None:
+        """Publish TXT ``value`` at ``record`` (``_acme-challenge.<name>``)."""
+
+    def cleanup(name: str, record: str, value: str) -> None:
+        """Remove what :meth:`present` published."""

@@ -78,6 +78,13 @@ class Metrics:
                                     "Database pool connections in use", registry=r)
         self.db_waiting = Gauge("esp_db_transactions_waiting",
                                 "Transactions waiting for a pool connection", registry=r)
+        self.certificate_renewals = Counter(
+            "esp_certificate_renewals", "ACME issuances and renewals, by outcome", ["outcome"],
+            registry=r)
+        self.certificate_not_after = Gauge(
+            "esp_certificate_not_after_seconds",
+            "Expiry (Unix time) of each certificate served from the database", ["name"],
+            registry=r)
         self.sessions = Gauge("esp_sessions_open", "Client connections open, by protocol",
                               ["protocol"], registry=r)
         self.rejected = Counter("esp_smtp_rejected",

@@ -27,6 +27,9 @@ from esp.api.service import api_listeners
 from esp.api.tokens import TokenIssuer
 from esp.auditlog import AuditLogger
 from esp.auth import DirectoryChecker, PasswordHasher
+from esp.certs.manager import CertificateManager
+from esp.certs.providers import acme_providers, chosen_dns_solver
+from esp.certs.responder import challenge_site
 from esp.config import Config
 from esp.delivery import LocalDelivery
 from esp.dns import Resolver
@@ -48,6 +51,7 @@ from esp.outbound import OutboundService
 from esp.rules import Rule
 from esp.signing import DKIMSigner
 from esp.smtp.service import smtp_listeners
+from esp.storage.certificates import CHANNEL as CERTIFICATES_CHANNEL
 from esp.storage.cluster import EmbeddedCluster
 from esp.storage.db import Database
 from esp.storage.directory import DirectoryStore
@@ -428,6 +432,18 @@ def makeService(
     events = EventBus()
     metrics = Metrics()
     events.add_subscriber(MetricsSubscriber(metrics))
+    acme_config = config.security.tls.acme
+    manager = CertificateManager(
+        db, certificates.store, SecretBox(config.dkim_secret_file, create=True), reactor,
+        blocking.pool, dsn, events, acme_providers(acme_config), acme_config.provider,
+        requested=acme_config.certificates, check_interval=acme_config.check_interval,
+        retry_schedule=acme_config.retry_schedule,
+        dns_solver=chosen_dns_solver(acme_config.dns_solver, acme_config.dns_solver_settings),
+        metrics=metrics,
+        # Every process serves the database's certificates; the parent alone orders them.
+        issuing=acme_config.enabled and adopted is None)
+    notifier.listen(CERTIFICATES_CHANNEL, manager.notified)
+    children.append(manager)
     directory = DirectoryStore(
         db, config.maildir_root, fast, config.storage.directory_cache_seconds
     )
@@ -551,6 +567,8 @@ def makeService(
             filter_chain=config.filters.chain, filter_factories=installed_filters(),
             forget_domain_filters=domain_filters.forget, forget_rules=rules.forget,
             webhook_networks=webhooks.allow_networks, forget_endpoints=endpoints.forget,
+            acme_providers=tuple(acme_config.all_providers()),
+            acme_default_provider=acme_config.provider,
         ))
         listeners += api_listeners(
             api_config.listen, api, api_config.max_body, reactor, adopted,
@@ -568,6 +586,12 @@ def makeService(
             children.append(service)
             announced.append(service)
         children.append(DepthReader(metrics, db, reactor, config.server.metrics.interval))
+    if acme_config.enabled and adopted is None:
+        for index, description in enumerate(acme_config.challenge_listen):
+            service = ListenerService(f"acme-http-{index}", description, reactor,
+                                      lambda: challenge_site(db))
+            children.append(service)
+            announced.append(service)
     children.append(ReadyAnnouncement(config, database_description, announced))
     for child in children:
         child.setServiceParent(root)

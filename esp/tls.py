@@ -1,21 +1,29 @@
-"""TLS for every listener: certificates from files, or a self-signed one made once.
+"""TLS for every listener: the configured certificate (files, or a self-signed one made once)
+and per-name certificates chosen by SNI, replaceable while running.
 
-:class:`CertificateStore` gives each TLS port (implicit TLS and STARTTLS) its OpenSSL context with
-TLS 1.2 or newer.  Per-domain certificates chosen by SNI and ACME issuance build on this store.
+:class:`CertificateStore` is the connection creator of every TLS port (implicit TLS and
+STARTTLS), TLS 1.2 or newer; the certificate manager (``esp.certs``) installs the certificates
+kept in the database into it.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from esp.config import TLSConfig
 
@@ -68,8 +76,72 @@ def make_self_signed(hostname: str, directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+@dataclass(frozen=True)
+class ServedCertificate:
+    """A certificate chain and its key, served to clients that name one of ``names``."""
+
+    names: tuple[str, ...]
+    chain: tuple[x509.Certificate, ...]
+    key: Any  # a cryptography private key
+
+    @classmethod
+    def from_pem(cls, chain_pem: bytes, key_pem: bytes,
+                 names: Sequence[str] = ()) -> ServedCertificate:
+        """Parse a PEM chain (leaf first) and key; the names default to the leaf's DNS
+        subject alternative names.  CertificateError when they do not parse or match."""
+        try:
+            chain = tuple(x509.load_pem_x509_certificates(chain_pem))
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except ValueError as e:
+            raise CertificateError(f"cannot parse the certificate or key: {e}") from e
+        if not chain:
+            raise CertificateError("no certificate in the chain")
+        public = chain[0].public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if public != key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+            raise CertificateError("the private key does not belong to the certificate")
+        return cls(tuple(n.lower() for n in names) or dns_names(chain[0]), chain, key)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+def dns_names(certificate: x509.Certificate) -> tuple[str, ...]:
+    """The DNS names a certificate is for (its SANs; the common name when it has none)."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = san.value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = [str(a.value) for a in
+                 certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return tuple(n.lower() for n in names)
+
+
+T = TypeVar("T")
+
+
+def _lookup(table: dict[str, T], server_name: str | None) -> T | None:
+    """By name: exact, then the wildcard one label up (RFC 6125 §6.4.3: one label)."""
+    if not server_name:
+        return None
+    name = server_name.lower().rstrip(".")
+    found = table.get(name)
+    if found is None and "." in name:
+        found = table.get("*." + name.split(".", 1)[1])
+    return found
+
+
+@implementer(IOpenSSLServerConnectionCreator)
 class CertificateStore:
-    """The TLS contexts ESP serves with."""
+    """The certificates ESP serves, chosen per connection by the name the client asks for
+    (SNI), with a default for clients that name none or a name nobody has a certificate for.
+
+    The default comes from ``security.tls`` (files, or a self-signed certificate made once);
+    :meth:`install` adds or replaces the others (from the database: ACME, imported files) at
+    any time: connections opened afterwards get them, those open keep theirs.  Every TLS
+    listener, implicit or STARTTLS, uses this one object as its connection creator."""
 
     log = Logger()
 
@@ -77,10 +149,14 @@ class CertificateStore:
         self._settings = settings
         self._hostname = hostname
         self._data_dir = data_dir
-        self._options: ssl.CertificateOptions | None = None
+        self._default: SSL.Context | None = None
+        self._default_served: ServedCertificate | None = None
+        self._file_default: ServedCertificate | None = None
+        self._by_name: dict[str, SSL.Context] = {}
+        self._served: dict[str, ServedCertificate] = {}
 
     def load(self) -> None:
-        """Read (or make) the certificate; blocking, done once at start-up."""
+        """Read (or make) the configured certificate; blocking, done once at start-up."""
         settings = self._settings
         if (settings.certificate is None) != (settings.private_key is None):
             raise CertificateError(
@@ -101,25 +177,74 @@ class CertificateStore:
         except OSError as e:
             raise CertificateError(f"cannot read {e.filename}: {e.strerror}") from e
         try:
-            chain = x509.load_pem_x509_certificates(chain_pem)
-            key = serialization.load_pem_private_key(key_pem, password=None)
-        except ValueError as e:
+            served = ServedCertificate.from_pem(chain_pem, key_pem)
+        except CertificateError as e:
             raise CertificateError(f"{cert_path} / {key_path}: {e}") from e
-        if not chain:
-            raise CertificateError(f"{cert_path} holds no certificate")
-        minimum = (
-            ssl.TLSVersion.TLSv1_3 if settings.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
-        )
-        from OpenSSL import crypto
+        self._file_default = served
+        self.install([])
 
-        self._options = ssl.CertificateOptions(
-            privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-            certificate=crypto.X509.from_cryptography(chain[0]),
-            extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+    def install(self, certificates: Sequence[ServedCertificate]) -> None:
+        """Serve ``certificates`` (in place of those installed before) besides the configured
+        one.  A certificate for the server's own hostname becomes the default."""
+        if self._file_default is None:
+            raise CertificateError("certificates were not loaded")
+        by_name: dict[str, SSL.Context] = {}
+        served: dict[str, ServedCertificate] = {}
+        default = self._file_default
+        for certificate in certificates:
+            context = self._context(certificate)
+            for name in certificate.names:
+                by_name[name] = context
+                served[name] = certificate
+            if self._hostname.lower() in certificate.names:
+                default = certificate
+        default_context = (by_name[self._hostname.lower()] if default is not self._file_default
+                           else self._context(default))
+        # One assignment each: a handshake in progress sees the old set or the new one.
+        self._by_name, self._served = by_name, served
+        self._default, self._default_served = default_context, default
+
+    def _context(self, certificate: ServedCertificate) -> SSL.Context:
+        minimum = (ssl.TLSVersion.TLSv1_3 if self._settings.min_version == "1.3"
+                   else ssl.TLSVersion.TLSv1_2)
+        options = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(certificate.key),
+            certificate=crypto.X509.from_cryptography(certificate.leaf),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in certificate.chain[1:]],
             raiseMinimumTo=minimum,
         )
+        context: SSL.Context = options.getContext()
+        context.set_tlsext_servername_callback(self._choose)
+        return context
 
-    def context_factory(self) -> ssl.CertificateOptions:
-        if self._options is None:
+    def _choose(self, connection: SSL.Connection) -> None:
+        """OpenSSL's server-name callback: switch to the certificate for the name asked."""
+        name = connection.get_servername()
+        if not name:
+            return
+        context = self.context_for(name.decode("ascii", "replace"))
+        if context is not connection.get_context():
+            connection.set_context(context)
+
+    def context_for(self, server_name: str | None) -> SSL.Context:
+        """The context for a name: an exact match, then a wildcard one label up, then the
+        default."""
+        if self._default is None:
             raise CertificateError("certificates were not loaded")
-        return self._options
+        return _lookup(self._by_name, server_name) or self._default
+
+    def served_for(self, server_name: str | None) -> ServedCertificate:
+        """The certificate a client naming ``server_name`` gets (for status and tests)."""
+        if self._default_served is None:
+            raise CertificateError("certificates were not loaded")
+        return _lookup(self._served, server_name) or self._default_served
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        # Each connection starts on the current default; the callback moves it by SNI.
+        return SSL.Connection(self.context_for(None), None)
+
+    def context_factory(self) -> CertificateStore:
+        """What listeners and STARTTLS are given: this store (a connection creator)."""
+        if self._default is None:
+            raise CertificateError("certificates were not loaded")
+        return self

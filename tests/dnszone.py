@@ -50,6 +50,10 @@ MAIL_ZONES: dict[str, list[str]] = {
     # except DKIM and DMARC.
     "hosted.test": ["MX('hosted.test', 10, 'mx.example.test')",
                     "TXT('hosted.test', b'v=spf1 mx ~all')"],
+    # Names certificates are issued for by Pebble: A records only (its VA would try an AAAA
+    # first, where ESP's challenge responder does not listen).
+    "acme-one.test": ["A('acme-one.test', '127.0.0.1')", "A('mail.acme-one.test', '127.0.0.1')"],
+    "acme-two.test": ["A('acme-two.test', '127.0.0.1')", "A('mail.acme-two.test', '127.0.0.1')"],
 }
 
 

@@ -27,6 +27,7 @@ def test_the_design_event_types_are_all_known() -> None:
         "message.received", "message.sent", "message.bounced", "message.deleted",
         "user.login", "mailbox.created", "filter.matched", "spam.detected",
         "virus.detected", "certificate.renewed", "webhook.disabled",
+        "certificate.failed",
     }
 
 

@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException
 import esp
 from esp.api.auth_routes import AuthRoutes
 from esp.api.base import APIServices
+from esp.api.cert_routes import CertRoutes
 from esp.api.directory_routes import DirectoryRoutes
 from esp.api.framework import ROUTES, ApiError, endpoint, error_response
 from esp.api.mail_routes import MailRoutes
@@ -34,7 +35,8 @@ from esp.api.rules_routes import RulesRoutes
 from esp.storage.db import DatabaseUnavailable
 
 
-class ManagementAPI(AuthRoutes, DirectoryRoutes, MailRoutes, RulesRoutes, OpsRoutes):
+class ManagementAPI(AuthRoutes, DirectoryRoutes, MailRoutes, RulesRoutes, OpsRoutes,
+                    CertRoutes):
     app = ROUTES
 
     def __init__(self, services: APIServices) -> None:

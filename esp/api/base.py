@@ -59,6 +59,8 @@ class APIServices:
     webhook_networks: tuple[str, ...] = ()
     forget_endpoints: Callable[[], None] | None = None
     max_message_size: int = 50 * 1024 * 1024
+    acme_providers: tuple[str, ...] = ("letsencrypt",)
+    acme_default_provider: str = "letsencrypt"
 
 
 class APIBase:

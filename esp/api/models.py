@@ -559,3 +559,41 @@ class SecretRotation(Strict):
 class SecretOut(Out):
     secret: str = Field(description="the new secret: shown this once")
     previous_valid_until: datetime
+
+
+# -- certificates ------------------------------------------------------------------------------
+
+CertificateName = Annotated[str, Field(
+    min_length=3, max_length=253, pattern=r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]"
+    r"[a-z0-9-]{0,61}[a-z0-9]$", description="a host name, lower case (A-labels); *.name for "
+    "a wildcard (needs a DNS-01 solver)")]
+
+
+class CertificateRequest(Strict):
+    names: list[CertificateName] = Field(min_length=1, max_length=100,
+                                         description="the first names the certificate")
+    provider: str | None = Field(None, min_length=1, max_length=64,
+                                 pattern=r"^[A-Za-z0-9._-]+$",
+                                 description="an ACME provider of the configuration; default "
+                                             "security.tls.acme.provider")
+
+
+class CertificateOut(Out):
+    id: int
+    names: list[str]
+    domain: str | None
+    source: Literal["acme", "file"]
+    provider: str | None
+    status: Literal["waiting", "in_service", "failing"]
+    not_before: datetime | None
+    not_after: datetime | None
+    issuer: str | None
+    serial: str | None
+    renew_at: datetime | None
+    next_attempt_at: datetime | None
+    failures: int
+    last_error: str | None
+
+
+class CertificatePage(Page[CertificateOut]):
+    pass

@@ -18,7 +18,7 @@ from esp.storage.db import Cursor
 
 # Scopes a key may hold.  "read" stands for every ":read" scope, "*" for all of them.
 RESOURCES = ("domains", "users", "aliases", "mailboxes", "messages", "rules", "queue", "dkim",
-             "webhooks", "audit", "keys")
+             "webhooks", "audit", "keys", "certificates")
 SCOPES = (*(f"{r}:{a}" for r in RESOURCES for a in ("read", "write")),
           "messages:send", "read", "*")
 PREFIX = "esp_"

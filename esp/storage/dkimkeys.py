@@ -43,10 +43,12 @@ class SecretBox:
         self._create = create
         self._aead: AESGCM | None = None
 
-    def _cipher(self) -> AESGCM:
+    def _cipher(self, sealing: bool = False) -> AESGCM:
         if self._aead is None:
             try:
-                if self._create and not self._path.exists():
+                # Made only to seal something new: what was sealed under a secret that is
+                # missing here (another node's) must fail, not meet a fresh secret.
+                if sealing and self._create and not self._path.exists():
                     self._path.parent.mkdir(parents=True, exist_ok=True)
                     fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                     with os.fdopen(fd, "wb") as f:
@@ -55,7 +57,8 @@ class SecretBox:
                         os.fsync(f.fileno())
                 secret = self._path.read_bytes()
             except OSError as e:
-                raise DKIMKeyError(f"cannot read the DKIM secret {self._path}: {e}") from e
+                raise DKIMKeyError(f"cannot read the secret {self._path} (it seals DKIM and "
+                                   f"TLS keys; every node needs the same): {e}") from e
             if len(secret) != 32:
                 raise DKIMKeyError(f"{self._path} must hold exactly 32 bytes")
             self._aead = AESGCM(secret)
@@ -63,13 +66,13 @@ class SecretBox:
 
     def seal(self, plain: bytes, context: bytes) -> bytes:
         nonce = secrets.token_bytes(_NONCE)
-        return nonce + self._cipher().encrypt(nonce, plain, context)
+        return nonce + self._cipher(sealing=True).encrypt(nonce, plain, context)
 
     def open(self, sealed: bytes, context: bytes) -> bytes:
         try:
             return self._cipher().decrypt(sealed[:_NONCE], sealed[_NONCE:], context)
         except Exception as e:  # InvalidTag: another secret, or the row was altered
-            raise DKIMKeyError("cannot decrypt a DKIM key: wrong secret file?") from e
+            raise DKIMKeyError("cannot decrypt a stored key: wrong secret file?") from e
 
 
 def generate(algorithm: str) -> tuple[bytes, str]:
