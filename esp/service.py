@@ -52,6 +52,7 @@ from esp.rules import Rule
 from esp.signing import DKIMSigner
 from esp.smtp.service import smtp_listeners
 from esp.storage.certificates import CHANNEL as CERTIFICATES_CHANNEL
+from esp.storage.certificates import DUE_CHANNEL as CERTIFICATES_DUE_CHANNEL
 from esp.storage.cluster import EmbeddedCluster
 from esp.storage.db import Database
 from esp.storage.directory import DirectoryStore
@@ -442,7 +443,8 @@ def makeService(
         metrics=metrics,
         # Every process serves the database's certificates; the parent alone orders them.
         issuing=acme_config.enabled and adopted is None)
-    notifier.listen(CERTIFICATES_CHANNEL, manager.notified)
+    notifier.listen(CERTIFICATES_CHANNEL, manager.served_changed)
+    notifier.listen(CERTIFICATES_DUE_CHANNEL, manager.work_due)
     children.append(manager)
     directory = DirectoryStore(
         db, config.maildir_root, fast, config.storage.directory_cache_seconds

@@ -133,6 +133,11 @@ def _lookup(table: dict[str, T], server_name: str | None) -> T | None:
     return found
 
 
+def covers(names: Sequence[str], name: str) -> bool:
+    """Whether a certificate for ``names`` is valid for ``name`` (a wildcard: one label)."""
+    return name in names or ("." in name and "*." + name.split(".", 1)[1] in names)
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class CertificateStore:
     """The certificates ESP serves, chosen per connection by the name the client asks for
@@ -196,10 +201,10 @@ class CertificateStore:
             for name in certificate.names:
                 by_name[name] = context
                 served[name] = certificate
-            if self._hostname.lower() in certificate.names:
+            if covers(certificate.names, self._hostname.lower()):
                 default = certificate
-        default_context = (by_name[self._hostname.lower()] if default is not self._file_default
-                           else self._context(default))
+        default_context = (_lookup(by_name, self._hostname) if default is not self._file_default
+                           else None) or self._context(default)
         # One assignment each: a handshake in progress sees the old set or the new one.
         self._by_name, self._served = by_name, served
         self._default, self._default_served = default_context, default

@@ -203,8 +203,11 @@ def test_certificates_over_the_api_within_each_admins_domains(
         _, seen_by_admin = call(esp, "GET", "/api/v1/certificates", token=admin)
         _, seen_by_root = call(esp, "GET", "/api/v1/certificates", token=root)
         hidden = call(esp, "GET", f"/api/v1/certificates/{other['id']}", token=admin)
-        renewing = call(esp, "POST", f"/api/v1/certificates/{made['id']}/renew", token=admin)
+        too_soon = call(esp, "POST", f"/api/v1/certificates/{made['id']}/renew", token=admin)
+        renewing = call(esp, "POST", f"/api/v1/certificates/{made['id']}/renew", token=root)
         esp.process.wait_for("certificate for mail.acme-two.test issued", count=2)
+        own_name = call(esp, "POST", "/api/v1/certificates",
+                        {"names": ["mx.example.test"]}, admin)
         _, audit = call(esp, "GET", "/api/v1/audit?action=certificate.request", token=root)
     finally:
         esp.process.stop()
@@ -215,8 +218,77 @@ def test_certificates_over_the_api_within_each_admins_domains(
     assert sorted(c["names"][0] for c in seen_by_root["items"]) == [
         "mail.acme-one.test", "mail.acme-two.test"]
     assert hidden[0] == 403 and renewing[0] == 202
+    assert too_soon[0] == 409 and "less than an hour" in too_soon[1]["error"]["message"]
+    assert own_name[0] == 403
     assert sorted(e["actor"] for e in audit["items"]) == [
         "admin@acme-two.test", "root@acme-one.test"]
+
+
+def test_a_certificate_from_another_tool_is_imported_and_served_by_name(
+    scratch: Path, database_dsn: str, test_dns: DNSServer,
+) -> None:
+    # What certbot or a corporate CA leaves on disk: a chain (leaf, intermediate) and a key.
+    chain, key = make_chain(scratch / "certbot", ["imap.acme-two.test", "acme-two.test"])
+    esp = start_esp(scratch, database_dsn, test_dns.nameserver)
+    try:
+        esp.add_domain("acme-two.test")
+        wrong = cert_cli(esp, "import", "--cert", str(chain), "--key",
+                         str(make_chain(scratch / "other", ["x.test"])[1]))
+        code, out, err = cert_cli(esp, "import", "--cert", str(chain), "--key", str(key))
+        assert code == 0, err
+        esp.process.wait_for("serving 1 certificates from the database")
+        shown = peer_certificate(esp.ports["imaps"], "acme-two.test")
+        default = peer_certificate(esp.ports["imaps"], "other.acme-two.test")
+        code, listing, _ = cert_cli(esp, "list")
+        renew = cert_cli(esp, "renew", "acme-two.test")
+    finally:
+        esp.process.stop()
+    assert wrong[0] != 0 and "does not belong" in wrong[2]
+    assert names_of(shown) == ["imap.acme-two.test", "acme-two.test"]
+    assert names_of(default) == ["mx.example.test"]  # no wildcard: the default
+    assert "\tfile\t" in listing and "in service" in listing
+    assert renew[0] != 0 and "only ACME" in renew[2]
+    with connection(database_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT actor, action, target FROM audit_log WHERE action LIKE 'certificate%'")
+        [(actor, action, target)] = cur.fetchall()
+    assert actor.startswith("cli:") and action == "certificate.import"
+    assert target == "imap.acme-two.test"
+
+
+def make_chain(directory: Path, names: list[str]) -> tuple[Path, Path]:
+    """A leaf for ``names`` signed by an intermediate: fullchain.pem and privkey.pem."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Corporate Intermediate")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(now + dt.timedelta(days=365))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=90))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    chain = directory / "fullchain.pem"
+    chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM)
+                      + ca.public_bytes(serialization.Encoding.PEM))
+    private = directory / "privkey.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return chain, private
 
 
 def test_external_account_binding_registers_with_the_right_key_only(

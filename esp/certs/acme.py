@@ -108,21 +108,17 @@ def register(provider: Provider) -> Account:
     return Account(key_pem, account.uri)
 
 
-def issue(provider: Provider, account: Account | None, names: Sequence[str],
+class UnknownAccount(AcmeError):
+    """The CA does not know the account (a test CA reset, an account deactivated)."""
+
+
+def issue(provider: Provider, account: Account, names: Sequence[str],
           board: ChallengeBoard, dns_solver: DNSSolver | None = None) -> Issued:
-    """Order a certificate for ``names`` with a new key, answer the challenges, finalize.
-    Without an account, or when the CA no longer knows ours, a new one is registered (the
-    result carries the account used)."""
-    if account is None:
-        return _order(provider, register(provider), names, board, dns_solver)
-    try:
-        return _order(provider, account, names, board, dns_solver)
-    except _UnknownAccount:
-        return _order(provider, register(provider), names, board, dns_solver)
-
-
-class _UnknownAccount(Exception):
-    pass
+    """Order a certificate for ``names`` with a new key, answer the challenges (HTTP-01 for
+    plain names, DNS-01 through ``dns_solver`` for wildcards), finalize.  The account must be
+    registered (:func:`register`) and kept by the caller first: a failed order must not cost
+    a registration.  UnknownAccount when the CA no longer knows it."""
+    return _order(provider, account, names, board, dns_solver)
 
 
 def _order(provider: Provider, account: Account, names: Sequence[str], board: ChallengeBoard,
@@ -148,32 +144,32 @@ def _order(provider: Provider, account: Account, names: Sequence[str], board: Ch
                 continue  # reused: validated recently
             name = authorization.body.identifier.value
             wildcard = bool(authorization.body.wildcard)
-            answered = False
-            for body in authorization.body.challenges:
-                chall = body.chall
-                if isinstance(chall, challenges.HTTP01) and not wildcard:
-                    response, validation = body.response_and_validation(key)
-                    board.publish(chall.encode("token"), validation, name)
-                    published.append(chall.encode("token"))
-                elif isinstance(chall, challenges.DNS01) and dns_solver is not None:
-                    response, validation = body.response_and_validation(key)
-                    record = chall.validation_domain_name(name)
-                    dns_solver.present(name, record, validation)
-                    records.append((name, record, validation))
-                else:
-                    continue
-                acme.answer_challenge(body, response)
-                answered = True
-                break
-            if not answered:
+            # RFC 8555 gives the challenges no order: choose. HTTP-01 for a plain name (the
+            # responder answers it on every node), DNS-01 where only it works (wildcards).
+            kinds = {type(b.chall): b for b in authorization.body.challenges}
+            body = (kinds.get(challenges.DNS01) if wildcard else
+                    kinds.get(challenges.HTTP01) or (kinds.get(challenges.DNS01)
+                                                     if dns_solver is not None else None))
+            if body is None or (isinstance(body.chall, challenges.DNS01) and dns_solver is None):
                 raise AcmeError(f"no challenge we can answer for {name}"
                                 + (" (a wildcard needs a DNS-01 solver)" if wildcard else ""))
+            response, validation = body.response_and_validation(key)
+            if isinstance(body.chall, challenges.DNS01):
+                assert dns_solver is not None
+                record = body.chall.validation_domain_name(name)
+                dns_solver.present(name, record, validation)
+                records.append((name, record, validation))
+            else:
+                token = body.chall.encode("token")
+                board.publish(token, validation, name)
+                published.append(token)
+            acme.answer_challenge(body, response)
         order = acme.poll_and_finalize(order, deadline=deadline)
     except AcmeError:
         raise
     except messages.Error as e:
         if e.code == "accountDoesNotExist":
-            raise _UnknownAccount(str(e)) from e
+            raise UnknownAccount(str(e)) from e
         raise AcmeError(f"ordering from {provider.name} failed: {e}") from e
     except errors.ValidationError as e:
         problems = "; ".join(
@@ -185,13 +181,18 @@ def _order(provider: Provider, account: Account, names: Sequence[str], board: Ch
     except (errors.Error, OSError, ValueError) as e:
         raise AcmeError(f"ordering from {provider.name} failed: {e}") from e
     finally:
+        # Clean-up never hides what went wrong: answers left behind expire, records are
+        # harmless.
         if published:
-            board.withdraw(published)
+            try:
+                board.withdraw(published)
+            except Exception:  # noqa: S110
+                pass
         for name, record, value in records:
             if dns_solver is not None:
                 try:
                     dns_solver.cleanup(name, record, value)
-                except Exception:  # noqa: S110 (a record left behind is harmless)
+                except Exception:  # noqa: S110
                     pass
     if not order.fullchain_pem:
         raise AcmeError("the CA returned no certificate")

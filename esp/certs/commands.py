@@ -10,16 +10,20 @@ from __future__ import annotations
 import argparse
 import select
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from cryptography.hazmat.primitives import serialization
 
+from esp.addresses import InvalidAddress, normalize_domain
 from esp.certs.manager import key_context
 from esp.cli import Refused, UsageProblem, _actor, open_database
 from esp.config import Config
 from esp.storage.certificates import (
     CHANNEL,
+    DUE_CHANNEL,
+    CertificateConflict,
     CertificateRow,
     NewCertificate,
     get_certificate_txn,
@@ -31,7 +35,17 @@ from esp.storage.certificates import (
 )
 from esp.storage.db import run_sync
 from esp.storage.dkimkeys import SecretBox
-from esp.tls import CertificateError, ServedCertificate
+from esp.tls import CertificateError, ServedCertificate, covers
+
+
+def certificate_name(name: str) -> str:
+    """A name as certificates carry it: lower case A-labels, no trailing dot; ``*.`` kept."""
+    wildcard = name.startswith("*.")
+    try:
+        plain = normalize_domain(name[2:] if wildcard else name)
+    except InvalidAddress as e:
+        raise UsageProblem(f"{name}: {e}") from None
+    return ("*." if wildcard else "") + plain.rstrip(".")
 
 
 def _status(row: CertificateRow) -> str:
@@ -73,7 +87,8 @@ def cmd_show(args: argparse.Namespace, config: Config, out: TextIO) -> int:
         "not after": row.not_after.isoformat() if row.not_after else "-",
         "renew at": row.renew_at.isoformat() if row.renew_at else "-",
         "failures": str(row.failures),
-        "next attempt": row.next_attempt_at.isoformat() if row.source == "acme" else "-",
+        "next attempt": (max(row.next_attempt_at, row.renew_at or row.next_attempt_at,
+                             datetime.now(UTC)).isoformat() if row.source == "acme" else "-"),
     }
     for key, value in fields.items():
         out.write(f"{key + ':':14}{value}\n")
@@ -85,6 +100,7 @@ def _wait(connection: Any, before: CertificateRow, seconds: float, out: TextIO) 
     connection.autocommit = True
     with connection.cursor() as cur:
         cur.execute(f"LISTEN {CHANNEL}")
+        cur.execute(f"LISTEN {DUE_CHANNEL}")
     deadline = time.monotonic() + seconds
     while True:
         row = run_sync(connection, get_certificate_txn, before.id)
@@ -112,11 +128,13 @@ def cmd_issue(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     if provider not in acme.all_providers():
         raise UsageProblem(f"no ACME provider {provider!r} (configured: "
                            f"{', '.join(sorted(acme.all_providers()))})")
-    names = [n.lower().rstrip(".") for n in args.names]
+    names = [certificate_name(n) for n in args.names]
     with open_database(config) as connection:
         row, made = run_sync(connection, request_certificate_txn, names, provider, _actor())
+        if row.source != "acme":
+            raise Refused(f"{names[0]} has an imported certificate: `esp cert remove` it first")
         if not made:
-            row = run_sync(connection, renew_now_txn, names[0], _actor()) or row
+            row = run_sync(connection, renew_now_txn, row.id, _actor()) or row
         out.write(f"certificate {row.id} for {', '.join(row.names)} requested from {provider}"
                   + ("" if acme.enabled else " (security.tls.acme.enabled is off here: a "
                      "node with it on orders it)") + "\n")
@@ -128,7 +146,7 @@ def cmd_issue(args: argparse.Namespace, config: Config, out: TextIO) -> int:
 def cmd_renew(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     with open_database(config) as connection:
         before = _find(connection, args.name)
-        row = run_sync(connection, renew_now_txn, args.name, _actor())
+        row = run_sync(connection, renew_now_txn, before.id, _actor())
         if row is None:
             raise Refused(f"{args.name}: only ACME certificates are renewed by ESP")
         out.write(f"renewal of {', '.join(row.names)} requested\n")
@@ -139,12 +157,18 @@ def cmd_renew(args: argparse.Namespace, config: Config, out: TextIO) -> int:
 
 def cmd_import(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     try:
-        served = ServedCertificate.from_pem(args.cert.read_bytes(), args.key.read_bytes(),
-                                            args.name or ())
+        served = ServedCertificate.from_pem(args.cert.read_bytes(), args.key.read_bytes())
     except OSError as e:
         raise UsageProblem(f"cannot read {e.filename}: {e.strerror}") from None
     except CertificateError as e:
         raise UsageProblem(str(e)) from None
+    if args.name:
+        wanted = tuple(certificate_name(n) for n in args.name)
+        uncovered = [n for n in wanted if not covers(served.names, n)]
+        if uncovered:
+            raise UsageProblem(f"the certificate is not for {', '.join(uncovered)} (it is for "
+                               f"{', '.join(served.names)})")
+        served = ServedCertificate(wanted, served.chain, served.key)
     leaf = served.leaf
     box = SecretBox(config.dkim_secret_file, create=True)
     chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in served.chain)
@@ -155,9 +179,12 @@ def cmd_import(args: argparse.Namespace, config: Config, out: TextIO) -> int:
                          leaf.not_valid_after_utc, leaf.issuer.rfc4514_string(),
                          format(leaf.serial_number, "x"), None)
     with open_database(config) as connection:
-        certificate_id = run_sync(
-            connection, import_certificate_txn, served.names, new,
-            lambda row_id: box.seal(key_pem, key_context(row_id)), _actor())
+        try:
+            certificate_id = run_sync(
+                connection, import_certificate_txn, served.names, new,
+                lambda row_id: box.seal(key_pem, key_context(row_id)), _actor())
+        except CertificateConflict as e:
+            raise Refused(str(e)) from None
     out.write(f"certificate {certificate_id} for {', '.join(served.names)} imported, valid "
               f"until {leaf.not_valid_after_utc:%Y-%m-%d}; every node serves it now\n")
     return 0
@@ -165,8 +192,8 @@ def cmd_import(args: argparse.Namespace, config: Config, out: TextIO) -> int:
 
 def cmd_remove(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     with open_database(config) as connection:
-        if not run_sync(connection, remove_certificate_txn, args.name, _actor()):
-            raise Refused(f"no certificate for {args.name}")
+        row = _find(connection, args.name)
+        run_sync(connection, remove_certificate_txn, row.id, _actor())
     out.write(f"certificate for {args.name} removed\n")
     return 0
 

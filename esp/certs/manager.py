@@ -31,6 +31,7 @@ from esp.events import (
     CERTIFICATE_RENEWED,
     Event,
     EventBus,
+    Wants,
     leaving_records,
 )
 from esp.storage.certificates import (
@@ -39,6 +40,7 @@ from esp.storage.certificates import (
     due_certificates_txn,
     get_account_txn,
     get_certificate_txn,
+    next_due_txn,
     publish_challenge_txn,
     put_account_txn,
     record_failure_txn,
@@ -137,6 +139,8 @@ class CertificateManager(Service):
         self._checking: Deferred[list[Outcome]] | None = None
         self._again = False
         self._announced = False
+        self._reloading = False
+        self._reload_wanted = False
         # The clock renewal decisions use (a test moves it forward).
         self.now: Callable[[], datetime] = lambda: datetime.now(UTC)
 
@@ -156,17 +160,22 @@ class CertificateManager(Service):
         self._timer = None
 
     async def _start(self) -> None:
-        for names in self._requested if self._issuing else ():
-            await self._db.run("certificate_request", request_certificate_txn, names,
-                               self._default_provider)
-        await self.reload()
-        if self._issuing:
-            self._schedule(random.uniform(1, 10))  # noqa: S311 (jitter, not a secret)
+        try:
+            for names in self._requested if self._issuing else ():
+                await self._db.run("certificate_request", request_certificate_txn, names,
+                                   self._default_provider)
+            await self.reload()
+        finally:
+            if self._issuing:
+                self._schedule(random.uniform(1, 10))  # noqa: S311 (jitter, not a secret)
 
-    def notified(self) -> None:
-        """``esp_certificates`` was notified: reload what is served, look for due work."""
+    def served_changed(self) -> None:
+        """``esp_certificates`` was notified: reload what is served."""
         Deferred.fromCoroutine(self.reload()).addErrback(
             lambda f: self.log.failure("certificate reload", f))
+
+    def work_due(self) -> None:
+        """``esp_certificates_due`` was notified (a request, a renewal asked for)."""
         if self._issuing and self.running:
             self._schedule(0)
 
@@ -175,23 +184,48 @@ class CertificateManager(Service):
             if self._timer.getTime() - self._reactor.seconds() <= delay:
                 return
             self._timer.cancel()
-        self._timer = self._reactor.callLater(delay, self._tick)
+        self._timer = self._reactor.callLater(max(0.0, delay), self._tick)
 
     def _tick(self) -> None:
         self._timer = None
         if not self.running:
             return
-        d = Deferred.fromCoroutine(self.check())
+        d = Deferred.fromCoroutine(self._check_and_plan())
         d.addErrback(lambda f: self.log.failure("certificate check", f))
-        # Next look: the interval with up to a tenth of jitter, so nodes do not all ask the CA
-        # in the same second.
-        d.addBoth(lambda _: self._schedule(
-            self._interval * random.uniform(0.9, 1.1)) if self.running else None)  # noqa: S311
+
+    async def _check_and_plan(self) -> None:
+        # Next look: when the next certificate falls due (a retry after a failure, a renewal),
+        # at the latest after the interval, with up to a tenth of jitter so that nodes do not
+        # all ask the CA in the same second.
+        wait = self._interval * random.uniform(0.9, 1.1)  # noqa: S311
+        try:
+            await self.check()
+            due = await self._db.run("certificates_next_due", next_due_txn)
+            if due is not None:
+                wait = min(wait, (due - self.now()).total_seconds() + random.uniform(0, 5))  # noqa: S311
+        finally:
+            if self.running:
+                self._schedule(wait)
 
     # -- serving --------------------------------------------------------------------------------
 
     async def reload(self) -> int:
-        """Install every certificate in the database into the TLS store; how many."""
+        """Install every certificate in the database into the TLS store; how many.  One
+        reload at a time; one asked for meanwhile runs once this one is done."""
+        self._reload_wanted = True
+        if self._reloading:
+            return -1
+        self._reloading = True
+        count = 0
+        try:
+            while self._reload_wanted:
+                self._reload_wanted = False
+                count = await self._reload_once()
+        finally:
+            self._reloading = False
+        return count
+
+    async def _reload_once(self) -> int:
         rows = await self._db.run("served_certificates", served_certificates_txn)
         served: list[ServedCertificate] = []
         for certificate_id, names, chain_pem, key_sealed in rows:
@@ -225,7 +259,12 @@ class CertificateManager(Service):
                 self._again = False
                 due = await self._db.run("certificates_due", due_certificates_txn, self.now())
                 for row in due:
-                    outcomes.append(await self._renew(row))
+                    try:
+                        outcomes.append(await self._renew(row))
+                    except Exception as e:  # the database away while recording: next check
+                        self.log.error("certificate for {name}: {error}", name=row.names[0],
+                                       error=str(e))
+                        outcomes.append(Outcome(row.names, False, str(e)))
                 if not self._again:
                     break
         finally:
@@ -236,105 +275,123 @@ class CertificateManager(Service):
     async def _renew(self, row: CertificateRow) -> Outcome:
         provider_name = row.provider or self._default_provider
         provider = self._providers.get(provider_name)
-        if provider is None:
-            return await self._failed(row, f"no ACME provider {provider_name!r} is configured")
+        wants = await self._events.leaving()
         when = self.now()
-        try:
-            issued = await deferToThreadPool(self._reactor, self._pool, self._issue_locked,
-                                             provider, row, when)
-        except acme.AcmeError as e:
-            return await self._failed(row, str(e))
-        except Exception as e:
-            self.log.failure("issuing {name}", name=row.names[0])
-            return await self._failed(row, f"{type(e).__name__}: {e}")
-        if issued is None:
-            return Outcome(row.names, False)  # another node has it, or it was no longer due
-        chain_pem, key_pem, suggested = issued
-        try:
-            served = ServedCertificate.from_pem(chain_pem, key_pem, row.names)
-        except CertificateError as e:
-            return await self._failed(row, f"the CA's certificate is unusable: {e}")
-        facts = certificate_facts(served)
-        event = Event(CERTIFICATE_RENEWED, {
-            **facts, "not_before": facts["not_before"].isoformat(),
-            "not_after": facts["not_after"].isoformat(), "source": "acme",
-            "provider": provider_name}, domain=row.domain)
-        new = NewCertificate(
-            chain_pem.decode(), self._box.seal(key_pem, key_context(row.id)),
-            facts["not_before"], facts["not_after"], facts["issuer"], facts["serial"],
-            renewal_time(facts["not_before"], facts["not_after"], self.now(), suggested))
-        await self._db.run("certificate_issued", store_issued_txn, row.id, new,
-                           leaving_records([event], await self._events.leaving()))
-        self._events.publish(event)
+        if provider is None:
+            error = f"no ACME provider {provider_name!r} is configured"
+            result: _Result | None = await self._db.run(
+                "certificate_failed", self._record_failure_txn, row, error, when, wants)
+        else:
+            result = await deferToThreadPool(self._reactor, self._pool, self._issue_locked,
+                                             provider, row, when, wants)
+        if result is None:
+            return Outcome(row.names, False)  # another node has it, or it is no longer due
+        self._events.publish(result.event)
+        if result.error is not None:
+            self._count("failed")
+            self.log.warn("certificate for {names} not issued ({error}); "
+                          "{served}, next try in {wait:.0f}s",
+                          names=",".join(row.names), error=result.error, wait=result.wait,
+                          served="the old one stays in service" if row.chain_pem
+                          else "none in service yet")
+            return Outcome(row.names, False, result.error)
         self._count("renewed")
         self.log.info("certificate for {names} issued by {provider}, valid until {until}",
                       names=",".join(row.names), provider=provider_name,
-                      until=facts["not_after"].isoformat())
+                      until=result.event.payload["not_after"])
         await self.reload()  # here at once; the notification reloads the other nodes
         return Outcome(row.names, True)
 
-    def _issue_locked(self, provider: acme.Provider, row: CertificateRow,
-                      when: datetime) -> tuple[bytes, bytes, datetime | None] | None:
-        """In a pool thread: under the cluster's renewal lock, if the row is still due, order
-        the certificate (registering an account first if needed)."""
+    def _issue_locked(self, provider: acme.Provider, row: CertificateRow, when: datetime,
+                      wants: Wants) -> _Result | None:
+        """In a pool thread, under the cluster's renewal lock held until the outcome is
+        written: if the row is still due, order the certificate (registering an account first
+        if needed) and store it, or record the failure."""
         with closing(connect(self._dsn, "esp-acme")) as conn:
             with conn.cursor() as cur:
                 cur.execute("SELECT pg_try_advisory_lock(%s)", (RENEWAL_LOCK,))
-                locked = bool(cur.fetchone()[0])  # type: ignore[index]
+                found = cur.fetchone()
             conn.commit()
-            if not locked:
+            if not (found and found[0]):
                 return None
             try:
                 current = run_sync(conn, get_certificate_txn, row.id)
                 if current is None or not _still_due(current, when):
                     return None
-                stored = run_sync(conn, get_account_txn, provider.directory)
-                account = None
-                if stored is not None:
-                    account = acme.Account(
-                        self._box.open(stored[0], _account_context(provider.directory)),
-                        stored[1])
-                issued = acme.issue(provider, account, row.names, _DatabaseBoard(self._dsn),
-                                    self._solver)
-                if issued.account != account:  # registered now
-                    run_sync(conn, put_account_txn, provider.directory,
-                             self._box.seal(issued.account.key_pem,
-                                            _account_context(provider.directory)),
-                             issued.account.url, provider.email)
-                suggested = acme.suggested_renewal(provider, issued.account, issued.chain_pem)
-                return issued.chain_pem, issued.key_pem, suggested
+                try:
+                    chain_pem, key_pem, suggested = self._order(conn, provider, current)
+                    served = ServedCertificate.from_pem(chain_pem, key_pem, current.names)
+                except (acme.AcmeError, CertificateError) as e:
+                    return run_sync(conn, self._record_failure_txn, current, str(e), when,
+                                    wants)
+                return run_sync(conn, self._store_txn, current, served, chain_pem, key_pem,
+                                suggested, provider.name, wants)
             finally:
+                conn.rollback()
                 with conn.cursor() as cur:
                     cur.execute("SELECT pg_advisory_unlock(%s)", (RENEWAL_LOCK,))
                 conn.commit()
 
-    async def _failed(self, row: CertificateRow, error: str) -> Outcome:
+    def _order(self, conn: Any, provider: acme.Provider,
+               row: CertificateRow) -> tuple[bytes, bytes, datetime | None]:
+        """The account (stored before anything is ordered with it), then the order."""
+        context = account_context(provider.directory)
+        stored = run_sync(conn, get_account_txn, provider.directory)
+        account = (acme.Account(self._box.open(stored[0], context), stored[1])
+                   if stored is not None else None)
+        for _ in range(2):
+            if account is None:
+                account = acme.register(provider)
+                run_sync(conn, put_account_txn, provider.directory,
+                         self._box.seal(account.key_pem, context), account.url, provider.email)
+            try:
+                issued = acme.issue(provider, account, row.names, _DatabaseBoard(self._dsn),
+                                    self._solver)
+            except acme.UnknownAccount:
+                account = None  # the CA forgot it (a reset test CA): register again, once
+                continue
+            suggested = acme.suggested_renewal(provider, account, issued.chain_pem)
+            return issued.chain_pem, issued.key_pem, suggested
+        raise acme.AcmeError(f"{provider.name} does not know the account it just registered")
+
+    def _store_txn(self, cur: Any, row: CertificateRow, served: ServedCertificate,
+                   chain_pem: bytes, key_pem: bytes, suggested: datetime | None,
+                   provider: str, wants: Wants) -> _Result:
+        facts = certificate_facts(served)
+        event = Event(CERTIFICATE_RENEWED, {
+            **facts, "not_before": facts["not_before"].isoformat(),
+            "not_after": facts["not_after"].isoformat(), "source": "acme",
+            "provider": provider}, domain=row.domain)
+        new = NewCertificate(
+            chain_pem.decode(), self._box.seal(key_pem, key_context(row.id)),
+            facts["not_before"], facts["not_after"], facts["issuer"], facts["serial"],
+            renewal_time(facts["not_before"], facts["not_after"], self.now(), suggested))
+        store_issued_txn(cur, row.id, new, leaving_records([event], wants))
+        return _Result(event)
+
+    def _record_failure_txn(self, cur: Any, row: CertificateRow, error: str, when: datetime,
+                            wants: Wants) -> _Result:
         attempt = row.failures + 1
-        wait = self._retry[min(attempt, len(self._retry)) - 1] if self._retry else 3600
-        retry_at = self.now() + timedelta(seconds=wait)
+        wait = self._retry[min(attempt, len(self._retry)) - 1] if self._retry else 3600.0
+        retry_at = when + timedelta(seconds=wait)
         event = Event(CERTIFICATE_FAILED, {
             "names": list(row.names), "error": error, "failures": attempt,
             "retry_at": retry_at.isoformat(), "provider": row.provider,
             "not_after": row.not_after.isoformat() if row.not_after else None},
             domain=row.domain)
-        try:
-            await self._db.run("certificate_failed", record_failure_txn, row.id, error,
-                               retry_at, leaving_records([event], await self._events.leaving()))
-        except Exception as e:
-            self.log.error("cannot record the failure for {name}: {error}", name=row.names[0],
-                           error=str(e))
-        self._events.publish(event)
-        self._count("failed")
-        self.log.warn("certificate for {names} not issued ({error}); "
-                      "{served}, next try in {wait:.0f}s",
-                      names=",".join(row.names), error=error, wait=wait,
-                      served="the old one stays in service" if row.chain_pem
-                      else "none in service yet")
-        return Outcome(row.names, False, error)
+        record_failure_txn(cur, row.id, error, retry_at, leaving_records([event], wants))
+        return _Result(event, error, wait)
 
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.certificate_renewals.labels(outcome).inc()
+
+
+@dataclass(frozen=True)
+class _Result:
+    event: Event
+    error: str | None = None
+    wait: float = 0.0
 
 
 def _still_due(row: CertificateRow, when: datetime) -> bool:
@@ -347,5 +404,5 @@ def key_context(certificate_id: int) -> bytes:
     return f"certificate:{certificate_id}".encode()
 
 
-def _account_context(directory: str) -> bytes:
+def account_context(directory: str) -> bytes:
     return f"acme-account:{directory}".encode()

@@ -30,8 +30,12 @@ class ChallengeResource(Resource):
         if len(path) != 1 or not TOKEN.match(path[0]):
             return self._not_found(request)
         token = path[0].decode("ascii")
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
 
         def answer(found: str | None) -> None:
+            if gone:
+                return  # the client went away meanwhile
             if found is None:
                 request.write(self._not_found(request))
             else:
@@ -42,6 +46,8 @@ class ChallengeResource(Resource):
         def failed(failure: Any) -> None:
             self.log.warn("cannot read ACME challenge {token}: {error}", token=token,
                           error=failure.getErrorMessage())
+            if gone:
+                return
             request.setResponseCode(503)
             request.finish()
 

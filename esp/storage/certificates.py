@@ -7,14 +7,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from esp.storage.db import Cursor
 from esp.storage.directory import record_audit_txn
 from esp.storage.outbox import insert_events_txn
 
+# What is served changed: every process reloads its TLS contexts.
 CHANNEL = "esp_certificates"
+# A certificate was requested or failed: the ordering node looks for due work (and
+# `esp cert issue --wait` follows it).
+DUE_CHANNEL = "esp_certificates_due"
+# "Due now" for requests and manual renewals: a time every node's clock is past.
+DUE_NOW = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class CertificateConflict(Exception):
+    """The change would replace a certificate of the other kind."""
 
 
 @dataclass(frozen=True)
@@ -34,11 +44,12 @@ class CertificateRow:
     failures: int
     last_error: str | None
     domain: str | None
+    issued_at: datetime | None
 
 
 _COLUMNS = ("c.id, c.names, c.source, c.provider, c.chain_pem, c.key_sealed, c.not_before, "
             "c.not_after, c.issuer, c.serial, c.renew_at, c.next_attempt_at, c.failures, "
-            "c.last_error, d.name")
+            "c.last_error, d.name, c.issued_at")
 
 
 def _row(r: Sequence[Any]) -> CertificateRow:
@@ -79,23 +90,44 @@ def hosted_domain_of_txn(cur: Cursor, name: str) -> int | None:
     return None
 
 
+def normal_name(name: str) -> str:
+    return name.strip().lower().rstrip(".")
+
+
 def request_certificate_txn(cur: Cursor, names: Sequence[str], provider: str,
                             actor: str | None = None) -> tuple[CertificateRow, bool]:
-    """Ask for an ACME certificate for ``names`` (made at the next check, at once when the
-    manager is woken); (its row, whether it is new).  An existing request is left as is."""
-    names = [n.lower() for n in names]
+    """Ask for an ACME certificate for ``names`` (ordered at the next check, at once when the
+    ordering node is notified); (its row, whether it is new).  An existing row for exactly
+    these names is returned as it is."""
+    names = [normal_name(n) for n in names]
     cur.execute(
-        "INSERT INTO certificates (names, domain_id, source, provider) VALUES (%s, %s, 'acme', %s) "
-        "ON CONFLICT (names) DO NOTHING RETURNING id",
-        (names, hosted_domain_of_txn(cur, names[0]), provider))
+        "INSERT INTO certificates (names, domain_id, source, provider, next_attempt_at) "
+        "VALUES (%s, %s, 'acme', %s, %s) ON CONFLICT (names) DO NOTHING RETURNING id",
+        (names, hosted_domain_of_txn(cur, names[0]), provider, DUE_NOW))
     made = cur.fetchone()
-    if made is not None and actor is not None:
-        record_audit_txn(cur, actor, None, "certificate.request", names[0],
-                         {"names": names, "provider": provider})
-    cur.execute("SELECT pg_notify(%s, 'due')", (CHANNEL,))
-    row = get_certificate_txn(cur, names[0])
+    if made is None:
+        cur.execute("SELECT id FROM certificates WHERE names = %s", (names,))
+        made_before = cur.fetchone()
+        assert made_before is not None
+        certificate_id, new = int(made_before[0]), False
+    else:
+        certificate_id, new = int(made[0]), True
+        if actor is not None:
+            record_audit_txn(cur, actor, None, "certificate.request", names[0],
+                             {"names": names, "provider": provider})
+        cur.execute("SELECT pg_notify(%s, 'requested')", (DUE_CHANNEL,))
+    row = get_certificate_txn(cur, certificate_id)
     assert row is not None
-    return row, made is not None
+    return row, new
+
+
+def next_due_txn(cur: Cursor) -> datetime | None:
+    """When the next ACME certificate falls due (issuance, renewal or a retry)."""
+    cur.execute("SELECT min(greatest(next_attempt_at, CASE WHEN chain_pem IS NULL "
+                "THEN next_attempt_at ELSE renew_at END)) FROM certificates "
+                "WHERE source = 'acme'")
+    row = cur.fetchone()
+    return row[0] if row else None
 
 
 def due_certificates_txn(cur: Cursor, now: datetime) -> list[CertificateRow]:
@@ -114,14 +146,12 @@ def renew_now_txn(cur: Cursor, name_or_id: str | int,
     row = get_certificate_txn(cur, name_or_id)
     if row is None or row.source != "acme":
         return None
-    cur.execute("UPDATE certificates SET renew_at = now(), next_attempt_at = now(), "
-                "updated_at = now() WHERE id = %s RETURNING id", (row.id,))
-    found = cur.fetchone()
-    assert found is not None
+    cur.execute("UPDATE certificates SET renew_at = %s, next_attempt_at = %s, "
+                "updated_at = now() WHERE id = %s", (DUE_NOW, DUE_NOW, row.id))
     if actor is not None:
         record_audit_txn(cur, actor, None, "certificate.renew", row.names[0], {})
-    cur.execute("SELECT pg_notify(%s, 'due')", (CHANNEL,))
-    return get_certificate_txn(cur, int(found[0]))
+    cur.execute("SELECT pg_notify(%s, 'renew')", (DUE_CHANNEL,))
+    return get_certificate_txn(cur, row.id)
 
 
 @dataclass(frozen=True)
@@ -142,11 +172,11 @@ def store_issued_txn(cur: Cursor, certificate_id: int, new: NewCertificate,
         """
         UPDATE certificates SET chain_pem = %s, key_sealed = %s, not_before = %s,
                not_after = %s, issuer = %s, serial = %s, renew_at = %s, failures = 0,
-               last_error = NULL, next_attempt_at = now(), updated_at = now()
+               last_error = NULL, next_attempt_at = %s, issued_at = now(), updated_at = now()
         WHERE id = %s RETURNING names[1]
         """,
         (new.chain_pem, new.key_sealed, new.not_before, new.not_after, new.issuer, new.serial,
-         new.renew_at, certificate_id))
+         new.renew_at, DUE_NOW, certificate_id))
     row = cur.fetchone()
     if row is None:
         return  # removed meanwhile
@@ -161,7 +191,12 @@ def import_certificate_txn(cur: Cursor, names: Sequence[str], new: NewCertificat
     """Serve a certificate made elsewhere (certbot, a corporate CA) for its names; replaces
     one imported before for the same names.  ``seal`` seals the key for the row's id (keys
     are sealed under their row); ``new.key_sealed`` is not used."""
-    names = [n.lower() for n in names]
+    names = [normal_name(n) for n in names]
+    cur.execute("SELECT source FROM certificates WHERE names = %s", (names,))
+    existing = cur.fetchone()
+    if existing is not None and existing[0] == "acme":
+        raise CertificateConflict(f"{names[0]} has an ACME certificate: remove it first (an "
+                                  "imported one is not renewed)")
     cur.execute(
         """
         INSERT INTO certificates (names, domain_id, source, chain_pem, key_sealed, not_before,
@@ -210,14 +245,16 @@ def record_failure_txn(cur: Cursor, certificate_id: int, error: str, retry_at: d
         (error[:2000], retry_at, certificate_id))
     row = cur.fetchone()
     insert_events_txn(cur, events)
-    cur.execute("SELECT pg_notify(%s, 'failed')", (CHANNEL,))  # for `esp cert issue --wait`
+    cur.execute("SELECT pg_notify(%s, 'failed')", (DUE_CHANNEL,))  # `esp cert issue --wait`
     return int(row[0]) if row else 0
 
 
 def served_certificates_txn(cur: Cursor) -> list[tuple[int, tuple[str, ...], str, bytes]]:
-    """(id, names, chain PEM, sealed key) of every certificate in service."""
+    """(id, names, chain PEM, sealed key) of every certificate in service, the one that
+    expires last last (where several cover a name, it wins)."""
     cur.execute("SELECT id, names, chain_pem, key_sealed FROM certificates "
-                "WHERE chain_pem IS NOT NULL AND key_sealed IS NOT NULL ORDER BY id")
+                "WHERE chain_pem IS NOT NULL AND key_sealed IS NOT NULL "
+                "ORDER BY not_after NULLS FIRST, id")
     return [(i, tuple(n), c, bytes(k)) for i, n, c, k in cur.fetchall()]
 
 
