@@ -63,6 +63,8 @@ class ConnectionLimits:
         self.auth_failures_per_ip = auth_failures_per_ip
         self._open: dict[str, int] = defaultdict(int)
         self.open = 0  # connections admitted and not yet closed, from every address
+        # Told of each change of ``open`` (+1, -1): the sessions metric.
+        self.on_change: Callable[[int], None] | None = None
         self._rate = SlidingCounter(60.0, now)
         self.auth_failures = SlidingCounter(600.0, now)
 
@@ -78,10 +80,14 @@ class ConnectionLimits:
             return "Too many failed authentications from your address"
         self._open[ip] += 1
         self.open += 1
+        if self.on_change is not None:
+            self.on_change(1)
         return None
 
     def release(self, ip: str) -> None:
         self.open -= 1
+        if self.on_change is not None:
+            self.on_change(-1)
         self._open[ip] -= 1
         if self._open[ip] <= 0:
             del self._open[ip]

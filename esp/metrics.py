@@ -3,17 +3,21 @@ timed where the work is (filters, webhook deliveries), and read from PostgreSQL 
 ``server.metrics.interval`` seconds for what lives there (queue, outbox).  Served at
 ``/metrics`` on ``server.metrics.listen``.
 
-Each process has its own registry: with ``server.workers`` above 1, the parent's listener
-shows the parent's figures (and the database readings, which are the cluster's).
+With ``server.workers`` above 1 every process writes its figures to files under
+``<data_dir>/metrics`` (prometheus-client's multiprocess mode) and the parent's listener shows
+their sum: counters and histograms of every process, sessions and pool gauges of the live
+ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.exposition import generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -32,15 +36,25 @@ from esp.events import (
     Event,
 )
 from esp.interfaces import IEventSubscriber
+from esp.limits import ConnectionLimits
 from esp.storage.db import Cursor
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class Metrics:
-    """The instruments, in one registry."""
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-    def __init__(self) -> None:
+
+class Metrics:
+    """The instruments, in one registry; in ``multiprocess_dir`` (shared by the processes of
+    one node, the parent's exposition sums them) when given."""
+
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self._multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            # Chosen when a metric is made: every metric below writes to files there.
+            os.environ[MULTIPROCESS_ENV] = str(multiprocess_dir)
+            values.ValueClass = values.get_value_class()
         self.registry = CollectorRegistry()
         r = self.registry
         self.events = Counter("esp_events", "Events published, by type", ["type"], registry=r)
@@ -66,27 +80,33 @@ class Metrics:
                                           registry=r)
         self.webhook_seconds = Histogram("esp_webhook_seconds", "Time a webhook call took",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        # Read from the database by the parent alone: the most recent reading.
+        read: Any = {"multiprocess_mode": "mostrecent"}
+        # Of each live process, summed.
+        live: Any = {"multiprocess_mode": "livesum"}
         self.queue_depth = Gauge("esp_queue_depth", "Outbound queue entries waiting",
-                                 registry=r)
+                                 registry=r, **read)
         self.queue_oldest = Gauge("esp_queue_oldest_seconds",
-                                  "Age of the oldest waiting queue entry", registry=r)
+                                  "Age of the oldest waiting queue entry", registry=r, **read)
         self.outbox_pending = Gauge("esp_outbox_pending",
-                                    "Events not yet handed to webhooks", registry=r)
+                                    "Events not yet handed to webhooks", registry=r, **read)
         self.webhooks_pending = Gauge("esp_webhook_deliveries_pending",
-                                      "Webhook deliveries waiting for an attempt", registry=r)
+                                      "Webhook deliveries waiting for an attempt", registry=r,
+                                      **read)
         self.db_pool_in_use = Gauge("esp_db_connections_in_use",
-                                    "Database pool connections in use", registry=r)
+                                    "Database pool connections in use", registry=r, **live)
         self.db_waiting = Gauge("esp_db_transactions_waiting",
-                                "Transactions waiting for a pool connection", registry=r)
+                                "Transactions waiting for a pool connection", registry=r,
+                                **live)
         self.certificate_renewals = Counter(
             "esp_certificate_renewals", "ACME issuances and renewals, by outcome", ["outcome"],
             registry=r)
         self.certificate_not_after = Gauge(
             "esp_certificate_not_after_seconds",
             "Expiry (Unix time) of each certificate served from the database", ["name"],
-            registry=r)
+            registry=r, multiprocess_mode="max")
         self.sessions = Gauge("esp_sessions_open", "Client connections open, by protocol",
-                              ["protocol"], registry=r)
+                              ["protocol"], registry=r, **live)
         self.rejected = Counter("esp_smtp_rejected",
                                 "Senders, recipients and messages refused over SMTP, by stage "
                                 "(mail, rcpt, data) and enhanced status code",
@@ -95,12 +115,38 @@ class Metrics:
     def count_refusal(self, stage: str, refusal: Refusal) -> None:
         self.rejected.labels(stage, refusal.status or str(refusal.code)).inc()
 
-    def watch_sessions(self, protocol: str, count: Callable[[], float]) -> None:
-        """The sessions gauge of ``protocol`` reads ``count`` at each scrape."""
-        self.sessions.labels(protocol).set_function(count)
+    def watch_sessions(self, protocol: str, limits: ConnectionLimits) -> None:
+        """The sessions gauge of ``protocol`` follows the connections ``limits`` admits."""
+        gauge = self.sessions.labels(protocol)
+        gauge.set(limits.open)
+        limits.on_change = gauge.inc
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self._multiprocess_dir))
+        return generate_latest(registry)
+
+    def process_ended(self, pid: int) -> None:
+        """A worker process is gone: its live gauges stop counting."""
+        if self._multiprocess_dir is not None:
+            multiprocess.mark_process_dead(pid, str(self._multiprocess_dir))
+
+
+def multiprocess_dir(data_dir: Path, workers: int, worker: bool) -> Path | None:
+    """Where the processes of this node keep their figures: the parent empties it at start
+    and its workers find it in their environment; None with one process."""
+    if worker:
+        inherited = os.environ.get(MULTIPROCESS_ENV)
+        return Path(inherited) if inherited else None
+    if workers <= 1:
+        return None
+    directory = data_dir / "metrics"
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.db"):
+        old.unlink()
+    return directory
 
 
 @implementer(IEventSubscriber)
@@ -145,14 +191,17 @@ def depths_txn(cur: Cursor) -> tuple[int, float, int, int]:
 
 
 class DepthReader(Service):
-    """Reads the database's depths every ``interval`` seconds into the gauges."""
+    """Every ``interval`` seconds: this process's database pool into the gauges, and with
+    ``depths`` (one process of a node) the database's depths."""
 
     log = Logger()
 
-    def __init__(self, metrics: Metrics, db: Any, reactor: Any, interval: float) -> None:
+    def __init__(self, metrics: Metrics, db: Any, reactor: Any, interval: float,
+                 depths: bool = True) -> None:
         self.setName("metrics-reader")
         self._m = metrics
         self._db = db
+        self._depths = depths
         self._loop = LoopingCall(self._read)
         self._loop.clock = reactor
         self._interval = interval
@@ -171,6 +220,11 @@ class DepthReader(Service):
         return Deferred.fromCoroutine(self._once())
 
     async def _once(self) -> None:
+        in_use, waiting = self._db.load()
+        self._m.db_pool_in_use.set(in_use)
+        self._m.db_waiting.set(waiting)
+        if not self._depths:
+            return
         try:
             depth, oldest, outbox, pending = await self._db.run("metrics_depths", depths_txn)
         except Exception as e:
@@ -180,9 +234,6 @@ class DepthReader(Service):
         self._m.queue_oldest.set(oldest)
         self._m.outbox_pending.set(outbox)
         self._m.webhooks_pending.set(pending)
-        in_use, waiting = self._db.load()
-        self._m.db_pool_in_use.set(in_use)
-        self._m.db_waiting.set(waiting)
 
 
 class MetricsResource(Resource):

@@ -46,7 +46,13 @@ from esp.inbound import InboundPolicy, MailAuthPolicy
 from esp.indexer import BodyIndexer
 from esp.listeners import ListenerService
 from esp.mailauth import MailAuthenticator
-from esp.metrics import DepthReader, Metrics, MetricsSubscriber, metrics_site
+from esp.metrics import (
+    DepthReader,
+    Metrics,
+    MetricsSubscriber,
+    metrics_site,
+    multiprocess_dir,
+)
 from esp.outbound import OutboundService
 from esp.rules import Rule
 from esp.signing import DKIMSigner
@@ -431,7 +437,8 @@ def makeService(
     children.append(notifier)
 
     events = EventBus()
-    metrics = Metrics()
+    metrics = Metrics(multiprocess_dir(config.data_dir, worker_count(config.server.workers),
+                                       worker=adopted is not None))
     events.add_subscriber(MetricsSubscriber(metrics))
     acme_config = config.security.tls.acme
     manager = CertificateManager(
@@ -578,7 +585,8 @@ def makeService(
     children.extend(listeners)
     workers = worker_count(config.server.workers)
     if adopted is None and workers > 1:
-        children.append(WorkerPool(config, dsn, listeners, workers - 1, reactor))
+        children.append(WorkerPool(config, dsn, listeners, workers - 1, reactor,
+                                   on_exit=metrics.process_ended))
     announced = list(listeners)
     if config.server.metrics.enabled and adopted is None:
         # In the parent only: a worker's figures are its own (docs/configuration.md).
@@ -588,6 +596,10 @@ def makeService(
             children.append(service)
             announced.append(service)
         children.append(DepthReader(metrics, db, reactor, config.server.metrics.interval))
+    elif config.server.metrics.enabled:
+        # A worker: its pool's figures, for the parent's listener to add up.
+        children.append(DepthReader(metrics, db, reactor, config.server.metrics.interval,
+                                    depths=False))
     if acme_config.enabled and adopted is None:
         for index, description in enumerate(acme_config.challenge_listen):
             service = ListenerService(f"acme-http-{index}", description, reactor,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -38,6 +39,7 @@ class WorkerProcess(ProcessProtocol):
     def __init__(self, pool: WorkerPool, index: int) -> None:
         self.pool = pool
         self.index = index
+        self.pid: int | None = None
         self.ended: Deferred[None] = Deferred()
         self._partial = b""
 
@@ -58,9 +60,11 @@ class WorkerPool(Service):
     log = Logger()
 
     def __init__(
-        self, config: Config, dsn: str, listeners: list[Any], count: int, reactor: Any
+        self, config: Config, dsn: str, listeners: list[Any], count: int, reactor: Any,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         self.setName("workers")
+        self._on_exit = on_exit
         self._config = config
         self._dsn = dsn
         self._listeners = listeners
@@ -96,13 +100,17 @@ class WorkerPool(Service):
             argv += ["--listener", f"{listener.name}={fd}:{int(sock.family)}"]
         protocol = WorkerProcess(self, index)
         env = {**os.environ, "ESP_WORKER_CONFIG": json.dumps(config.model_dump(mode="json"))}
-        self._reactor.spawnProcess(protocol, sys.executable, argv, env=env, childFDs=child_fds)
+        process = self._reactor.spawnProcess(protocol, sys.executable, argv, env=env,
+                                             childFDs=child_fds)
+        protocol.pid = process.pid
         self._workers[index] = protocol
         self.log.info("started worker {index}", index=index)
 
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         if self._workers.get(worker.index) is worker:
             del self._workers[worker.index]
+        if self._on_exit is not None and worker.pid is not None:
+            self._on_exit(worker.pid)
         if not self.running:
             return
         failures = self._failures.get(worker.index, 0)

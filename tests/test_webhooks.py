@@ -254,20 +254,44 @@ def test_webhooks_to_private_or_metadata_addresses_are_refused(
         esp.process.stop()
 
 
+def scrape(esp: EspServer) -> dict[str, float]:
+    """/metrics parsed with prometheus-client's own parser: {"name{label=value,...}": value}."""
+    with urllib.request.urlopen(
+            f"http://127.0.0.1:{esp.ports['metrics']}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
+
+
+def test_metrics_add_up_every_worker_process(
+    scratch: Path, database_dsn: str, test_dns: DNSServer,
+) -> None:
+    esp = start_esp(scratch, database_dsn, test_dns.nameserver, workers=2)
+    try:
+        esp.process.wait_for(" ready: ", count=2)  # the worker too
+        esp.add_user("alice@example.test", "alice's long password")
+        sent = 0
+        # New connections until the worker process has taken one (the kernel chooses which
+        # process accepts each); the parent's log carries the worker's lines.
+        while not any("worker 1:" in line and "accepted" in line for line in esp.process.lines):
+            assert sent < 200, "the worker never accepted a connection"
+            send(esp, f"message {sent}")
+            sent += 1
+            esp.process.wait_for("accepted", count=sent)
+        after = scrape(esp)
+    finally:
+        esp.process.stop()
+    assert after["esp_messages_received_total{}"] == sent  # both processes' counts
+    assert after["esp_events_total{type=message.received}"] == sent
+
+
 def test_metrics_move_with_a_delivery_a_login_and_a_webhook_call(
     scratch: Path, database_dsn: str, test_dns: DNSServer, receiver: Receiver,
 ) -> None:
-    def scrape(esp: EspServer) -> dict[str, float]:
-        with urllib.request.urlopen(
-                f"http://127.0.0.1:{esp.ports['metrics']}/metrics", timeout=30) as answer:
-            text = answer.read().decode()
-        values = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                values[f"{sample.name}{{{labels}}}"] = sample.value
-        return values
-
     esp = start(scratch, database_dsn, test_dns.nameserver)
     try:
         make_hook(esp, f"http://127.0.0.1:{receiver.port}/hook")

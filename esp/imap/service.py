@@ -92,7 +92,7 @@ def imap_listeners(
         auth_failures_per_ip=config.auth_failures_per_ip,
     )
     if metrics is not None:
-        metrics.watch_sessions("imap", lambda: limits.open)
+        metrics.watch_sessions("imap", limits)
     sessions = SessionCounter(config.sessions_per_user)
     waker = IdleWaker(store, notifier, reactor)
     services: list[ListenerService] = []

@@ -76,7 +76,7 @@ def smtp_listeners(
         auth_failures_per_ip=config.auth_failures_per_ip,
     )
     if metrics is not None:
-        metrics.watch_sessions("smtp", lambda: limits.open)
+        metrics.watch_sessions("smtp", limits)
     services: list[ListenerService] = []
     for listener, section in (
         (Listener.MX, config.mx),
