@@ -68,12 +68,13 @@ def setup(module_scratch: Path, module_database_dsn: str) -> Iterator[Setup]:
                                              "A('mx.reject.test', '127.0.0.4')"]),
     ]
     dns_server = serve_zones(zones_dir, zones, dns_port)
-    yield Setup(esp, sink, rejecting, zones, config, dns_port)
+    made = Setup(esp, sink, rejecting, zones, config, dns_port)
+    yield made
     esp.process.stop()
     dns_server.terminate()
     dns_server.wait(timeout=30)
-    sink.stop()
-    rejecting.stop()
+    made.sink.stop()
+    made.rejecting.stop()  # a test may have started another in its place
 
 
 def submit(esp: EspServer, to: str, subject: str) -> None:
