@@ -30,6 +30,7 @@ from smtp_accept import (
     count_files,
     cpu_seconds,
     drive,
+    esp_config,
     rss_mib,
     start_cluster,
     start_esp,
@@ -78,20 +79,10 @@ def run(work: Path, args: argparse.Namespace, hook: Receiver | None) -> tuple[Re
                  "whsec_" + "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=")))
             conn.close()
         config = work / "esp.yaml"
-        config.write_text(
-            "server:\n  hostname: mx.example.test\n  workers: 1\n"
-            "  dns: {nameservers: ['127.0.0.1:9']}\n"
-            "  smtp:\n    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-            "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-            "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-            "    connection_rate_per_ip: 0\n    connections_per_ip: 0\n"
-            "  api: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-            "  metrics: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-            f"storage:\n  data_dir: {work / 'var'}\n  database:\n    dsn: '{cluster.dsn}'\n"
-            "security:\n  mailauth: {enabled: false}\n"
-            "events:\n  webhooks: {allow_networks: ['127.0.0.0/8'], concurrency: 32,\n"
-            "             retry_schedule: [1, 1, 1, 1, 1]}\n"
-        )
+        config.write_text(esp_config(
+            work, cluster.dsn,
+            top="events:\n  webhooks: {allow_networks: ['127.0.0.0/8'], concurrency: 32,\n"
+                "             retry_schedule: [1, 1, 1, 1, 1]}\n"))
         process, text = start_esp(work, config, "esp")
         match = re.search(r"smtp-mx-0 listening on 127\.0\.0\.1:(\d+)", text)
         assert match is not None, text

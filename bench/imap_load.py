@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from smtp_accept import BIN, cpu_seconds, rss_mib, tree_pids  # noqa: E402
+from smtp_accept import BIN, cpu_seconds, esp_config, rss_mib, tree_pids  # noqa: E402
 
 from esp.addresses import parse_address  # noqa: E402
 from esp.auth import PasswordHasher  # noqa: E402
@@ -116,23 +116,14 @@ def start_esp(work: Path) -> tuple[subprocess.Popen[bytes], EmbeddedCluster, dic
     run_sync(conn, apply_migrations_txn, load_migrations())
     conn.close()
     config = work / "esp.yaml"
-    config.write_text(
-        "server:\n  hostname: mx.example.test\n"
-        "  dns: {nameservers: ['127.0.0.1:9']}\n"
-        "  smtp:\n    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-        "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-        "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-        "    connection_rate_per_ip: 0\n    connections_per_ip: 0\n"
-        "  api: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-        "  metrics: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-        "  imap:\n    listen: 'tcp:0:interface=127.0.0.1'\n"
-        "    listen_tls: 'tcp:0:interface=127.0.0.1'\n"
-        "    connections_per_ip: 0\n    connection_rate_per_ip: 0\n    sessions_per_user: 0\n"
-        f"storage:\n  data_dir: {work / 'var'}\n  database:\n    dsn: '{cluster.dsn}'\n"
-        "security:\n  mailauth: {enabled: false}\n  auth:\n"
-        "    allow_plaintext_on_loopback: true\n"
-        "    argon2: {time_cost: 1, memory_cost_kib: 8192, parallelism: 1}\n"
-    )
+    config.write_text(esp_config(
+        work, cluster.dsn, workers=None,
+        server="  imap:\n    listen: 'tcp:0:interface=127.0.0.1'\n"
+               "    listen_tls: 'tcp:0:interface=127.0.0.1'\n"
+               "    connections_per_ip: 0\n    connection_rate_per_ip: 0\n"
+               "    sessions_per_user: 0\n",
+        security="  auth:\n    allow_plaintext_on_loopback: true\n"
+                 "    argon2: {time_cost: 1, memory_cost_kib: 8192, parallelism: 1}\n"))
     log = open(work / "esp.log", "w+b")
     process = subprocess.Popen(
         [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "esp", "--config", str(config)],

@@ -202,25 +202,39 @@ def filter_section(chain: str, services: dict[str, int]) -> str:
             + "".join(settings[n] for n in names if n in settings))
 
 
+def esp_config(work: Path, dsn: str, workers: int | None = 1, server: str = "",
+               database: str = "", security: str = "", top: str = "") -> str:
+    """ESP's configuration for a benchmark: every listener on a free loopback port, no
+    connection limits, no SPF/DKIM/DMARC lookups (no DNS here), data under ``work``.
+    ``server``, ``database`` and ``security`` continue those sections; ``top`` adds sections."""
+    return (
+        "server:\n  hostname: mx.example.test\n"
+        + (f"  workers: {workers}\n" if workers is not None else "")
+        + "  dns: {nameservers: ['127.0.0.1:9']}\n"
+        "  smtp:\n    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        "    connection_rate_per_ip: 0\n    connections_per_ip: 0\n"
+        "  api: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        "  metrics: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        + server
+        + f"storage:\n  data_dir: {work / 'var'}\n  database:\n    dsn: '{dsn}'\n"
+        + database
+        + "security:\n  mailauth: {enabled: false}\n"
+        + security
+        + top
+    )
+
+
 def run_esp(work: Path, args: argparse.Namespace, workers: int, chain: str = "",
             services: dict[str, int] | None = None) -> Result:
     cluster = start_cluster(work)
     try:
         config = work / "esp.yaml"
-        config.write_text(
-            f"server:\n  hostname: mx.example.test\n  workers: {workers}\n"
-            "  dns: {nameservers: ['127.0.0.1:9']}\n"
-            "  smtp:\n    mx: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-            "    submission: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-            "    submissions: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-            "    connection_rate_per_ip: 0\n    connections_per_ip: 0\n"
-            "  api: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-            "  metrics: {listen: 'tcp:0:interface=127.0.0.1'}\n"
-            f"storage:\n  data_dir: {work / 'var'}\n  database:\n    dsn: '{cluster.dsn}'\n"
-            f"    pool_max: {os.environ.get('ESP_BENCH_POOL', '10')}\n"
-            "security:\n  mailauth: {enabled: false}\n"
-            + filter_section(chain, services or {})
-        )
+        config.write_text(esp_config(
+            work, cluster.dsn, workers,
+            database=f"    pool_max: {os.environ.get('ESP_BENCH_POOL', '10')}\n",
+            top=filter_section(chain, services or {})))
         process, text = start_esp(work, config, "esp")
         match = re.search(r"smtp-mx-0 listening on 127\.0\.0\.1:(\d+)", text)
         assert match is not None, text
