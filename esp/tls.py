@@ -155,10 +155,8 @@ class CertificateStore:
         self._hostname = hostname
         self._data_dir = data_dir
         self._default: SSL.Context | None = None
-        self._default_served: ServedCertificate | None = None
         self._file_default: ServedCertificate | None = None
         self._by_name: dict[str, SSL.Context] = {}
-        self._served: dict[str, ServedCertificate] = {}
 
     def load(self) -> None:
         """Read (or make) the configured certificate; blocking, done once at start-up."""
@@ -194,20 +192,14 @@ class CertificateStore:
         if self._file_default is None:
             raise CertificateError("certificates were not loaded")
         by_name: dict[str, SSL.Context] = {}
-        served: dict[str, ServedCertificate] = {}
-        default = self._file_default
         for certificate in certificates:
             context = self._context(certificate)
             for name in certificate.names:
                 by_name[name] = context
-                served[name] = certificate
-            if covers(certificate.names, self._hostname.lower()):
-                default = certificate
-        default_context = (_lookup(by_name, self._hostname) if default is not self._file_default
-                           else None) or self._context(default)
-        # One assignment each: a handshake in progress sees the old set or the new one.
-        self._by_name, self._served = by_name, served
-        self._default, self._default_served = default_context, default
+        # Each replaced whole, never changed in place: a handshake sees one set or the other.
+        self._by_name = by_name
+        self._default = (_lookup(by_name, self._hostname)
+                         or self._context(self._file_default))
 
     def _context(self, certificate: ServedCertificate) -> SSL.Context:
         minimum = (ssl.TLSVersion.TLSv1_3 if self._settings.min_version == "1.3"
@@ -237,12 +229,6 @@ class CertificateStore:
         if self._default is None:
             raise CertificateError("certificates were not loaded")
         return _lookup(self._by_name, server_name) or self._default
-
-    def served_for(self, server_name: str | None) -> ServedCertificate:
-        """The certificate a client naming ``server_name`` gets (for status and tests)."""
-        if self._default_served is None:
-            raise CertificateError("certificates were not loaded")
-        return _lookup(self._served, server_name) or self._default_served
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         # Each connection starts on the current default; the callback moves it by SNI.

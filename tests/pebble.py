@@ -6,6 +6,7 @@ ESP).  See ../shared/REAL-SERVICES.md."""
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import os
 import ssl
@@ -46,7 +47,7 @@ def _listener_certificate(directory: Path) -> Path:
             .not_valid_after(now + datetime.timedelta(days=30))
             .add_extension(x509.SubjectAlternativeName([
                 x509.DNSName("localhost"),
-                x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                 critical=False)
             .sign(ca_key, hashes.SHA256()))
     (directory / "cert.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))

@@ -118,11 +118,6 @@ def issue(provider: Provider, account: Account, names: Sequence[str],
     plain names, DNS-01 through ``dns_solver`` for wildcards), finalize.  The account must be
     registered (:func:`register`) and kept by the caller first: a failed order must not cost
     a registration.  UnknownAccount when the CA no longer knows it."""
-    return _order(provider, account, names, board, dns_solver)
-
-
-def _order(provider: Provider, account: Account, names: Sequence[str], board: ChallengeBoard,
-           dns_solver: DNSSolver | None) -> Issued:
     private = serialization.load_pem_private_key(account.key_pem, password=None)
     if not isinstance(private, rsa.RSAPrivateKey):
         raise AcmeError("the stored account key is not an RSA key")
