@@ -113,6 +113,14 @@ def event_record(event: Event) -> dict[str, Any]:
             "payload": dict(event.payload)}
 
 
+def webhook_body(event_type: str, occurred_at: datetime, event_id: str, domain: str | None,
+                 actor: str | None, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """An event as a webhook receives it: the Standard Webhooks shape, the envelope and the
+    payload (the node included) in ``data`` (docs/schemas/events)."""
+    return {"type": event_type, "timestamp": occurred_at.isoformat(),
+            "data": {"id": event_id, "domain": domain, "actor": actor, **payload}}
+
+
 def leaving_records(events: Iterable[Event], wants: Wants) -> list[dict[str, Any]]:
     """The outbox records of those of ``events`` that leave the process."""
     return [event_record(e) for e in events if wants(e.type, e.domain)]

@@ -30,6 +30,7 @@ from esp.events import (
     VIRUS_DETECTED,
     WEBHOOK_DISABLED,
     Event,
+    webhook_body,
 )
 
 Schema = dict[str, Any]
@@ -233,11 +234,11 @@ def schema_of(event_type: str) -> Schema:
     }
 
 
-def webhook_body(event: Event) -> dict[str, Any]:
-    """An event in the form a webhook receives it (what the dispatcher sends)."""
-    return {"type": event.type, "timestamp": event.occurred_at.isoformat(),
-            "data": {"id": str(event.id), "domain": event.domain, "actor": event.actor,
-                     "node": event.node, **event.payload}}
+def event_body(event: Event) -> dict[str, Any]:
+    """An event in the form a webhook receives it (what the dispatcher sends of its outbox
+    record)."""
+    return webhook_body(event.type, event.occurred_at, str(event.id), event.domain,
+                        event.actor, {**event.payload, "node": event.node})
 
 
 def write(directory: Path) -> list[Path]:

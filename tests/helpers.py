@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 
 from esp.events import Event
-from esp.eventschemas import schema_of, webhook_body
+from esp.eventschemas import event_body, schema_of
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ async def until(condition: Callable[[], bool], limit: float = 60) -> None:
 
 
 def assert_matches_schema(body: dict[str, Any]) -> None:
-    """``body`` (a webhook body, or an event as :func:`webhook_body` makes it) is valid under
+    """``body`` (a webhook body, or an event as :func:`event_body` makes it) is valid under
     its type's published schema, and carries no field that schema does not describe."""
     schema = schema_of(body["type"])
     jsonschema.Draft202012Validator(
@@ -164,4 +164,4 @@ def assert_matches_schema(body: dict[str, Any]) -> None:
 
 
 def assert_event_matches_schema(event: Event) -> None:
-    assert_matches_schema(json.loads(json.dumps(webhook_body(event), default=str)))
+    assert_matches_schema(json.loads(json.dumps(event_body(event), default=str)))

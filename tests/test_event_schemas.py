@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from esp.events import EVENT_TYPES, MESSAGE_DELETED, Event
-from esp.eventschemas import schema_of, webhook_body
+from esp.eventschemas import event_body, schema_of
 from tests.helpers import assert_event_matches_schema
 
 DOCS = Path(__file__).parent.parent / "docs" / "schemas" / "events"
@@ -36,4 +36,4 @@ def test_a_payload_that_breaks_its_schema_is_caught() -> None:
     extra = Event(MESSAGE_DELETED, {**good.payload, "surprise": 1})
     with pytest.raises(AssertionError, match="surprise"):
         assert_event_matches_schema(extra)
-    assert webhook_body(good)["data"]["id"] == str(good.id)
+    assert event_body(good)["data"]["id"] == str(good.id)

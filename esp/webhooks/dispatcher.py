@@ -27,7 +27,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from esp.events import EventBus
+from esp.events import EventBus, webhook_body
 from esp.storage.db import Database, DatabaseUnavailable
 from esp.storage.outbox import (
     AttemptOutcome,
@@ -44,12 +44,10 @@ SNIPPET = 500
 
 
 def body_of(delivery: DueDelivery) -> bytes:
-    """The JSON body: the Standard Webhooks shape, the event's own fields in ``data``."""
-    data = {"id": delivery.event_id, "domain": delivery.domain, "actor": delivery.actor,
-            **delivery.payload}
-    return json.dumps({"type": delivery.event_type,
-                       "timestamp": delivery.occurred_at.isoformat(),
-                       "data": data}, separators=(",", ":"), default=str).encode()
+    """The JSON body (its payload as the outbox keeps it: the node included)."""
+    body = webhook_body(delivery.event_type, delivery.occurred_at, delivery.event_id,
+                        delivery.domain, delivery.actor, delivery.payload)
+    return json.dumps(body, separators=(",", ":"), default=str).encode()
 
 
 class WebhookDispatcher(Service):
