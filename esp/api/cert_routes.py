@@ -12,7 +12,7 @@ from esp.api.models import CertificateOut, CertificatePage, CertificateRequest, 
 from esp.storage.certificates import (
     CertificateRow,
     get_certificate_txn,
-    hosted_domain_of_txn,
+    hosted_domains_of_txn,
     list_certificates_txn,
     remove_certificate_txn,
     renew_now_txn,
@@ -29,8 +29,7 @@ def certificate_out(row: CertificateRow) -> CertificateOut:
         id=row.id, names=list(row.names), domain=row.domain, source=row.source,  # type: ignore[arg-type]
         provider=row.provider, status=status, not_before=row.not_before,  # type: ignore[arg-type]
         not_after=row.not_after, issuer=row.issuer, serial=row.serial, renew_at=row.renew_at,
-        next_attempt_at=(max(row.next_attempt_at, row.renew_at or row.next_attempt_at,
-                             datetime.now(UTC)) if row.source == "acme" else None),
+        next_attempt_at=row.next_attempt(datetime.now(UTC)),
         failures=row.failures, last_error=row.last_error)
 
 
@@ -52,7 +51,7 @@ class CertRoutes(APIBase):
     async def _certificate(self, principal: Principal, certificate_id: int) -> CertificateRow:
         def txn(cur: Cursor) -> tuple[CertificateRow | None, list[int | None]]:
             row = get_certificate_txn(cur, certificate_id)
-            return row, [hosted_domain_of_txn(cur, n) for n in row.names] if row else []
+            return row, hosted_domains_of_txn(cur, row.names) if row else []
 
         row, owners = await self.db.run("api_certificate", txn)
         if row is None:
@@ -82,8 +81,7 @@ class CertRoutes(APIBase):
         principal.require_admin()
 
         def txn(cur: Cursor) -> list[tuple[CertificateRow, list[int | None]]]:
-            return [(r, [hosted_domain_of_txn(cur, n) for n in r.names])
-                    for r in list_certificates_txn(cur)]
+            return [(r, hosted_domains_of_txn(cur, r.names)) for r in list_certificates_txn(cur)]
 
         rows = [r for r, owners in await self.db.run("api_certificates", txn)
                 if self._may_manage(principal, owners)]
@@ -110,7 +108,7 @@ class CertRoutes(APIBase):
                 raise forbidden("the server's own name is the superadmin's to certify")
             owners = await self.db.run(
                 "api_certificate_domains",
-                lambda cur: [hosted_domain_of_txn(cur, n) for n in names])
+                hosted_domains_of_txn, names)
             if not self._may_manage(principal, owners):
                 raise forbidden("every name must be in a domain you administer")
 

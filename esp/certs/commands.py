@@ -76,6 +76,10 @@ def _find(connection: Any, name: str) -> CertificateRow:
     return row
 
 
+def _when(moment: datetime | None) -> str:
+    return moment.isoformat() if moment is not None else "-"
+
+
 def cmd_show(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     with open_database(config) as connection:
         row = _find(connection, args.name)
@@ -83,12 +87,11 @@ def cmd_show(args: argparse.Namespace, config: Config, out: TextIO) -> int:
         "names": ", ".join(row.names), "domain": row.domain or "-", "source": row.source,
         "provider": row.provider or "-", "status": _status(row),
         "issuer": row.issuer or "-", "serial": row.serial or "-",
-        "not before": row.not_before.isoformat() if row.not_before else "-",
-        "not after": row.not_after.isoformat() if row.not_after else "-",
-        "renew at": row.renew_at.isoformat() if row.renew_at else "-",
+        "not before": _when(row.not_before),
+        "not after": _when(row.not_after),
+        "renew at": _when(row.renew_at),
         "failures": str(row.failures),
-        "next attempt": (max(row.next_attempt_at, row.renew_at or row.next_attempt_at,
-                             datetime.now(UTC)).isoformat() if row.source == "acme" else "-"),
+        "next attempt": _when(row.next_attempt(datetime.now(UTC))),
     }
     for key, value in fields.items():
         out.write(f"{key + ':':14}{value}\n")

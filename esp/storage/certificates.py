@@ -46,6 +46,13 @@ class CertificateRow:
     domain: str | None
     issued_at: datetime | None
 
+    def next_attempt(self, now: datetime) -> datetime | None:
+        """When the manager next orders it (ACME certificates): its renewal time or its
+        retry time, whichever is later, and not before ``now``."""
+        if self.source != "acme":
+            return None
+        return max(self.next_attempt_at, self.renew_at or self.next_attempt_at, now)
+
 
 _COLUMNS = ("c.id, c.names, c.source, c.provider, c.chain_pem, c.key_sealed, c.not_before, "
             "c.not_after, c.issuer, c.serial, c.renew_at, c.next_attempt_at, c.failures, "
@@ -92,6 +99,11 @@ def hosted_domain_of_txn(cur: Cursor, name: str) -> int | None:
 
 def normal_name(name: str) -> str:
     return name.strip().lower().rstrip(".")
+
+
+def hosted_domains_of_txn(cur: Cursor, names: Sequence[str]) -> list[int | None]:
+    """The hosted domain of each name (see :func:`hosted_domain_of_txn`)."""
+    return [hosted_domain_of_txn(cur, name) for name in names]
 
 
 def request_certificate_txn(cur: Cursor, names: Sequence[str], provider: str,
