@@ -13,6 +13,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+from esp.prompt import prompt_listening
+
 
 class NotReady(Protocol):
     """Answers ``line`` and hangs up: the socket is bound early (privileged ports), before the
@@ -59,11 +61,12 @@ class ListenerService(Service):
             self._bind()
 
     def _bind(self) -> None:
+        reactor = prompt_listening(self._reactor)
         if self._adopt is not None:
             fd, family = self._adopt
-            self.port = self._reactor.adoptStreamPort(fd, family, self._build_factory())
+            self.port = reactor.adoptStreamPort(fd, family, self._build_factory())
             return
-        endpoint = endpoints.serverFromString(self._reactor, self.description)
+        endpoint = endpoints.serverFromString(reactor, self.description)
         d = endpoint.listen(self._build_factory())
         failures: list[Any] = []
         d.addCallbacks(self._listening, failures.append)
