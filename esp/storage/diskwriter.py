@@ -56,8 +56,12 @@ _LENGTH = struct.Struct(">I")
 # Jobs written at once in the helper, and batches in progress at once.
 PARALLEL_JOBS = 8
 # Batches in progress at once: each writes and fsyncs its files while the recorder's thread
-# records every batch waiting in one transaction (recorder.GroupRecorder).
-BATCHES_AT_ONCE = 8
+# records every batch waiting in one transaction (recorder.GroupRecorder).  Two are enough for
+# that overlap (one batch's files are synced while the one before commits); more only split
+# the same messages into smaller batches, each paying its own directory fsync and its own
+# round of thread wake-ups (8 gave batches of 1.1 messages and ~7 % fewer messages/s than 2,
+# which gave 2.8; bench/RESULTS.md).
+BATCHES_AT_ONCE = 2
 # A helper that dies within this many seconds of its start, several times in a row, is in a
 # crash loop: it is started again at most this often (doubling up to 32 times that).
 RESTART_INTERVAL = 1.0
