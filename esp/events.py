@@ -210,6 +210,9 @@ class EventBus:
     def __init__(self, known_types: Iterable[str] = EVENT_TYPES) -> None:
         self._known = frozenset(known_types)
         self._subscriptions: list[Subscription] = []
+        # The subscriptions matching each event type, worked out on its first publish (every
+        # delivery publishes; subscriptions change only at start-up and shutdown).
+        self._matching: dict[str, tuple[Subscription, ...]] = {}
         # Set when events can leave the process (see :meth:`leaving`).
         self.outbox_filter: Callable[[], Awaitable[Wants]] | None = None
 
@@ -226,6 +229,7 @@ class EventBus:
         label = name or str(getattr(handler, "__qualname__", repr(handler)))
         subscription = Subscription(self, pattern, handler, label)
         self._subscriptions.append(subscription)
+        self._matching.clear()
         return subscription
 
     def add_subscriber(self, subscriber: IEventSubscriber) -> list[Subscription]:
@@ -239,16 +243,18 @@ class EventBus:
     def _remove(self, subscription: Subscription) -> None:
         if subscription in self._subscriptions:
             self._subscriptions.remove(subscription)
+            self._matching.clear()
 
     def publish(self, event: Event) -> Deferred[None]:
         """Deliver ``event`` to every matching subscriber; fires when all have finished."""
-        if event.type not in self._known:
-            raise ValueError(f"unknown event type {event.type!r}")
-        calls = [
-            self._call(s, event)
-            for s in list(self._subscriptions)
-            if pattern_matches(s.pattern, event.type)
-        ]
+        matching = self._matching.get(event.type)
+        if matching is None:
+            if event.type not in self._known:
+                raise ValueError(f"unknown event type {event.type!r}")
+            matching = self._matching[event.type] = tuple(
+                s for s in self._subscriptions if pattern_matches(s.pattern, event.type)
+            )
+        calls = [self._call(s, event) for s in matching]
         done: Deferred[None] = DeferredList(calls, consumeErrors=True).addCallback(
             lambda _: None
         )

@@ -111,6 +111,18 @@ def test_cancelled_subscription_gets_nothing() -> None:
     assert got == []
 
 
+def test_subscriptions_made_or_cancelled_after_a_publish_count_for_the_next() -> None:
+    bus = EventBus()
+    got: list[str] = []
+    first = bus.subscribe("user.*", lambda e: got.append("first"))
+    bus.publish(Event(USER_LOGIN))
+    bus.subscribe(USER_LOGIN, lambda e: got.append("second"))
+    bus.publish(Event(USER_LOGIN))
+    first.cancel()
+    bus.publish(Event(USER_LOGIN))
+    assert got == ["first", "first", "second", "second"]
+
+
 def test_publish_waits_for_asynchronous_handlers() -> None:
     bus = EventBus()
     clock = task.Clock()
