@@ -1,4 +1,5 @@
-"""Listening ports whose connections send what they are given at once.
+"""Listening ports whose connections send what they are given at once (and the same for a
+helper process's standard input).
 
 A Twisted TCP transport queues every ``write`` and sends it on the reactor's next turn: it
 asks epoll to watch the socket for writing, waits for the next poll, sends, and asks epoll to
@@ -26,8 +27,11 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 
 
-def send_promptly(connection: Any, data: bytes) -> None:
-    """``FileDescriptor.write(connection, data)``, but sent now if nothing is queued."""
+def send_now(connection: Any, data: bytes) -> bytes:
+    """Send what the file descriptor ``connection`` takes of ``data`` now, if nothing of it is
+    queued; return what is left for the queue (all of it when something was queued, the
+    descriptor is closing, or sending failed: the queued path then meets the error again on
+    the next turn and closes as it always does)."""
     if (
         data
         and connection.connected
@@ -38,12 +42,24 @@ def send_promptly(connection: Any, data: bytes) -> None:
     ):
         sent = connection.writeSomeData(data)
         if isinstance(sent, int) and sent > 0:
-            if sent == len(data):
-                return
-            data = data[sent:]
-        # Nothing sent, or an error: the queued path sends the rest or meets the error again
-        # on the next turn and closes the connection as it always does.
-    FileDescriptor.write(connection, data)
+            return data[sent:]
+    return data
+
+
+def send_promptly(connection: Any, data: bytes) -> None:
+    """``FileDescriptor.write(connection, data)``, but sent now if nothing is queued."""
+    rest = send_now(connection, data)
+    if rest:
+        FileDescriptor.write(connection, rest)
+
+
+def write_to_child(process: Any, data: bytes) -> None:
+    """``process.write(data)`` (to the child's standard input), sent now if nothing is
+    queued: a request to a helper process need not wait for the reactor's next turn."""
+    writer = getattr(process, "pipes", {}).get(0)
+    rest = send_now(writer, data) if isinstance(writer, FileDescriptor) else data
+    if rest:
+        process.write(rest)
 
 
 class _PromptBypass(FileDescriptor):

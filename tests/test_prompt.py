@@ -1,18 +1,22 @@
 """ESP's listeners send a reply at once (esp.prompt): what a protocol writes is on the wire
 before the protocol hands control back to the reactor, and what the socket cannot take at once
-is queued behind, in order."""
+is queued behind, in order.  Requests to a helper process go the same way."""
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.threads import deferToThread
 
 from esp.listeners import ListenerService
+from esp.prompt import write_to_child
 from tests.helpers import until
 
 
@@ -82,3 +86,27 @@ async def test_what_the_socket_cannot_take_is_queued_in_order() -> None:
         assert received == big + b"and then the end"
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_to_a_helper_process_is_written_before_the_reactor_turns() -> None:
+    # `cat` copies its standard input to a pipe of ours that the reactor does not watch.
+    read_end, write_end = os.pipe()
+    ended: Deferred[None] = Deferred()
+
+    class Helper(ProcessProtocol):
+        def processEnded(self, reason: Any) -> None:
+            ended.callback(None)
+
+    process = reactor.spawnProcess(Helper(), "cat", ["cat"], childFDs={0: "w", 1: write_end})
+    os.close(write_end)
+    try:
+        write_to_child(process, b"request")
+        # Still in this turn of the reactor: only bytes already in cat's stdin can come back.
+        ready, _, _ = select.select([read_end], [], [], 5)
+        assert ready, "the request was queued for a later turn of the reactor"
+        assert os.read(read_end, 100) == b"request"
+    finally:
+        process.closeStdin()
+        await ended
+        os.close(read_end)

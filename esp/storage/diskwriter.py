@@ -33,6 +33,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from esp.prompt import write_to_child
 from esp.storage.maildir import (
     Job,
     MaildirError,
@@ -263,7 +264,7 @@ class DiskWriter(ProcessProtocol):
         self._next_id += 1
         waiter: Deferred[Sequence[Any]] = Deferred()
         self._pending[batch_id] = waiter
-        self.transport.write(_frame((batch_id, *request)))
+        write_to_child(self.transport, _frame((batch_id, *request)))
         return await waiter
 
     def stop(self) -> Deferred[None]:
