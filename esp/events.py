@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -254,28 +254,28 @@ class EventBus:
             matching = self._matching[event.type] = tuple(
                 s for s in self._subscriptions if pattern_matches(s.pattern, event.type)
             )
-        calls = [self._call(s, event) for s in matching]
-        done: Deferred[None] = DeferredList(calls, consumeErrors=True).addCallback(
-            lambda _: None
-        )
-        return done
-
-    def _call(self, subscription: Subscription, event: Event) -> Deferred[None]:
-        def invoke() -> Any:
-            result = subscription.handler(event)
+        # Subscribers that finish at once (most of them: counters, the outbox filter) cost a
+        # call each; only those that return a Deferred or a coroutine are waited for.
+        pending: list[Deferred[None]] = []
+        for subscription in matching:
+            try:
+                result = subscription.handler(event)
+            except Exception:
+                self._failed(Failure(), subscription, event)
+                continue
             if inspect.iscoroutine(result):
-                return Deferred.fromCoroutine(result)
-            return result
+                result = Deferred.fromCoroutine(result)
+            if isinstance(result, Deferred):
+                pending.append(result.addErrback(self._failed, subscription, event))
+        if not pending:
+            return succeed(None)
+        return DeferredList(pending, consumeErrors=True).addCallback(lambda _: None)
 
-        def failed(failure: Failure) -> None:
-            self.log.failure(
-                "event subscriber {subscriber} failed on {type} {id}",
-                failure,
-                subscriber=subscription.name,
-                type=event.type,
-                id=str(event.id),
-            )
-
-        d: Deferred[None] = maybeDeferred(invoke)
-        d.addErrback(failed)
-        return d
+    def _failed(self, failure: Failure, subscription: Subscription, event: Event) -> None:
+        self.log.failure(
+            "event subscriber {subscriber} failed on {type} {id}",
+            failure,
+            subscriber=subscription.name,
+            type=event.type,
+            id=str(event.id),
+        )
