@@ -860,7 +860,7 @@ class OutboundService(Service):
         self._held.discard(claim.queue_id)
         for event in events:
             self._events.publish(event)
-        # One line per attempt, as Postfix logs (esp.loglines: one event per reactor turn).
+        # One line per attempt, as Postfix logs (esp.loglines: one event for many).
         self._attempts_log.line(
             f"queue {claim.queue_id}: "
             + ", ".join(f"<{a}> {o.status} {o.text}".strip() for a, o in final.items())

@@ -719,7 +719,7 @@ class ESMTPServer(smtp.ESMTP):
         except Refusal as refusal:
             self._refused(refusal, "data")
         else:
-            # One line per message (esp.loglines: one log event per reactor turn).
+            # One line per message (esp.loglines: one log event for many).
             self.accepted_log.line(
                 f"accepted {queue_id} from=<{envelope.sender}> "
                 f"to={list(envelope.recipients)} size={len(message)} stored={stored}"
