@@ -56,14 +56,15 @@ Delivery = tuple[bytes, Sequence[tuple[str, str]], Sequence[Mapping[str, object]
 _LENGTH = struct.Struct(">I")
 # Jobs written at once in the helper, and batches in progress at once.
 PARALLEL_JOBS = 8
-# Batches in progress at once.  One: while it is written and recorded, the messages that arrive
-# wait in the reactor and go together in the next batch (group commit), so the batch grows with
-# the load and each directory fsync, statement and commit serves more messages.  Measured on
-# bench/smtp_accept.py in alternating runs: one batch in flight took 0.1-0.7 ms less CPU per
-# message than two (batches of 1.1 messages with eight, 2.8 with two), and was faster in three
-# runs of four; the overlap two allow (one batch's files synced while the other commits) did
-# not pay for the smaller batches on a machine whose CPU is the limit.
-BATCHES_AT_ONCE = 1
+# Batches in progress at once: each writes and fsyncs its files while the recorder's thread
+# records every batch waiting in one transaction (recorder.GroupRecorder).  Two are enough for
+# that overlap (one batch's files are synced while the one before commits).  Eight split the
+# same messages into batches of 1.1, each paying its own directory fsync and thread wake-ups
+# (~7 % fewer messages/s than two, which give batches of 2.8).  One makes the largest batches
+# and the least CPU per message (0.1-0.7 ms less), but in ten alternating pairs of
+# bench/smtp_accept.py runs it was slower in six: without the overlap, each batch waits for
+# the one before to commit.
+BATCHES_AT_ONCE = 2
 # A helper that dies within this many seconds of its start, several times in a row, is in a
 # crash loop: it is started again at most this often (doubling up to 32 times that).
 RESTART_INTERVAL = 1.0
