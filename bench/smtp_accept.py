@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import smtplib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -377,6 +378,36 @@ def _gid(name: str) -> str:
     return str(grp.getgrnam(name).gr_gid)
 
 
+def run_round(work: Path, args: argparse.Namespace) -> dict[str, float]:
+    """ESP in each configuration, then Postfix on the same load: each result's ratio to
+    Postfix (empty without the anchor)."""
+    results = []
+    for workers in dict.fromkeys(args.workers):
+        results.append(run_esp(work / f"esp-{workers}", args, workers))
+        print(results[-1].line(), flush=True)
+    if args.filters:
+        services = start_filter_services(work / "filters")
+        try:
+            ports = {name: service.port for name, service in services.items()}
+            for chain in args.filters:
+                for workers in dict.fromkeys(args.workers):
+                    name = f"esp-{workers}-{chain.replace(',', '-')}"
+                    results.append(run_esp(work / name, args, workers, chain, ports))
+                    print(results[-1].line(), flush=True)
+        finally:
+            for service in services.values():
+                service.stop()
+    if args.no_anchor:
+        return {}
+    anchor = run_postfix(work / "postfix", args, 2525)
+    if anchor is None:
+        return {}
+    print(anchor.line())
+    for r in results:
+        print(f"{r.name} / Postfix: {r.rate / anchor.rate:.2f}x", flush=True)
+    return {r.name: r.rate / anchor.rate for r in results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=10)
@@ -384,6 +415,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--workers", type=int, nargs="*", default=[1, os.cpu_count() or 1])
     parser.add_argument("--no-anchor", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat ESP then Postfix this many times and print each "
+                             "configuration's median ratio (this machine's speed drifts "
+                             "between runs; a ratio is only good within its round)")
     parser.add_argument("--filters", nargs="*", default=[], metavar="CHAIN",
                         help="also run with these filter chains (e.g. clamav,rspamd): a private "
                              "Rspamd and clamd are started for the run")
@@ -396,29 +431,19 @@ def main() -> None:
     print(f"{args.sessions} sessions, {args.messages} messages of {args.size} bytes, "
           f"{os.cpu_count()} cores; load from "
           f"{'smtp-source' if shutil.which('smtp-source') else 'built-in client'}")
-    results = []
+    ratios: dict[str, list[float]] = {}
     try:
-        for workers in dict.fromkeys(args.workers):
-            results.append(run_esp(work / f"esp-{workers}", args, workers))
-            print(results[-1].line(), flush=True)
-        if args.filters:
-            services = start_filter_services(work / "filters")
-            try:
-                ports = {name: service.port for name, service in services.items()}
-                for chain in args.filters:
-                    for workers in dict.fromkeys(args.workers):
-                        name = f"esp-{workers}-{chain.replace(',', '-')}"
-                        results.append(run_esp(work / name, args, workers, chain, ports))
-                        print(results[-1].line(), flush=True)
-            finally:
-                for service in services.values():
-                    service.stop()
-        if not args.no_anchor:
-            anchor = run_postfix(work / "postfix", args, 2525)
-            if anchor is not None:
-                print(anchor.line())
-                for r in results:
-                    print(f"{r.name} / Postfix: {r.rate / anchor.rate:.2f}x")
+        for round_ in range(args.rounds):
+            if args.rounds > 1:
+                print(f"-- round {round_ + 1} of {args.rounds}", flush=True)
+            here = work / f"round-{round_ + 1}" if args.rounds > 1 else work
+            for name, ratio in run_round(here, args).items():
+                ratios.setdefault(name, []).append(ratio)
+        if args.rounds > 1:
+            for name, values in ratios.items():
+                shown = ", ".join(f"{v:.2f}" for v in values)
+                print(f"{name} / Postfix, median of {len(values)} rounds: "
+                      f"{statistics.median(values):.2f}x ({shown})")
     finally:
         if args.keep:
             print(f"kept {work}")
