@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import socket
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.threads import deferToThread
+from zope.interface import implementer
 
 from esp.listeners import ListenerService
 from esp.prompt import write_to_child
@@ -62,6 +65,114 @@ async def test_a_reply_is_sent_before_the_reactor_turns_again() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_rest_of_a_turn_s_writes_leave_together_without_waiting_for_an_ack() -> None:
+    first: list[bytes] = []
+    nodelay: list[int] = []
+    client: list[socket.socket] = []
+
+    class Answer(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(b"* 1 FETCH\r\n")
+            self.transport.write(b"* 2 FETCH\r\n")
+            self.transport.writeSequence([b"a OK ", b"done\r\n"])
+            # Only the turn's first write has left; the rest goes in one send next turn.
+            first.append(client[0].recv(100))
+            handle = self.transport.getHandle()
+            nodelay.append(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    service = _listen(Answer)
+    try:
+        client.append(socket.create_connection(("127.0.0.1", _port(service)), timeout=5))
+        client[0].sendall(b"a FETCH 1:2 FLAGS\r\n")
+        await until(lambda: bool(first))
+        assert first == [b"* 1 FETCH\r\n"]
+        # Without TCP_NODELAY the kernel would hold the second send until the client
+        # acknowledged the first (a delayed ACK: 40 ms or more).
+        assert nodelay and nodelay[0] != 0
+
+        def rest() -> bytes:
+            data = b""
+            while not data.endswith(b"done\r\n"):
+                data += client[0].recv(100)
+            return data
+
+        assert await deferToThread(rest) == b"* 2 FETCH\r\na OK done\r\n"
+    finally:
+        if client:
+            client[0].close()
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pull_producer_is_asked_for_everything() -> None:
+    @implementer(IPullProducer)
+    class Chunks:
+        def __init__(self, transport: Any) -> None:
+            self.transport = transport
+            self.left = 5
+
+        def resumeProducing(self) -> None:
+            if not self.left:
+                self.transport.unregisterProducer()
+                self.transport.loseConnection()
+                return
+            self.left -= 1
+            self.transport.write(b"x" * 1000)
+
+        def stopProducing(self) -> None:
+            pass
+
+    class Send(Protocol):
+        def connectionMade(self) -> None:
+            self.transport.registerProducer(Chunks(self.transport), False)
+
+    service = _listen(Send)
+    try:
+        assert await deferToThread(_read_all, _port(service)) == b"x" * 5000
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_written_after_an_abort_reaches_the_peer() -> None:
+    class Abort(Protocol):
+        def connectionMade(self) -> None:
+            self.transport.abortConnection()
+            self.transport.write(b"written after abort")
+
+    def read_what_arrives(port: int) -> bytes:
+        # Whatever ends the connection (a reset, a close; a time-out if the reactor is slow
+        # to close it), only what arrived before matters.
+        chunks = []
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            try:
+                while chunk := s.recv(1 << 16):
+                    chunks.append(chunk)
+            except OSError:
+                pass
+        return b"".join(chunks)
+
+    service = _listen(Abort)
+    try:
+        received = await deferToThread(read_what_arrives, _port(service))
+        assert b"after abort" not in received
+    finally:
+        await service.stopService()
+
+
+def _read_all(port: int) -> bytes:
+    """Everything the server sends until it closes (a reset ends it too)."""
+    chunks = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            while chunk := s.recv(1 << 16):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)
+
+
+@pytest_twisted.ensureDeferred
 async def test_what_the_socket_cannot_take_is_queued_in_order() -> None:
     big = bytes(range(256)) * 40_000  # 10 MB: far more than a socket buffer takes at once
 
@@ -74,14 +185,7 @@ async def test_what_the_socket_cannot_take_is_queued_in_order() -> None:
 
     service = _listen(Burst)
     try:
-        def read_all(port: int) -> bytes:
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-                chunks = []
-                while chunk := s.recv(1 << 16):
-                    chunks.append(chunk)
-                return b"".join(chunks)
-
-        received = await deferToThread(read_all, _port(service))
+        received = await deferToThread(_read_all, _port(service))
         assert len(received) == len(big) + len(b"and then the end")
         assert received == big + b"and then the end"
     finally:
@@ -98,7 +202,9 @@ async def test_a_request_to_a_helper_process_is_written_before_the_reactor_turns
         def processEnded(self, reason: Any) -> None:
             ended.callback(None)
 
-    process = reactor.spawnProcess(Helper(), "cat", ["cat"], childFDs={0: "w", 1: write_end})
+    cat = shutil.which("cat")
+    assert cat is not None, "cat (coreutils) is needed"
+    process = reactor.spawnProcess(Helper(), cat, [cat], childFDs={0: "w", 1: write_end})
     os.close(write_end)
     try:
         write_to_child(process, b"request")

@@ -22,7 +22,6 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
@@ -597,27 +596,10 @@ class IMAPServer(imap4.IMAP4Server):
             self.transport.write(data)
 
     def _push(self, data: bytes) -> None:
-        """Send ``data`` at once when nothing is queued before it (a plain TCP transport).
-
-        Thousands of IDLE sessions woken together: written the usual way, each waits for its
-        own turn of the reactor (two epoll changes and a dispatch around the send, ~40 µs on
-        this VM); sent here, the news of the first reaches its client while the last is still
-        being prepared.  ``writeSomeData`` is the transport's own immediate send; anything it
-        could not take, or any TLS connection, goes through ``write`` as usual.
-        """
-        transport = self.transport
-        # Only a plain TCP connection itself: a TLS wrapper (993) forwards unknown attributes
-        # to the TCP transport under it, and STARTTLS marks the same transport ``TLS``; both
-        # must encrypt.
-        if (isinstance(transport, tcp.Connection) and not transport.TLS
-                and transport.connected and not transport.disconnecting
-                and not transport.dataBuffer and not transport._tempDataBuffer):
-            sent = transport.writeSomeData(data)
-            if not isinstance(sent, int):
-                return  # the connection is gone: the reactor notices on its next read
-            data = data[sent:]
-        if data:
-            self._write(data)
+        """Send news (IDLE, untagged updates) now: the listeners' connections send their first
+        write of a reactor turn at once (esp.prompt), so the news of the first of thousands of
+        IDLE sessions woken together reaches its client while the last is being prepared."""
+        self._write(data)
 
 
 # -- names ----------------------------------------------------------------------------------------
