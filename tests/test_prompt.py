@@ -140,34 +140,24 @@ async def test_nothing_written_after_an_abort_reaches_the_peer() -> None:
             self.transport.abortConnection()
             self.transport.write(b"written after abort")
 
-    def read_what_arrives(port: int) -> bytes:
-        # Whatever ends the connection (a reset, a close; a time-out if the reactor is slow
-        # to close it), only what arrived before matters.
-        chunks = []
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            try:
-                while chunk := s.recv(1 << 16):
-                    chunks.append(chunk)
-            except OSError:
-                pass
-        return b"".join(chunks)
-
     service = _listen(Abort)
     try:
-        received = await deferToThread(read_what_arrives, _port(service))
+        # Whatever ends the connection (a reset, a close; a time-out if the reactor is slow
+        # to close it), only what arrived before matters.
+        received = await deferToThread(_read_all, _port(service), OSError)
         assert b"after abort" not in received
     finally:
         await service.stopService()
 
 
-def _read_all(port: int) -> bytes:
-    """Everything the server sends until it closes (a reset ends it too)."""
+def _read_all(port: int, ending: type[OSError] = ConnectionResetError) -> bytes:
+    """Everything the server sends until it closes (or an ``ending`` error ends it)."""
     chunks = []
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         try:
             while chunk := s.recv(1 << 16):
                 chunks.append(chunk)
-        except ConnectionResetError:
+        except ending:
             pass
     return b"".join(chunks)
 
