@@ -41,13 +41,16 @@ class _Turn:
 
     def __init__(self) -> None:
         self._spent: list[Any] = []
+        self._renewal: Any = None
 
     def spend(self, descriptor: Any) -> None:
         descriptor._prompt_spent = True
-        if not self._spent:
-            # Runs at the start of the reactor's next turn, before its poll.
-            descriptor.reactor.callLater(0, self._renew)
         self._spent.append(descriptor)
+        if self._renewal is None or not self._renewal.active():
+            # Runs at the start of the reactor's next turn, before its poll.  Scheduled again
+            # whenever the last one is gone (ran, or was cancelled with every pending call):
+            # a lost renewal must not leave every connection spent, and listed, for good.
+            self._renewal = descriptor.reactor.callLater(0, self._renew)
 
     def _renew(self) -> None:
         spent, self._spent = self._spent, []
