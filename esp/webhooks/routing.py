@@ -28,12 +28,18 @@ class EndpointDirectory:
         self._ttl = ttl
         self._endpoints: list[Endpoint] = []
         self._until = 0.0
+        # Counts forget() calls: a list read while a webhook changed may predate the change
+        # (a reading in flight when the API created a webhook used to be kept for ``ttl``
+        # seconds, and the new webhook missed the events of those seconds).
+        self._changes = 0
 
     async def wanted(self) -> Wants:
-        now = self._reactor.seconds()
-        if now >= self._until:
-            self._endpoints = await self._db.run("webhook_endpoints", enabled_endpoints_txn)
-            self._until = now + self._ttl
+        while (now := self._reactor.seconds()) >= self._until:
+            changes = self._changes
+            endpoints = await self._db.run("webhook_endpoints", enabled_endpoints_txn)
+            if changes == self._changes:
+                self._endpoints = endpoints
+                self._until = now + self._ttl
         endpoints = self._endpoints
 
         def wants(event_type: str, domain: str | None) -> bool:
@@ -43,6 +49,7 @@ class EndpointDirectory:
 
     def forget(self) -> None:
         self._until = 0.0
+        self._changes += 1
 
 
 @implementer(IEventSubscriber)
