@@ -20,7 +20,6 @@ from zope.interface import implementer
 
 from esp.listeners import ListenerService
 from esp.prompt import write_to_child
-from tests.helpers import until
 
 
 def _listen(protocol: type[Protocol]) -> ListenerService:
@@ -38,7 +37,7 @@ def _port(service: ListenerService) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_a_reply_is_sent_before_the_reactor_turns_again() -> None:
-    read: list[bytes] = []
+    read: Deferred[bytes] = Deferred()
     client: list[socket.socket] = []
 
     class Answer(Protocol):
@@ -48,16 +47,15 @@ async def test_a_reply_is_sent_before_the_reactor_turns_again() -> None:
             # before this returns, so only a reply already sent can be read here (a queued
             # one times the read out).
             try:
-                read.append(client[0].recv(100))
+                read.callback(client[0].recv(100))
             except TimeoutError:
-                read.append(b"(nothing: the reply was queued)")
+                read.callback(b"(nothing: the reply was queued)")
 
     service = _listen(Answer)
     try:
         client.append(socket.create_connection(("127.0.0.1", _port(service)), timeout=5))
         client[0].sendall(b"hello")
-        await until(lambda: bool(read))
-        assert read == [b"reply to hello"]
+        assert await read == b"reply to hello"
     finally:
         if client:
             client[0].close()
@@ -66,7 +64,7 @@ async def test_a_reply_is_sent_before_the_reactor_turns_again() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_the_rest_of_a_turn_s_writes_leave_together_without_waiting_for_an_ack() -> None:
-    first: list[bytes] = []
+    first: Deferred[bytes] = Deferred()
     nodelay: list[int] = []
     client: list[socket.socket] = []
 
@@ -76,16 +74,16 @@ async def test_the_rest_of_a_turn_s_writes_leave_together_without_waiting_for_an
             self.transport.write(b"* 2 FETCH\r\n")
             self.transport.writeSequence([b"a OK ", b"done\r\n"])
             # Only the turn's first write has left; the rest goes in one send next turn.
-            first.append(client[0].recv(100))
+            received = client[0].recv(100)
             handle = self.transport.getHandle()
             nodelay.append(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            first.callback(received)
 
     service = _listen(Answer)
     try:
         client.append(socket.create_connection(("127.0.0.1", _port(service)), timeout=5))
         client[0].sendall(b"a FETCH 1:2 FLAGS\r\n")
-        await until(lambda: bool(first))
-        assert first == [b"* 1 FETCH\r\n"]
+        assert await first == b"* 1 FETCH\r\n"
         # Without TCP_NODELAY the kernel would hold the second send until the client
         # acknowledged the first (a delayed ACK: 40 ms or more).
         assert nodelay and nodelay[0] != 0

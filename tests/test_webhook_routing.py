@@ -22,6 +22,7 @@ class HeldDatabase:
         self._db = db
         self.calls = 0
         self.answered = 0
+        self.first_answer: Deferred[None] = Deferred()  # fires once the first reading is done
         self.release: Deferred[None] = Deferred()
 
     async def run(self, name: str, fn: Any, *args: Any) -> Any:
@@ -29,6 +30,7 @@ class HeldDatabase:
         answer = await self._db.run(name, fn, *args)
         self.answered += 1
         if self.answered == 1:
+            self.first_answer.callback(None)
             await self.release
         return answer
 
@@ -49,8 +51,7 @@ async def test_a_webhook_made_while_the_list_is_being_read_is_seen_at_once(
     directory = EndpointDirectory(held, reactor, ttl=3600)
     # A reading starts (an event was published) and reads the list before the webhook...
     first = Deferred.fromCoroutine(directory.wanted())
-    while held.answered == 0:
-        await Deferred.fromCoroutine(_turn())
+    await held.first_answer
     # ...then the API makes a webhook and says so, and only then the old list comes back.
     conn = connect(database_dsn)
     run_sync(conn, create_webhook_txn, "http://127.0.0.1:9/hook", ["mailbox.*"], None, True)
@@ -64,8 +65,3 @@ async def test_a_webhook_made_while_the_list_is_being_read_is_seen_at_once(
     assert (await directory.wanted())("mailbox.created", None)
     assert held.calls == calls
 
-
-async def _turn() -> None:
-    from twisted.internet.task import deferLater
-
-    await deferLater(reactor, 0.01)
