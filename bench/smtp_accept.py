@@ -141,9 +141,11 @@ def count_files(directory: Path) -> int:
 # -- ESP -------------------------------------------------------------------------------------
 
 
-def start_esp(work: Path, config: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
-    """`twistd esp` with ``config``, logging to ``<work>/<name>.log``; returns once it is
-    ready, with its log so far."""
+def start_esp(work: Path, config: Path, name: str, workers: int = 1
+              ) -> tuple[subprocess.Popen[bytes], str]:
+    """`twistd esp` with ``config``, logging to ``<work>/<name>.log``; returns once it and its
+    ``workers - 1`` worker processes are ready (a worker still starting would leave every
+    connection of the load to the others), with its log so far."""
     log_path = work / f"{name}.log"
     process = subprocess.Popen(
         [str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "esp", "--config",
@@ -153,7 +155,7 @@ def start_esp(work: Path, config: Path, name: str) -> tuple[subprocess.Popen[byt
     deadline = time.monotonic() + 60
     while True:
         text = log_path.read_text()
-        if "ready: host" in text:
+        if text.count("ready: host") >= workers:
             return process, text
         if process.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"ESP did not start:\n{text}")
@@ -236,7 +238,7 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int, chain: str = "",
             work, cluster.dsn, workers,
             database=f"    pool_max: {os.environ.get('ESP_BENCH_POOL', '10')}\n",
             top=filter_section(chain, services or {})))
-        process, text = start_esp(work, config, "esp")
+        process, text = start_esp(work, config, "esp", workers)
         match = re.search(r"smtp-mx-0 listening on 127\.0\.0\.1:(\d+)", text)
         assert match is not None, text
         port = int(match.group(1))
