@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg2
 from twisted.internet.defer import Deferred
@@ -31,7 +31,7 @@ from esp.batching import Batcher
 from esp.events import MESSAGE_RECEIVED, Event, EventBus, event_record
 from esp.message import MessageSummary, summarize
 from esp.storage.db import Cursor, Database, DatabaseUnavailable
-from esp.storage.diskwriter import BATCHES_AT_ONCE, Delivery, DiskWriter
+from esp.storage.diskwriter import BATCHES_AT_ONCE, Delivery, DiskWriter, SharedDiskWriter
 from esp.storage.maildir import (
     Maildir,
     MaildirError,
@@ -95,19 +95,31 @@ class LocalDelivery:
         events: EventBus,
         reactor: Any,
         dsn: str | None = None,
+        writer: Literal["own", "shared"] | str = "own",
     ) -> None:
+        """``writer``: ``"own"`` starts this process's Maildir writer; ``"shared"`` starts
+        one that this node's worker processes use too (:attr:`writer_address`); anything else
+        is such an address, in a worker process."""
         self._db = db
         self._root = maildir_root
         self._spool = Maildir(spool_dir)
         self._disk_pool = disk_pool
         self._events = events
         self._reactor = reactor
-        self._writer = DiskWriter(reactor, maildir_root, dsn)
+        self._writer: DiskWriter | SharedDiskWriter = (
+            DiskWriter(reactor, maildir_root, dsn, shared=writer == "shared")
+            if writer in ("own", "shared") else SharedDiskWriter(reactor, maildir_root, writer)
+        )
         self._deliveries: Batcher[Delivery, Outcome] = Batcher(
             self._writer.deliver, BATCH_LIMIT, BATCHES_AT_ONCE
         )
         # Called after something was queued for remote recipients (wakes the delivery workers).
         self.on_queued: Callable[[], None] | None = None
+
+    @property
+    def writer_address(self) -> str | None:
+        """Where worker processes reach the shared Maildir writer (once prepared)."""
+        return self._writer.address if isinstance(self._writer, DiskWriter) else None
 
     def prepare(self) -> None:
         """Create the spool and start the Maildir writer; blocking, at start-up."""

@@ -49,6 +49,8 @@ class ListenerService(Service):
         self._build_factory = build_factory
         # In a worker process: (file descriptor, address family) of the parent's socket.
         self._adopt = adopt
+        # Served by several processes (workers): each takes one connection at a time.
+        self.shared = adopt is not None
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -61,7 +63,7 @@ class ListenerService(Service):
             self._bind()
 
     def _bind(self) -> None:
-        reactor = prompt_listening(self._reactor)
+        reactor = prompt_listening(self._reactor, one_at_a_time=self.shared)
         if self._adopt is not None:
             fd, family = self._adopt
             self.port = reactor.adoptStreamPort(fd, family, self._build_factory())

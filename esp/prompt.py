@@ -140,12 +140,29 @@ class PromptPort(tcp.Port):
     transport = PromptServer
 
 
+class SharedPromptPort(PromptPort):
+    """A port whose socket other processes (workers) also accept from.  Twisted accepts up to
+    a hundred pending connections per wake-up: the first process to wake would take a whole
+    burst while the others, woken too, find nothing.  This one takes one at a time, so that
+    a burst is shared among whichever processes are free to take it."""
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass  # Port.doRead's own scaling of its accept loop
+
+
 class PromptListening:
     """The reactor, except that the TCP ports it makes (``listenTCP``, as TCP endpoints call
-    it, and ``adoptStreamPort``) are :class:`PromptPort`."""
+    it, and ``adoptStreamPort``) are :class:`PromptPort` (:class:`SharedPromptPort` with
+    ``one_at_a_time``)."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, one_at_a_time: bool = False) -> None:
         self._reactor = reactor
+        self._port = SharedPromptPort if one_at_a_time else PromptPort
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
@@ -153,19 +170,21 @@ class PromptListening:
     def listenTCP(
         self, port: int, factory: Any, backlog: int = 50, interface: str = ""
     ) -> PromptPort:
-        listening = PromptPort(port, factory, backlog, interface, self._reactor)
+        listening = self._port(port, factory, backlog, interface, self._reactor)
         listening.startListening()
         return listening
 
     def adoptStreamPort(self, fd: int, family: int, factory: Any) -> Any:
         if family not in (socket.AF_INET, socket.AF_INET6):
             return self._reactor.adoptStreamPort(fd, family, factory)
-        listening = PromptPort._fromListeningDescriptor(self._reactor, fd, family, factory)
+        listening = self._port._fromListeningDescriptor(self._reactor, fd, family, factory)
         listening.startListening()
         return listening
 
 
-def prompt_listening(reactor: Any) -> Any:
+def prompt_listening(reactor: Any, one_at_a_time: bool = False) -> Any:
     """:class:`PromptListening` over ``reactor`` when its TCP ports are Twisted's ``tcp.Port``
     (every POSIX reactor); any other reactor as it is."""
-    return PromptListening(reactor) if isinstance(reactor, PosixReactorBase) else reactor
+    if isinstance(reactor, PosixReactorBase):
+        return PromptListening(reactor, one_at_a_time)
+    return reactor

@@ -391,11 +391,13 @@ def makeService(
     reactor: Any = None,
     exit_on_start_failure: bool = False,
     adopted: Mapping[str, tuple[int, int]] | None = None,
+    writer: str | None = None,
 ) -> ESPService:
     """Build the whole service tree from a configuration; nothing is started or opened.
 
     ``adopted`` is for worker processes: listening sockets inherited from the parent, by
-    listener name, instead of binding the configured endpoints.
+    listener name, instead of binding the configured endpoints; ``writer`` is where they
+    reach the parent's Maildir writer.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -459,8 +461,11 @@ def makeService(
     checker = DirectoryChecker(
         directory, PasswordHasher(config.security.auth.argon2), reactor, hashing.pool
     )
+    workers = worker_count(config.server.workers)
     delivery = LocalDelivery(
-        db, config.maildir_root, config.spool_dir, disk.pool, events, reactor, dsn
+        db, config.maildir_root, config.spool_dir, disk.pool, events, reactor, dsn,
+        # One Maildir writer per node: every process's deliveries share its group commit.
+        writer=writer or ("shared" if adopted is None and workers > 1 else "own"),
     )
     children.append(SpoolService(delivery))
     resolver = Resolver(config.server.dns.nameservers, config.server.dns.timeout)
@@ -583,10 +588,12 @@ def makeService(
             api_config.listen, api, api_config.max_body, reactor, adopted,
             certificates.store if api_config.tls else None)
     children.extend(listeners)
-    workers = worker_count(config.server.workers)
     if adopted is None and workers > 1:
+        for listener in listeners:
+            listener.shared = True
         children.append(WorkerPool(config, dsn, listeners, workers - 1, reactor,
-                                   on_exit=metrics.process_ended))
+                                   on_exit=metrics.process_ended,
+                                   writer=lambda: delivery.writer_address))
     announced = list(listeners)
     if config.server.metrics.enabled and adopted is None:
         # In the parent only: a worker's figures are its own (docs/configuration.md).

@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="esp.worker")
     parser.add_argument("--listener", action="append", default=[],
                         help="NAME=FD:FAMILY of an inherited listening socket")
+    parser.add_argument("--writer", help="the parent's shared Maildir writer (a Unix socket)")
     args = parser.parse_args(argv)
     adopted = {}
     for item in args.listener:
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     config = Config.model_validate(json.loads(os.environ["ESP_WORKER_CONFIG"]))
-    service = makeService(config, reactor, exit_on_start_failure=True, adopted=adopted)
+    service = makeService(config, reactor, exit_on_start_failure=True, adopted=adopted,
+                          writer=args.writer)
     service.privilegedStartService()
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

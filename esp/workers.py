@@ -62,9 +62,11 @@ class WorkerPool(Service):
     def __init__(
         self, config: Config, dsn: str, listeners: list[Any], count: int, reactor: Any,
         on_exit: Callable[[int], None] | None = None,
+        writer: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.setName("workers")
         self._on_exit = on_exit
+        self._writer = writer  # the shared Maildir writer's address, once it is started
         self._config = config
         self._dsn = dsn
         self._listeners = listeners
@@ -98,6 +100,9 @@ class WorkerPool(Service):
             sock = listener.port.socket
             child_fds[fd] = listener.port.fileno()
             argv += ["--listener", f"{listener.name}={fd}:{int(sock.family)}"]
+        address = self._writer()
+        if address is not None:
+            argv += ["--writer", address]
         protocol = WorkerProcess(self, index)
         env = {**os.environ, "ESP_WORKER_CONFIG": json.dumps(config.model_dump(mode="json"))}
         process = self._reactor.spawnProcess(protocol, sys.executable, argv, env=env,

@@ -204,3 +204,37 @@ async def test_a_request_to_a_helper_process_is_written_before_the_reactor_turns
         process.closeStdin()
         await ended
         os.close(read_end)
+
+
+def test_a_shared_port_takes_one_waiting_connection_per_wake_up() -> None:
+    """Several processes accept from a worker pool's socket: each takes one connection when
+    woken, not the whole burst (Twisted's own port accepts up to a hundred at once)."""
+    built: list[object] = []
+
+    class Counted(Factory):
+        protocol = Protocol
+
+        def buildProtocol(self, addr: object) -> Protocol | None:
+            built.append(addr)
+            return super().buildProtocol(addr)
+
+    service = ListenerService("prompt-0", "tcp:0:interface=127.0.0.1", reactor, Counted)
+    service.shared = True
+    service.startService()
+    clients = []
+    try:
+        assert service.port is not None
+        port: Any = service.port
+        # Three connections wait in the backlog (the kernel completes them): one wake-up,
+        # driven here by hand, takes one of them; the next takes the next.
+        clients = [socket.create_connection(("127.0.0.1", _port(service)), timeout=5)
+                   for _ in range(3)]
+        port.doRead()
+        assert len(built) == 1
+        port.doRead()
+        assert len(built) == 2
+        assert port.numberAccepts == 1
+    finally:
+        for client in clients:
+            client.close()
+        service.stopService()

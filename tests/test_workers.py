@@ -1,5 +1,5 @@
 """Worker processes: several processes serve the same sockets; a dead worker is replaced; a
-stop stops them all."""
+stop stops them all; every process delivers through the parent's one Maildir writer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.dnszone import DNSServer
 from tests.espserver import start_esp
 
 
-def worker_pids(parent: int) -> list[int]:
+def worker_pids(parent: int, marker: bytes = b"esp.worker") -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -22,9 +22,84 @@ def worker_pids(parent: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == parent and b"esp.worker" in cmdline:
+        if int(stat[1]) == parent and marker in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def connection_owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the server side of the loopback connection from
+    ``client_port``."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if (int(local.rsplit(":", 1)[1], 16) == server_port
+                and int(remote.rsplit(":", 1)[1], 16) == client_port):
+            inode = fields[9]
+    if inode is None:
+        return None
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def test_every_process_delivers_through_the_parents_one_maildir_writer(
+    scratch: Path, database_dsn: str, test_dns: DNSServer
+) -> None:
+    server = start_esp(scratch, database_dsn, test_dns.nameserver, workers=3)
+    held: list[smtplib.SMTP] = []
+    try:
+        server.process.wait_for("] ESP 0.1.0 ready: ", count=3)
+        parent = server.process.process.pid
+        processes = [parent, *worker_pids(parent)]
+        assert len(processes) == 3
+        server.add_user("fay@example.test", "fay's long password")
+        # Connections held open until each process has one (each takes one per wake-up).
+        by_process: dict[int, smtplib.SMTP] = {}
+        for _ in range(60):
+            client = smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30)
+            held.append(client)
+            owner = connection_owner(server.ports["mx"], client.sock.getsockname()[1],
+                                     processes)
+            assert owner is not None
+            by_process.setdefault(owner, client)
+            if len(by_process) == len(processes):
+                break
+        assert sorted(by_process) == sorted(processes)
+        for n, client in enumerate(by_process.values()):
+            client.sendmail("carol@remote.test", ["fay@example.test"],
+                            f"Subject: {n}\r\n\r\nbody\r\n")
+        assert len(server.messages("fay@example.test")) == 3
+        # One writer for the node, the parent's; the workers have none of their own.
+        writers = [pid for process in processes
+                   for pid in worker_pids(process, b"esp.storage.diskwriter")]
+        assert writers == worker_pids(parent, b"esp.storage.diskwriter")
+        assert len(writers) == 1
+
+        # A writer that dies is replaced at once, and every process reaches the new one (a
+        # delivery caught by the death is refused with 451 and goes through when retried).
+        os.kill(writers[0], signal.SIGKILL)
+        server.process.wait_for("starting the Maildir writer again")
+        for n, client in enumerate(by_process.values()):
+            message = f"Subject: again {n}\r\n\r\nbody\r\n"
+            try:
+                client.sendmail("carol@remote.test", ["fay@example.test"], message)
+            except smtplib.SMTPDataError as e:
+                assert e.smtp_code == 451
+                client.sendmail("carol@remote.test", ["fay@example.test"], message)
+        assert len(server.messages("fay@example.test")) == 6
+        replaced = worker_pids(parent, b"esp.storage.diskwriter")
+        assert len(replaced) == 1 and replaced != writers
+    finally:
+        for client in held:
+            client.close()
+        server.process.stop()
 
 
 def test_workers_serve_and_are_replaced_when_they_die(

@@ -11,29 +11,40 @@ fsyncs overlapping) and, for a ``deliver`` request, records the durable files in
 with :class:`esp.storage.recorder.Recorder` (one statement and one commit for the batch) before
 it answers on stdout.  The reactor side is a plain ProcessProtocol: no thread at all.
 
+One helper serves the whole node: with worker processes, the main process's helper also
+accepts connections on a Unix socket in a private directory, and each worker sends its
+batches there (:class:`SharedDiskWriter`).  Every process's deliveries then share one
+recorder, so one transaction per group commit; a helper per process made their transactions
+queue on the same mailbox rows, each holding them while its files were fsync'd.
+
 Wire format, both ways: a 4-byte big-endian length, then a :mod:`marshal` payload (only bytes,
 strings, integers and tuples; both ends are this module).
 """
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 import os
+import selectors
+import socket
 import struct
 import sys
+import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessDone
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from esp.prompt import write_to_child
+from esp.prompt import send_promptly, write_to_child
 from esp.storage.maildir import (
     Job,
     MaildirError,
@@ -65,6 +76,12 @@ PARALLEL_JOBS = 8
 # bench/smtp_accept.py runs it was slower in six: without the overlap, each batch waits for
 # the one before to commit.
 BATCHES_AT_ONCE = 2
+# Threads for batches in the helper: BATCHES_AT_ONCE for each process it serves.
+BATCH_THREADS = 16
+# The shared helper's listening socket: its descriptor in the helper, its name in the
+# private directory.
+LISTEN_FD = 3
+SOCKET_NAME = "writer.sock"
 # A helper that dies within this many seconds of its start, several times in a row, is in a
 # crash loop: it is started again at most this often (doubling up to 32 times that).
 RESTART_INTERVAL = 1.0
@@ -99,19 +116,37 @@ class _Frames:
 # -- the helper process ----------------------------------------------------------------------
 
 
-def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
-    data = b""
-    while len(data) < size:
-        chunk = stream.read(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
+class _Channel:
+    """One client of the helper: the parent on stdin/stdout, or a worker process on a
+    connection to the shared socket.  Answers come from the batch threads, whole frames
+    under a lock."""
+
+    def __init__(self, read_fd: int, send: Callable[[bytes], None]) -> None:
+        self.read_fd = read_fd
+        self.frames = _Frames()
+        self._send = send
+        self._lock = threading.Lock()
+
+    def answer(self, data: bytes) -> None:
+        with self._lock:
+            try:
+                self._send(data)
+            except OSError:
+                pass  # that client is gone; its requests died with it
 
 
-def serve(requests: BinaryIO, replies: BinaryIO) -> None:
-    """Answer batches until the parent closes our stdin; up to BATCHES_AT_ONCE at a time."""
-    lock = threading.Lock()
+def _stdout_sender(replies: BinaryIO) -> Callable[[bytes], None]:
+    def send(data: bytes) -> None:
+        replies.write(data)
+        replies.flush()
+
+    return send
+
+
+def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None = None) -> None:
+    """Answer batches until the parent closes our stdin; up to BATCHES_AT_ONCE per client at
+    a time.  With ``listening``, worker processes connect to it and are served too (one
+    recorder, so one group commit, for every process of the node)."""
     dsn = os.environ.get(DSN_VARIABLE)
     recorder = GroupRecorder(Recorder(dsn)) if dsn else None
 
@@ -165,76 +200,87 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             answers[i] = outcome
         return tuple(answers)
 
-    def answer(batch_id: int, operation: str, *arguments: Any) -> None:
+    def answer(channel: _Channel, batch_id: int, operation: str, *arguments: Any) -> None:
         try:
             answers = write(*arguments) if operation == "write" else deliver(*arguments)
         except Exception as e:  # a bug: fail the batch, keep serving
             failed = (False if operation == "write" else "failed", f"internal error: {e!r}")
             answers = (failed,) * len(arguments[1])
-        reply = _frame((batch_id, answers))
-        with lock:
-            replies.write(reply)
-            replies.flush()
+        channel.answer(_frame((batch_id, answers)))
 
+    parent = _Channel(requests.fileno(), _stdout_sender(replies))
+    channels: dict[int, _Channel] = {parent.read_fd: parent}
+    connections: dict[int, socket.socket] = {}
     with ThreadPoolExecutor(PARALLEL_JOBS, thread_name_prefix="maildir") as files, \
-            ThreadPoolExecutor(BATCHES_AT_ONCE, thread_name_prefix="batch") as batches:
+            ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="batch") as batches, \
+            selectors.DefaultSelector() as selector:
+        selector.register(parent.read_fd, selectors.EVENT_READ)
+        if listening is not None:
+            selector.register(listening.fileno(), selectors.EVENT_READ)
         while True:
-            header = _read_exactly(requests, _LENGTH.size)
-            if header is None:
-                break
-            body = _read_exactly(requests, _LENGTH.unpack(header)[0])
-            if body is None:
-                break
-            batches.submit(answer, *marshal.loads(body))  # noqa: S302 (our parent, our pipe)
+            for key, _ in selector.select():
+                fd = key.fd
+                if listening is not None and fd == listening.fileno():
+                    try:
+                        connection, _ = listening.accept()
+                    except OSError:
+                        continue
+                    connection.setblocking(True)
+                    connections[connection.fileno()] = connection
+                    channels[connection.fileno()] = _Channel(
+                        connection.fileno(), connection.sendall)
+                    selector.register(connection.fileno(), selectors.EVENT_READ)
+                    continue
+                channel = channels[fd]
+                try:
+                    data = os.read(fd, 1 << 16)
+                except OSError:
+                    data = b""
+                if data:
+                    for request in channel.frames.feed(data):
+                        batches.submit(answer, channel, *request)
+                    continue
+                if channel is parent:
+                    break  # the parent closed our stdin: finish what was sent, then exit
+                selector.unregister(fd)
+                del channels[fd]
+                connections.pop(fd).close()  # a worker went away (or will reconnect)
+            else:
+                continue
+            break
+        if listening is not None:
+            listening.close()
+        for connection in connections.values():
+            connection.close()
     if recorder is not None:
         recorder.close()
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     # Blocked signals and the parent's own handlers are not ours: SIGINT from a terminal must
     # not kill a write half-way; the parent closes stdin to stop us.
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    serve(sys.stdin.buffer, sys.stdout.buffer)
+    args = list(sys.argv[1:] if argv is None else argv)
+    listening = None
+    if args[:1] == ["--listen-fd"]:
+        listening = socket.socket(fileno=int(args[1]))
+        listening.setblocking(False)
+    serve(sys.stdin.buffer, sys.stdout.buffer, listening)
 
 
 # -- the reactor side ------------------------------------------------------------------------
 
 
-class DiskWriter(ProcessProtocol):
-    """Starts the helper on first use (and again if it dies) and hands it batches."""
+class _Requests:
+    """What both ends of the reactor side share: numbered requests, answered by frames."""
 
-    log = Logger()
-
-    def __init__(self, reactor: Any, root: Path, dsn: str | None = None) -> None:
-        self._reactor = reactor
+    def __init__(self, root: Path) -> None:
         self._root = str(root)
-        self._dsn = dsn
         self._frames = _Frames()
         self._pending: dict[int, Deferred[Sequence[Any]]] = {}
         self._next_id = 0
-        self._running = False
-        self._stopping = False
-        self._last_start = float("-inf")
-        self._quick_deaths = 0
-        self._ended: list[Deferred[None]] = []
-
-    @property
-    def running(self) -> bool:
-        return self._running
-
-    def start(self) -> None:
-        if self._running:
-            return
-        self._last_start = self._reactor.seconds()
-        self._frames = _Frames()
-        self._reactor.spawnProcess(
-            self, sys.executable, [sys.executable, "-m", "esp.storage.diskwriter"],
-            env={**os.environ, **({DSN_VARIABLE: self._dsn} if self._dsn else {})},
-            childFDs={0: "w", 1: "r", 2: 2},
-        )
-        self._running = True
 
     async def write(self, jobs: Sequence[Job]) -> list[list[StoredFile] | MaildirError]:
         """Write ``jobs`` durably; one result per job."""
@@ -252,26 +298,131 @@ class DiskWriter(ProcessProtocol):
         return list(await self._request("deliver", self._root, tuple(jobs)))
 
     async def _request(self, *request: Any) -> Sequence[Any]:
-        if self._stopping:
-            raise MaildirError("the Maildir writer is stopping")
-        if not self._running:
-            if self._quick_deaths >= QUICK_DEATHS:
-                backoff = RESTART_INTERVAL * 2 ** min(self._quick_deaths - QUICK_DEATHS, 5)
-                if self._reactor.seconds() - self._last_start < backoff:
-                    raise MaildirError("the Maildir writer keeps failing; it will be restarted")
-            self.log.info("starting the Maildir writer again")
-            self.start()
-        assert self.transport is not None
+        await self._ready()
         batch_id = self._next_id
         self._next_id += 1
         waiter: Deferred[Sequence[Any]] = Deferred()
         self._pending[batch_id] = waiter
-        write_to_child(self.transport, _frame((batch_id, *request)))
+        self._send(_frame((batch_id, *request)))
         return await waiter
+
+    async def _ready(self) -> None:
+        """Make sure there is a helper to send to; raise MaildirError if there cannot be."""
+        raise NotImplementedError
+
+    def _send(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def _received(self, data: bytes) -> None:
+        for batch_id, answers in self._frames.feed(data):
+            waiter = self._pending.pop(batch_id, None)
+            if waiter is not None:
+                waiter.callback(answers)
+
+    def _fail_pending(self, why: str) -> None:
+        pending, self._pending = self._pending, {}
+        self._frames = _Frames()
+        for waiter in pending.values():
+            # Whether those files were written is unknown; none was acknowledged, and a file
+            # without its row is only an orphan for re-indexing.
+            waiter.errback(MaildirError(why))
+
+
+class DiskWriter(_Requests, ProcessProtocol):
+    """Starts the helper on first use (and again if it dies) and hands it batches.
+
+    With ``shared``, the helper also listens on a Unix socket in a private directory
+    (:attr:`address`) for this node's worker processes (:class:`SharedDiskWriter`): one
+    helper, so one group commit, for every process, instead of one per process whose
+    transactions queue on the same mailbox rows."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, root: Path, dsn: str | None = None,
+                 shared: bool = False) -> None:
+        super().__init__(root)
+        self._reactor = reactor
+        self._dsn = dsn
+        self._shared = shared
+        self._listening: socket.socket | None = None
+        self._directory: str | None = None
+        self._running = False
+        self._stopping = False
+        self._last_start = float("-inf")
+        self._quick_deaths = 0
+        self._ended: list[Deferred[None]] = []
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def address(self) -> str | None:
+        """The socket worker processes connect to (once started shared), else None."""
+        return os.path.join(self._directory, SOCKET_NAME) if self._directory else None
+
+    def start(self) -> None:
+        if self._running:
+            return
+        if self._shared and self._listening is None:
+            self._listen()
+        self._last_start = self._reactor.seconds()
+        self._frames = _Frames()
+        argv = [sys.executable, "-m", "esp.storage.diskwriter"]
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: 2}
+        if self._listening is not None:
+            # The socket stays open here: workers queue on it while a helper is replaced.
+            child_fds[LISTEN_FD] = self._listening.fileno()
+            argv += ["--listen-fd", str(LISTEN_FD)]
+        self._reactor.spawnProcess(
+            self, sys.executable, argv,
+            env={**os.environ, **({DSN_VARIABLE: self._dsn} if self._dsn else {})},
+            childFDs=child_fds,
+        )
+        self._running = True
+
+    def _listen(self) -> None:
+        # A directory only this user can enter (mkdtemp: mode 0700), on this node (the data
+        # directory may be shared between nodes).
+        self._directory = tempfile.mkdtemp(prefix="esp-writer-")
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listening.bind(os.path.join(self._directory, SOCKET_NAME))
+            listening.listen(64)
+        except OSError:
+            listening.close()
+            self._remove_directory()
+            raise
+        self._listening = listening
+
+    def _remove_directory(self) -> None:
+        if self._directory is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._directory, SOCKET_NAME))
+            with contextlib.suppress(OSError):
+                os.rmdir(self._directory)
+            self._directory = None
+
+    async def _ready(self) -> None:
+        if self._stopping:
+            raise MaildirError("the Maildir writer is stopping")
+        if not self._running:
+            if self._reactor.seconds() - self._last_start < self._backoff():
+                raise MaildirError("the Maildir writer keeps failing; it will be restarted")
+            self.log.info("starting the Maildir writer again")
+            self.start()
+
+    def _send(self, frame: bytes) -> None:
+        assert self.transport is not None
+        write_to_child(self.transport, frame)
 
     def stop(self) -> Deferred[None]:
         """Let the helper finish what it has and exit."""
         self._stopping = True
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
+            self._remove_directory()
         if not self._running or self.transport is None:
             return succeed(None)
         ended: Deferred[None] = Deferred()
@@ -282,10 +433,7 @@ class DiskWriter(ProcessProtocol):
     # -- ProcessProtocol ----------------------------------------------------------------------
 
     def outReceived(self, data: bytes) -> None:
-        for batch_id, answers in self._frames.feed(data):
-            waiter = self._pending.pop(batch_id, None)
-            if waiter is not None:
-                waiter.callback(answers)
+        self._received(data)
 
     def processEnded(self, reason: Failure) -> None:
         self._running = False
@@ -295,14 +443,96 @@ class DiskWriter(ProcessProtocol):
             self._quick_deaths = 0
         if not self._stopping or not reason.check(ProcessDone):
             self.log.error("the Maildir writer exited: {reason}", reason=reason.getErrorMessage())
-        pending, self._pending = self._pending, {}
-        for waiter in pending.values():
-            # Whether those files were written is unknown; none was acknowledged, and a file
-            # without its row is only an orphan for re-indexing.
-            waiter.errback(MaildirError("the Maildir writer exited"))
+        self._fail_pending("the Maildir writer exited")
         ended, self._ended = self._ended, []
         for d in ended:
             d.callback(None)
+        if self._listening is not None and not self._stopping:
+            # Workers wait on the socket for a helper: start the next one now, not at this
+            # process's next delivery (which may be a long way off).
+            self._reactor.callLater(self._backoff(), self._restart)
+
+    def _backoff(self) -> float:
+        """Seconds before the next helper may start (0 unless it keeps dying at once)."""
+        if self._quick_deaths < QUICK_DEATHS:
+            return 0.0
+        return float(RESTART_INTERVAL * 2 ** min(self._quick_deaths - QUICK_DEATHS, 5))
+
+    def _restart(self) -> None:
+        if not self._running and not self._stopping:
+            self.log.info("starting the Maildir writer again")
+            self.start()
+
+
+class _Connection(Protocol):
+    def __init__(self, owner: SharedDiskWriter) -> None:
+        self._owner = owner
+
+    def dataReceived(self, data: bytes) -> None:
+        self._owner._received(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._owner._lost(self)
+
+
+class SharedDiskWriter(_Requests):
+    """A worker process's way to the parent's helper (:class:`DiskWriter` with ``shared``):
+    the same requests over a Unix socket, connected on first use and again after the
+    helper was replaced."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, root: Path, address: str) -> None:
+        super().__init__(root)
+        self._reactor = reactor
+        self._address = address
+        self._connection: _Connection | None = None
+        self._connecting: Deferred[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        """Nothing to start: the parent runs the helper; this connects when first used."""
+
+    async def _ready(self) -> None:
+        if self._stopping:
+            raise MaildirError("the Maildir writer is stopping")
+        while self._connection is None:
+            if self._connecting is None:
+                self._connecting = Deferred.fromCoroutine(self._connect())
+            connecting = self._connecting
+            await connecting
+
+    async def _connect(self) -> None:
+        try:
+            endpoint = UNIXClientEndpoint(self._reactor, self._address, timeout=10)
+            self._connection = await connectProtocol(endpoint, _Connection(self))
+        except Exception as e:
+            raise MaildirError(f"cannot reach the Maildir writer: {e}") from e
+        finally:
+            self._connecting = None
+
+    def _send(self, frame: bytes) -> None:
+        assert self._connection is not None and self._connection.transport is not None
+        send_promptly(self._connection.transport, frame)
+
+    def _lost(self, connection: _Connection) -> None:
+        if connection is self._connection:
+            self._connection = None
+            self._fail_pending("the Maildir writer went away")
+
+    def stop(self) -> Deferred[None]:
+        """Wait for the answers still due, then disconnect."""
+        self._stopping = True
+        if self._connection is None or self._connection.transport is None:
+            return succeed(None)
+        waiting = list(self._pending.values())
+        connection = self._connection
+
+        def close(_: object) -> None:
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+
+        return DeferredList(waiting, consumeErrors=True).addBoth(close)
 
 
 if __name__ == "__main__":
