@@ -94,7 +94,8 @@ class WorkerPool(Service):
             }
         )
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
-        argv = [sys.executable, "-m", "esp.worker"]
+        # -P: the code the parent runs, not an esp/ that happens to be in the current directory.
+        argv = [sys.executable, "-P", "-m", "esp.worker"]
         for offset, listener in enumerate(self._listeners):
             fd = _FIRST_FD + offset
             sock = listener.port.socket

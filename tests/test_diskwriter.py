@@ -8,6 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -74,3 +75,25 @@ async def test_a_batch_in_flight_when_the_helper_dies_fails(writer: DiskWriter) 
         assert "exited" in str(e)
     else:
         raise AssertionError("a batch whose helper died was reported written")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_helper_runs_this_code_not_an_esp_in_the_current_directory(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `python -m` puts the current directory first on sys.path: started from a directory that
+    # holds another esp/ (a checkout of another version), the helper would run that instead.
+    impostor = scratch / "elsewhere" / "esp" / "storage"
+    impostor.mkdir(parents=True)
+    for package in (impostor.parent, impostor):
+        (package / "__init__.py").write_text("")
+    (impostor / "diskwriter.py").write_text("raise SystemExit('the wrong esp')\n")
+    monkeypatch.chdir(scratch / "elsewhere")
+    w = DiskWriter(reactor, scratch / "maildir")
+    w.start()
+    try:
+        [files] = await w.write([(b"mine\r\n", (("d/erin", ""),))])
+    finally:
+        await w.stop()
+    assert isinstance(files, list)
+    assert files[0].path.read_bytes() == b"mine\r\n"

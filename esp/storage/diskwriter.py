@@ -368,7 +368,8 @@ class DiskWriter(_Requests, ProcessProtocol):
             self._listen()
         self._last_start = self._reactor.seconds()
         self._frames = _Frames()
-        argv = [sys.executable, "-m", "esp.storage.diskwriter"]
+        # -P: the code the parent runs, not an esp/ that happens to be in the current directory.
+        argv = [sys.executable, "-P", "-m", "esp.storage.diskwriter"]
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: 2}
         if self._listening is not None:
             # The socket stays open here: workers queue on it while a helper is replaced.
