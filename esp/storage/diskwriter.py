@@ -250,8 +250,10 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
             break
         if listening is not None:
             listening.close()
-        for connection in connections.values():
-            connection.close()
+    # The batches still in progress have finished (the pools were shut down): their answers
+    # went out before the workers' connections close.
+    for connection in connections.values():
+        connection.close()
     if recorder is not None:
         recorder.close()
 
