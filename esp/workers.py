@@ -22,6 +22,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from esp.children import child_environment, python_command
 from esp.config import Config
 
 _FIRST_FD = 3
@@ -94,8 +95,7 @@ class WorkerPool(Service):
             }
         )
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
-        # -P: the code the parent runs, not an esp/ that happens to be in the current directory.
-        argv = [sys.executable, "-P", "-m", "esp.worker"]
+        argv = python_command("esp.worker")
         for offset, listener in enumerate(self._listeners):
             fd = _FIRST_FD + offset
             sock = listener.port.socket
@@ -104,8 +104,12 @@ class WorkerPool(Service):
         address = self._writer()
         if address is not None:
             argv += ["--writer", address]
+        else:
+            # It would start a Maildir writer of its own (the main one is not started yet).
+            self.log.error("worker {index} starts without the shared Maildir writer", index=index)
         protocol = WorkerProcess(self, index)
-        env = {**os.environ, "ESP_WORKER_CONFIG": json.dumps(config.model_dump(mode="json"))}
+        env = child_environment(
+            {"ESP_WORKER_CONFIG": json.dumps(config.model_dump(mode="json"))})
         process = self._reactor.spawnProcess(protocol, sys.executable, argv, env=env,
                                              childFDs=child_fds)
         protocol.pid = process.pid

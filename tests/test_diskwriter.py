@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 
-from esp.storage.diskwriter import DiskWriter
+import esp
+from esp.children import child_environment
+from esp.storage.diskwriter import DiskWriter, SharedDiskWriter
 from esp.storage.maildir import MaildirError
 from tests.helpers import until
 
@@ -97,3 +102,37 @@ async def test_the_helper_runs_this_code_not_an_esp_in_the_current_directory(
         await w.stop()
     assert isinstance(files, list)
     assert files[0].path.read_bytes() == b"mine\r\n"
+
+
+def test_children_import_this_esp_whatever_the_current_directory(scratch: Path) -> None:
+    impostor = scratch / "elsewhere" / "esp"
+    impostor.mkdir(parents=True)
+    (impostor / "__init__.py").write_text("")
+    found = subprocess.run(
+        [sys.executable, "-P", "-c", "import esp; print(esp.__file__)"],
+        cwd=impostor.parent, env=child_environment(), capture_output=True, text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(found).resolve() == Path(esp.__file__).resolve()
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_processes_share_the_helper_through_its_socket(scratch: Path) -> None:
+    owner = DiskWriter(reactor, scratch / "maildir", shared=True)
+    owner.start()
+    address = owner.address
+    assert address is not None
+    directory = Path(address).parent
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700  # this user's alone
+    worker = SharedDiskWriter(reactor, scratch / "maildir", address)
+    try:
+        mine, theirs = await DeferredList([
+            Deferred.fromCoroutine(owner.write([(b"from the parent\r\n", (("d/gil", ""),))])),
+            Deferred.fromCoroutine(worker.write([(b"from a worker\r\n", (("d/gil", ""),))])),
+        ], fireOnOneErrback=True, consumeErrors=True)
+        assert isinstance(mine[1][0], list) and isinstance(theirs[1][0], list)
+        assert theirs[1][0][0].path.read_bytes() == b"from a worker\r\n"
+    finally:
+        await worker.stop()
+        await owner.stop()
+    assert not directory.exists()  # the socket and its directory are gone with the helper

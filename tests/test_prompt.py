@@ -209,14 +209,16 @@ async def test_a_request_to_a_helper_process_is_written_before_the_reactor_turns
 def test_a_shared_port_takes_one_waiting_connection_per_wake_up() -> None:
     """Several processes accept from a worker pool's socket: each takes one connection when
     woken, not the whole burst (Twisted's own port accepts up to a hundred at once)."""
-    built: list[object] = []
+    built: list[Protocol] = []
 
     class Counted(Factory):
         protocol = Protocol
 
         def buildProtocol(self, addr: object) -> Protocol | None:
-            built.append(addr)
-            return super().buildProtocol(addr)
+            made = super().buildProtocol(addr)
+            assert made is not None
+            built.append(made)
+            return made
 
     service = ListenerService("prompt-0", "tcp:0:interface=127.0.0.1", reactor, Counted)
     service.shared = True
@@ -237,4 +239,6 @@ def test_a_shared_port_takes_one_waiting_connection_per_wake_up() -> None:
     finally:
         for client in clients:
             client.close()
+        for protocol in built:
+            protocol.transport.abortConnection()
         service.stopService()

@@ -33,9 +33,10 @@ def connection_owner(server_port: int, client_port: int, pids: list[int]) -> int
     inode = None
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        local, remote = fields[1], fields[2]
+        local, remote, state = fields[1], fields[2], fields[3]
         if (int(local.rsplit(":", 1)[1], 16) == server_port
-                and int(remote.rsplit(":", 1)[1], 16) == client_port):
+                and int(remote.rsplit(":", 1)[1], 16) == client_port
+                and state == "01" and fields[9] != "0"):  # established, with its socket
             inode = fields[9]
     if inode is None:
         return None
@@ -62,7 +63,7 @@ def test_every_process_delivers_through_the_parents_one_maildir_writer(
         server.add_user("fay@example.test", "fay's long password")
         # Connections held open until each process has one (each takes one per wake-up).
         by_process: dict[int, smtplib.SMTP] = {}
-        for _ in range(60):
+        for _ in range(200):
             client = smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30)
             held.append(client)
             owner = connection_owner(server.ports["mx"], client.sock.getsockname()[1],

@@ -44,6 +44,7 @@ from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from esp.children import child_environment, python_command
 from esp.prompt import send_promptly, write_to_child
 from esp.storage.maildir import (
     Job,
@@ -76,12 +77,14 @@ PARALLEL_JOBS = 8
 # bench/smtp_accept.py runs it was slower in six: without the overlap, each batch waits for
 # the one before to commit.
 BATCHES_AT_ONCE = 2
-# Threads for batches in the helper: BATCHES_AT_ONCE for each process it serves.
-BATCH_THREADS = 16
+# Threads for batches in the helper: BATCHES_AT_ONCE for each process it serves (made only
+# when needed).
+BATCH_THREADS = 64
 # The shared helper's listening socket: its descriptor in the helper, its name in the
 # private directory.
 LISTEN_FD = 3
 SOCKET_NAME = "writer.sock"
+MAX_SOCKET_PATH = 100
 # A helper that dies within this many seconds of its start, several times in a row, is in a
 # crash loop: it is started again at most this often (doubling up to 32 times that).
 RESTART_INTERVAL = 1.0
@@ -121,18 +124,31 @@ class _Channel:
     connection to the shared socket.  Answers come from the batch threads, whole frames
     under a lock."""
 
-    def __init__(self, read_fd: int, send: Callable[[bytes], None]) -> None:
+    def __init__(self, read_fd: int, send: Callable[[bytes], None],
+                 close: Callable[[], None] = lambda: None) -> None:
         self.read_fd = read_fd
         self.frames = _Frames()
         self._send = send
+        self._close = close
+        self._closed = False
         self._lock = threading.Lock()
 
     def answer(self, data: bytes) -> None:
         with self._lock:
+            if self._closed:
+                return  # that client is gone; its requests died with it
             try:
                 self._send(data)
             except OSError:
-                pass  # that client is gone; its requests died with it
+                pass
+
+    def close(self) -> None:
+        # Under the lock: a batch thread must not send on a descriptor number that a new
+        # connection may have been given meanwhile.
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._close()
 
 
 def _stdout_sender(replies: BinaryIO) -> Callable[[bytes], None]:
@@ -210,7 +226,6 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
 
     parent = _Channel(requests.fileno(), _stdout_sender(replies))
     channels: dict[int, _Channel] = {parent.read_fd: parent}
-    connections: dict[int, socket.socket] = {}
     with ThreadPoolExecutor(PARALLEL_JOBS, thread_name_prefix="maildir") as files, \
             ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="batch") as batches, \
             selectors.DefaultSelector() as selector:
@@ -226,9 +241,8 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
                     except OSError:
                         continue
                     connection.setblocking(True)
-                    connections[connection.fileno()] = connection
                     channels[connection.fileno()] = _Channel(
-                        connection.fileno(), connection.sendall)
+                        connection.fileno(), connection.sendall, connection.close)
                     selector.register(connection.fileno(), selectors.EVENT_READ)
                     continue
                 channel = channels[fd]
@@ -243,8 +257,7 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
                 if channel is parent:
                     break  # the parent closed our stdin: finish what was sent, then exit
                 selector.unregister(fd)
-                del channels[fd]
-                connections.pop(fd).close()  # a worker went away (or will reconnect)
+                channels.pop(fd).close()  # a worker went away (or will reconnect)
             else:
                 continue
             break
@@ -252,18 +265,21 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
             listening.close()
     # The batches still in progress have finished (the pools were shut down): their answers
     # went out before the workers' connections close.
-    for connection in connections.values():
-        connection.close()
+    for channel in channels.values():
+        channel.close()
     if recorder is not None:
         recorder.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    # Blocked signals and the parent's own handlers are not ours: SIGINT from a terminal must
-    # not kill a write half-way; the parent closes stdin to stop us.
+    # Blocked signals and the parent's own handlers are not ours: SIGINT from a terminal, or
+    # the SIGTERM a service manager sends every process of the service at once, must not kill
+    # a write half-way or the answers due to the workers; the parent closes stdin to stop us
+    # once they are done (and stdin ends too if the parent dies).
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     args = list(sys.argv[1:] if argv is None else argv)
     listening = None
     if args[:1] == ["--listen-fd"]:
@@ -370,8 +386,7 @@ class DiskWriter(_Requests, ProcessProtocol):
             self._listen()
         self._last_start = self._reactor.seconds()
         self._frames = _Frames()
-        # -P: the code the parent runs, not an esp/ that happens to be in the current directory.
-        argv = [sys.executable, "-P", "-m", "esp.storage.diskwriter"]
+        argv = python_command("esp.storage.diskwriter")
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: 2}
         if self._listening is not None:
             # The socket stays open here: workers queue on it while a helper is replaced.
@@ -379,7 +394,7 @@ class DiskWriter(_Requests, ProcessProtocol):
             argv += ["--listen-fd", str(LISTEN_FD)]
         self._reactor.spawnProcess(
             self, sys.executable, argv,
-            env={**os.environ, **({DSN_VARIABLE: self._dsn} if self._dsn else {})},
+            env=child_environment({DSN_VARIABLE: self._dsn} if self._dsn else None),
             childFDs=child_fds,
         )
         self._running = True
@@ -388,6 +403,10 @@ class DiskWriter(_Requests, ProcessProtocol):
         # A directory only this user can enter (mkdtemp: mode 0700), on this node (the data
         # directory may be shared between nodes).
         self._directory = tempfile.mkdtemp(prefix="esp-writer-")
+        if len(os.path.join(self._directory, SOCKET_NAME).encode()) > MAX_SOCKET_PATH:
+            # A long $TMPDIR: a Unix socket's name must fit in 108 bytes.
+            os.rmdir(self._directory)
+            self._directory = tempfile.mkdtemp(prefix="esp-writer-", dir="/tmp")
         listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listening.bind(os.path.join(self._directory, SOCKET_NAME))
@@ -462,9 +481,17 @@ class DiskWriter(_Requests, ProcessProtocol):
         return float(RESTART_INTERVAL * 2 ** min(self._quick_deaths - QUICK_DEATHS, 5))
 
     def _restart(self) -> None:
-        if not self._running and not self._stopping:
-            self.log.info("starting the Maildir writer again")
+        if self._running or self._stopping:
+            return
+        self.log.info("starting the Maildir writer again")
+        try:
             self.start()
+        except Exception:
+            # Workers wait on the socket: never give up on them (fork failing for want of
+            # memory or processes is a moment, not a state).
+            self.log.failure("cannot start the Maildir writer; trying again")
+            self._quick_deaths += 1
+            self._reactor.callLater(max(self._backoff(), RESTART_INTERVAL), self._restart)
 
 
 class _Connection(Protocol):
@@ -490,7 +517,7 @@ class SharedDiskWriter(_Requests):
         self._reactor = reactor
         self._address = address
         self._connection: _Connection | None = None
-        self._connecting: Deferred[None] | None = None
+        self._waiting: list[Deferred[None]] = []  # for the connection being made
         self._stopping = False
 
     def start(self) -> None:
@@ -500,19 +527,26 @@ class SharedDiskWriter(_Requests):
         if self._stopping:
             raise MaildirError("the Maildir writer is stopping")
         while self._connection is None:
-            if self._connecting is None:
-                self._connecting = Deferred.fromCoroutine(self._connect())
-            connecting = self._connecting
-            await connecting
+            waiter: Deferred[None] = Deferred()
+            self._waiting.append(waiter)
+            if len(self._waiting) == 1:
+                Deferred.fromCoroutine(self._connect())
+            await waiter
 
     async def _connect(self) -> None:
+        """Connect, then tell every request waiting for it (each its own failure)."""
+        error: MaildirError | None = None
         try:
             endpoint = UNIXClientEndpoint(self._reactor, self._address, timeout=10)
             self._connection = await connectProtocol(endpoint, _Connection(self))
         except Exception as e:
-            raise MaildirError(f"cannot reach the Maildir writer: {e}") from e
-        finally:
-            self._connecting = None
+            error = MaildirError(f"cannot reach the Maildir writer: {e}")
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if error is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(Failure(error))
 
     def _send(self, frame: bytes) -> None:
         assert self._connection is not None and self._connection.transport is not None
