@@ -6,8 +6,48 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.fdesc import setNonBlocking
 from twisted.logger import globalLogBeginner, textFileLogObserver
+
+
+class ParentWatch(FileDescriptor):
+    """Stops the worker when its parent is gone.  The parent holds the other end of our
+    standard input and never writes to it: it ends (EOF) when the parent exits, however it
+    exits.  A worker left behind by a parent that was killed would go on holding the listening
+    sockets (a new ESP could not bind them) with nobody to restart it or to hand it deliveries'
+    Maildir writer."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor)
+        self._running_reactor = reactor
+        setNonBlocking(0)
+        self.startReading()
+
+    def fileno(self) -> int:
+        return 0
+
+    def doRead(self) -> None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._parent_gone()
+
+    def connectionLost(self, reason: Any) -> None:
+        # epoll reports the end of a pipe as a hang-up: the reactor calls this, not doRead.
+        super().connectionLost(reason)
+        self._parent_gone()
+
+    def _parent_gone(self) -> None:
+        self.stopReading()
+        if self._running_reactor.running:
+            self._running_reactor.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     service.privilegedStartService()
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.callWhenRunning(ParentWatch, reactor)
     reactor.run()
 
 

@@ -4,6 +4,7 @@ stop stops them all; every process delivers through the parent's one Maildir wri
 from __future__ import annotations
 
 import os
+import select
 import signal
 import smtplib
 from pathlib import Path
@@ -133,3 +134,23 @@ def test_workers_serve_and_are_replaced_when_they_die(
     finally:
         server.process.stop()
     assert worker_pids(parent) == []  # the stop took the workers with it
+
+
+def test_workers_stop_when_their_parent_is_killed(
+    scratch: Path, database_dsn: str, test_dns: DNSServer
+) -> None:
+    server = start_esp(scratch, database_dsn, test_dns.nameserver, workers=2)
+    try:
+        server.process.wait_for("] ESP 0.1.0 ready: ", count=2)
+        parent = server.process.process.pid
+        [worker] = worker_pids(parent)
+        [writer] = worker_pids(parent, b"esp.storage.diskwriter")
+        ended = [os.pidfd_open(pid) for pid in (worker, writer)]
+        os.kill(parent, signal.SIGKILL)
+        # Each becomes readable when its process has exited (no polling, no sleeping).
+        for fd in ended:
+            readable, _, _ = select.select([fd], [], [], 60)
+            assert readable, "a child of the killed parent is still running"
+            os.close(fd)
+    finally:
+        server.process.stop()
