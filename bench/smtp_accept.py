@@ -64,19 +64,41 @@ class Result:
 # -- process accounting ----------------------------------------------------------------------
 
 
-def tree_pids(names: tuple[str, ...]) -> list[int]:
+def tree_pids(names: tuple[str, ...], roots: tuple[int, ...] = ()) -> list[int]:
+    """Processes whose name is one of ``names`` or whose command line holds one; with
+    ``roots``, only those roots and their descendants (a worker left over from another run,
+    or another PostgreSQL, must not be counted)."""
     pids = []
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             comm = (entry / "comm").read_text().strip()
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+            parents[int(entry.name)] = int(
+                (entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
         if any(n == comm or n in cmdline for n in names):
             pids.append(int(entry.name))
-    return pids
+    if not roots:
+        return pids
+
+    def descends(pid: int) -> bool:
+        seen = 0
+        while pid > 1 and seen < 64:
+            if pid in roots:
+                return True
+            pid = parents.get(pid, 0)
+            seen += 1
+        return False
+
+    return [pid for pid in pids if descends(pid)]
+
+
+def postmaster_pid(cluster: EmbeddedCluster) -> int:
+    return int((cluster.pgdata / "postmaster.pid").read_text().split()[0])
 
 
 def cpu_seconds(pids: list[int], which: tuple[int, ...] = (11, 12)) -> float:
@@ -244,10 +266,11 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int, chain: str = "",
         port = int(match.group(1))
         ours = (f"--config {config}", "esp.worker", "esp.storage.diskwriter")
         names = (*ours, "postgres")
-        pids = tree_pids(names)
-        esp_pids = tree_pids(ours)
+        roots = (process.pid, postmaster_pid(cluster))
+        pids = tree_pids(names, roots)
+        esp_pids = tree_pids(ours, roots)
         before, esp_before = cpu_seconds(pids), cpu_seconds(esp_pids)
-        writer_before = cpu_seconds(tree_pids(("esp.storage.diskwriter",)))
+        writer_before = cpu_seconds(tree_pids(("esp.storage.diskwriter",), roots))
         esp_sys_before = cpu_seconds(esp_pids, (12,))
         profiler = None
         if os.environ.get("ESP_BENCH_STRACE"):
@@ -265,16 +288,16 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int, chain: str = "",
         seconds = drive(port, args.sessions, args.messages, args.size, "alice@example.test")
         if profiler is not None:
             profiler.wait()
-        pids = tree_pids(names)
+        pids = tree_pids(names, roots)
         used = cpu_seconds(pids) - before
-        esp_used = cpu_seconds(tree_pids(ours)) - esp_before
-        esp_sys = cpu_seconds(tree_pids(ours), (12,)) - esp_sys_before
-        writer = cpu_seconds(tree_pids(("esp.storage.diskwriter",))) - writer_before
+        esp_used = cpu_seconds(tree_pids(ours, roots)) - esp_before
+        esp_sys = cpu_seconds(tree_pids(ours, roots), (12,)) - esp_sys_before
+        writer = cpu_seconds(tree_pids(("esp.storage.diskwriter",), roots)) - writer_before
         print(f"  of which ESP processes {esp_used / args.messages * 1000:.2f} ms/msg "
               f"({esp_sys / args.messages * 1000:.2f} in the kernel; Maildir writers "
               f"{writer / args.messages * 1000:.2f}), "
               f"PostgreSQL {(used - esp_used) / args.messages * 1000:.2f} ms/msg")
-        memory = rss_mib(tree_pids(ours))
+        memory = rss_mib(tree_pids(ours, roots))
         stored = count_files(work / "var" / "maildir" / "example.test" / "alice" / "new")
         process.terminate()
         process.wait(timeout=60)
