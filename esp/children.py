@@ -4,13 +4,14 @@ with the code the parent runs.
 ``python -m`` would put the current directory first on ``sys.path`` (a directory holding
 another ``esp/``, a checkout of another version, would win), and without it an installed ESP
 could differ from the one the parent imported (a checkout run in place).  So the child runs
-with ``-P`` (nothing of the current directory) and the directory the parent imported ``esp``
-from first on ``PYTHONPATH``.
+with ``-P`` (nothing of the current directory) and, unless the parent's ``esp`` is the one
+installed in a site directory, the directory it was imported from first on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import os
+import site
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,11 +27,19 @@ def python_command(module: str, *arguments: str) -> list[str]:
     return [sys.executable, "-P", "-m", module, *arguments]
 
 
+def _installed() -> bool:
+    """Whether this ``esp`` is the one installed in a site directory: a child finds it there
+    without help (and putting a site directory before the standard library could let an old
+    backport shadow a standard module)."""
+    sites = {*site.getsitepackages(), site.getusersitepackages()}
+    return any(os.path.realpath(d) == PACKAGE_ROOT for d in sites)
+
+
 def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment, with this ``esp`` first on ``PYTHONPATH``."""
-    path = os.environ.get("PYTHONPATH", "")
-    return {
-        **os.environ,
-        "PYTHONPATH": PACKAGE_ROOT + (os.pathsep + path if path else ""),
-        **(extra or {}),
-    }
+    """This process's environment, with this ``esp`` first on ``PYTHONPATH`` unless it is the
+    installed one."""
+    environment = {**os.environ, **(extra or {})}
+    if not _installed():
+        path = os.environ.get("PYTHONPATH", "")
+        environment["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + path if path else "")
+    return environment
