@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psycopg2
 from twisted.internet.defer import Deferred
@@ -95,11 +95,12 @@ class LocalDelivery:
         events: EventBus,
         reactor: Any,
         dsn: str | None = None,
-        writer: Literal["own", "shared"] | str = "own",
+        share_writer: bool = False,
+        writer_address: str | None = None,
     ) -> None:
-        """``writer``: ``"own"`` starts this process's Maildir writer; ``"shared"`` starts
-        one that this node's worker processes use too (:attr:`writer_address`); anything else
-        is such an address, in a worker process."""
+        """With ``share_writer``, the Maildir writer this process starts is used by this
+        node's worker processes too (:attr:`writer_address`); a worker process is given that
+        address as ``writer_address`` and starts none of its own."""
         self._db = db
         self._root = maildir_root
         self._spool = Maildir(spool_dir)
@@ -107,8 +108,8 @@ class LocalDelivery:
         self._events = events
         self._reactor = reactor
         self._writer: DiskWriter | SharedDiskWriter = (
-            DiskWriter(reactor, maildir_root, dsn, shared=writer == "shared")
-            if writer in ("own", "shared") else SharedDiskWriter(reactor, maildir_root, writer)
+            SharedDiskWriter(reactor, maildir_root, writer_address) if writer_address
+            else DiskWriter(reactor, maildir_root, dsn, shared=share_writer)
         )
         self._deliveries: Batcher[Delivery, Outcome] = Batcher(
             self._writer.deliver, BATCH_LIMIT, BATCHES_AT_ONCE

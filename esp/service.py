@@ -465,7 +465,7 @@ def makeService(
     delivery = LocalDelivery(
         db, config.maildir_root, config.spool_dir, disk.pool, events, reactor, dsn,
         # One Maildir writer per node: every process's deliveries share its group commit.
-        writer=writer or ("shared" if adopted is None and workers > 1 else "own"),
+        share_writer=adopted is None and workers > 1, writer_address=writer,
     )
     children.append(SpoolService(delivery))
     resolver = Resolver(config.server.dns.nameservers, config.server.dns.timeout)

@@ -232,7 +232,8 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
         selector.register(parent.read_fd, selectors.EVENT_READ)
         if listening is not None:
             selector.register(listening.fileno(), selectors.EVENT_READ)
-        while True:
+        serving = True
+        while serving:
             for key, _ in selector.select():
                 fd = key.fd
                 if listening is not None and fd == listening.fileno():
@@ -255,12 +256,10 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
                         batches.submit(answer, channel, *request)
                     continue
                 if channel is parent:
-                    break  # the parent closed our stdin: finish what was sent, then exit
+                    serving = False  # the parent closed our stdin: finish what was sent
+                    break
                 selector.unregister(fd)
                 channels.pop(fd).close()  # a worker went away (or will reconnect)
-            else:
-                continue
-            break
         if listening is not None:
             listening.close()
     # The batches still in progress have finished (the pools were shut down): their answers
@@ -385,7 +384,6 @@ class DiskWriter(_Requests, ProcessProtocol):
         if self._shared and self._listening is None:
             self._listen()
         self._last_start = self._reactor.seconds()
-        self._frames = _Frames()
         argv = python_command("esp.storage.diskwriter")
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: 2}
         if self._listening is not None:
