@@ -12,8 +12,20 @@ from pathlib import Path
 from tests.dnszone import DNSServer
 from tests.espserver import start_esp
 
+# A process's "ready" line: the parent's own, then one from each worker.
+READY = "] ESP 0.1.0 ready: "
 
-def worker_pids(parent: int, marker: bytes = b"esp.worker") -> list[int]:
+
+def worker_pids(parent: int) -> list[int]:
+    return child_pids(parent, b"esp.worker")
+
+
+def writer_pids(parent: int) -> list[int]:
+    """The Maildir writer helpers started by ``parent``."""
+    return child_pids(parent, b"esp.storage.diskwriter")
+
+
+def child_pids(parent: int, marker: bytes) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -57,7 +69,7 @@ def test_every_process_delivers_through_the_parents_one_maildir_writer(
     server = start_esp(scratch, database_dsn, test_dns.nameserver, workers=3)
     held: list[smtplib.SMTP] = []
     try:
-        server.process.wait_for("] ESP 0.1.0 ready: ", count=3)
+        server.process.wait_for(READY, count=3)
         parent = server.process.process.pid
         processes = [parent, *worker_pids(parent)]
         assert len(processes) == 3
@@ -80,8 +92,8 @@ def test_every_process_delivers_through_the_parents_one_maildir_writer(
         assert len(server.messages("fay@example.test")) == 3
         # One writer for the node, the parent's; the workers have none of their own.
         writers = [pid for process in processes
-                   for pid in worker_pids(process, b"esp.storage.diskwriter")]
-        assert writers == worker_pids(parent, b"esp.storage.diskwriter")
+                   for pid in writer_pids(process)]
+        assert writers == writer_pids(parent)
         assert len(writers) == 1
 
         # A writer that dies is replaced at once, and every process reaches the new one (a
@@ -96,7 +108,7 @@ def test_every_process_delivers_through_the_parents_one_maildir_writer(
                 assert e.smtp_code == 451
                 client.sendmail("carol@remote.test", ["fay@example.test"], message)
         assert len(server.messages("fay@example.test")) == 6
-        replaced = worker_pids(parent, b"esp.storage.diskwriter")
+        replaced = writer_pids(parent)
         assert len(replaced) == 1 and replaced != writers
     finally:
         for client in held:
@@ -109,8 +121,7 @@ def test_workers_serve_and_are_replaced_when_they_die(
 ) -> None:
     server = start_esp(scratch, database_dsn, test_dns.nameserver, workers=3)
     try:
-        # The parent's own "ready" line, then one from each worker.
-        server.process.wait_for("] ESP 0.1.0 ready: ", count=3)
+        server.process.wait_for(READY, count=3)
         parent = server.process.process.pid
         assert len(worker_pids(parent)) == 2
         server.add_user("erin@example.test", "erin's long password")
@@ -124,7 +135,7 @@ def test_workers_serve_and_are_replaced_when_they_die(
         os.kill(victim, signal.SIGKILL)
         server.process.wait_for("starting it again")
         server.process.wait_for("started worker", timeout=30, count=3)  # 2 + the replacement
-        server.process.wait_for("] ESP 0.1.0 ready: ", timeout=30, count=3)  # it is serving
+        server.process.wait_for(READY, timeout=30, count=3)  # it is serving
         replaced = worker_pids(parent)
         assert len(replaced) == 2 and victim not in replaced
         with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30) as client:
@@ -141,10 +152,10 @@ def test_workers_stop_when_their_parent_is_killed(
 ) -> None:
     server = start_esp(scratch, database_dsn, test_dns.nameserver, workers=2)
     try:
-        server.process.wait_for("] ESP 0.1.0 ready: ", count=2)
+        server.process.wait_for(READY, count=2)
         parent = server.process.process.pid
         [worker] = worker_pids(parent)
-        [writer] = worker_pids(parent, b"esp.storage.diskwriter")
+        [writer] = writer_pids(parent)
         ended = [os.pidfd_open(pid) for pid in (worker, writer)]
         os.kill(parent, signal.SIGKILL)
         # Each becomes readable when its process has exited (no polling, no sleeping).
