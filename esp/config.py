@@ -268,7 +268,7 @@ class BodyIndexConfig(Section):
 
     # Index new messages in the background (a search indexes what is left of its mailbox).
     background: bool = True
-    # Seconds between looks for messages to index.
+    # Seconds between looks for messages to index (one batch per look while mail arrives).
     interval: Annotated[float, Field(gt=0, le=3600)] = 10.0
     # Messages per transaction.
     batch: Annotated[int, Field(ge=1, le=10000)] = 200

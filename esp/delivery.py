@@ -116,6 +116,8 @@ class LocalDelivery:
         )
         # Called after something was queued for remote recipients (wakes the delivery workers).
         self.on_queued: Callable[[], None] | None = None
+        # Messages stored in mailboxes by this process since it started.
+        self.stored = 0
 
     @property
     def writer_address(self) -> str | None:
@@ -181,6 +183,7 @@ class LocalDelivery:
         except Exception as e:
             self.log.failure("recording a delivery failed")
             raise DeliveryFailed(str(e)) from e
+        self.stored += len(stored)
         if queued and self.on_queued is not None:
             self.on_queued()
         for item, event in zip(stored, events, strict=True):

@@ -498,7 +498,8 @@ def makeService(
     store = MailboxStore(db, config.maildir_root, disk.pool, reactor)
     body_index = config.storage.body_index
     if body_index.background:
-        children.append(BodyIndexer(store, reactor, body_index.interval, body_index.batch))
+        children.append(BodyIndexer(store, reactor, body_index.interval, body_index.batch,
+                                    activity=lambda: delivery.stored))
     mailauth = None
     if config.security.mailauth.enabled:
         mailauth = MailAuthPolicy(

@@ -18,6 +18,7 @@ import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 
 from esp.addresses import parse_address
@@ -198,6 +199,42 @@ async def test_the_background_indexer_indexes_in_batches_and_skips_unreadable_fi
         cur.execute("SELECT uid, body_tsv = ''::tsvector FROM messages ORDER BY uid")
         assert cur.fetchall() == [(uid, uid == uids[0]) for uid in uids]
     assert await mailroom.search(("body", "number3")) == [uids[3]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_background_indexer_gives_way_while_mail_arrives(mailroom: Mailroom) -> None:
+    """While the process stores mail, one batch per interval; once a pass finds no new
+    delivery, batch after batch until the backlog is gone."""
+    clock = Clock()
+    indexer = BodyIndexer(mailroom.store, clock, interval=10, batch=2,
+                          activity=lambda: mailroom.delivery.stored)
+    indexer.startService()
+    try:
+        for n in range(7):
+            await mailroom.deliver(plain(f"m{n}", f"words{n}"))
+        assert mailroom.delivery.stored == 7
+
+        async def tick(seconds: float) -> list[float]:
+            """Let ``seconds`` pass and the pass they start finish; when the next is due."""
+            clock.advance(seconds)
+            running = indexer.current_pass
+            assert running is not None
+            await running
+            return [call.getTime() - clock.seconds() for call in clock.getDelayedCalls()]
+
+        # Mail arrived since the indexer started: one full batch, then the next interval.
+        assert await tick(10) == [10]
+        assert mailroom.unindexed() == 5
+        await mailroom.deliver(plain("m7", "words7"))
+        assert await tick(10) == [10]  # still arriving: still one batch per interval
+        assert mailroom.unindexed() == 4
+        # A quiet interval: the rest at once, batch after batch.
+        assert await tick(10) == [0]
+        assert await tick(0) == [0]
+        assert await tick(0) == [10]  # the last batch was not full: back to the interval
+        assert mailroom.unindexed() == 0 and indexer.indexed == 8
+    finally:
+        indexer.stopService()
 
 
 @pytest.mark.parametrize("text, query", [
