@@ -10,7 +10,9 @@ from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.fdesc import setNonBlocking
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import globalLogBeginner
+
+from esp.workerlog import parent_log_observer
 
 
 class ParentWatch(FileDescriptor):
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     from esp.config import Config
     from esp.service import makeService
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    # Events go to the parent as JSON records; it logs them with its own (esp.workers).
+    globalLogBeginner.beginLoggingTo([parent_log_observer(sys.stdout)], redirectStandardIO=False)
     config = Config.model_validate(json.loads(os.environ["ESP_WORKER_CONFIG"]))
     service = makeService(config, reactor, exit_on_start_failure=True, adopted=adopted,
                           writer=args.writer)

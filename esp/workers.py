@@ -19,11 +19,12 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from esp.children import child_environment, python_command
 from esp.config import Config
+from esp.workerlog import WorkerLog
 
 _FIRST_FD = 3
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -42,15 +43,14 @@ class WorkerProcess(ProcessProtocol):
         self.index = index
         self.pid: int | None = None
         self.ended: Deferred[None] = Deferred()
-        self._partial = b""
+        self._log = WorkerLog(index)  # the worker's log events (esp.workerlog)
+        self._errors = WorkerLog(index, LogLevel.warn)  # what escapes them: plain text
 
     def outReceived(self, data: bytes) -> None:
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            self.log.info("worker {index}: {line}", index=self.index,
-                          line=line.decode("utf-8", "replace"))
+        self._log.received(data)
 
-    errReceived = outReceived
+    def errReceived(self, data: bytes) -> None:
+        self._errors.received(data)
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
