@@ -390,7 +390,9 @@ def publish_many(
     if executor is None or len(staged) < 2:
         results = [one(item) for item in staged]
     else:
-        results = list(executor.map(one, staged))
+        # The others in the pool, the first here: one hand-over fewer per batch.
+        others = [executor.submit(one, item) for item in staged[1:]]
+        results = [one(staged[0]), *(future.result() for future in others)]
     _sync_directories(results)
     return results
 
