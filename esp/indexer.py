@@ -44,11 +44,11 @@ class BodyIndexer(Service):
         self._activity = activity
         self._seen = activity()
         self._next: IDelayedCall | None = None
-        self._pass: Deferred[None] | None = None
+        self._pass: Deferred[Any] | None = None
         self.indexed = 0  # messages indexed since start
 
     @property
-    def current_pass(self) -> Deferred[None] | None:
+    def current_pass(self) -> Deferred[Any] | None:
         """The pass in progress, if any: it fires once the next one is scheduled."""
         return self._pass
 
@@ -56,7 +56,7 @@ class BodyIndexer(Service):
         super().startService()
         self._schedule(self._interval)
 
-    def stopService(self) -> Deferred[None] | None:
+    def stopService(self) -> Deferred[Any] | None:
         super().stopService()
         if self._next is not None and self._next.active():
             self._next.cancel()
@@ -71,7 +71,9 @@ class BodyIndexer(Service):
         self._next = None
         now = self._activity()
         busy, self._seen = now != self._seen, now
-        self._pass = Deferred.fromCoroutine(self.run_once()).addBoth(self._passed, busy)
+        # Kept before its callbacks are added: a pass that ends at once clears it there.
+        self._pass = running = Deferred.fromCoroutine(self.run_once())
+        running.addBoth(self._passed, busy)
 
     def _passed(self, found: object, busy: bool) -> None:
         self._pass = None

@@ -15,6 +15,7 @@ a time as text.
 from __future__ import annotations
 
 import json
+import math
 from typing import IO, cast
 
 from twisted.logger import (
@@ -51,7 +52,8 @@ def parent_log_observer(out: IO[str]) -> ILogObserver:
             "system": event.get("log_system"),
             "text": text,
         }
-        out.write(_RECORD + json.dumps(record, separators=(",", ":")) + "\n")
+        # default=str: a legacy event's system (or any field) need not be a string.
+        out.write(_RECORD + json.dumps(record, separators=(",", ":"), default=str) + "\n")
         out.flush()
 
     return cast(ILogObserver, observe)
@@ -66,27 +68,46 @@ class WorkerLog:
         self._level = level  # of plain-text lines
         self._publish = publish
         self._plain = Logger(namespace="esp.workers", observer=publish)
-        self._partial = b""
+        self._buffer = bytearray()
 
     def received(self, data: bytes) -> None:
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            text = line.decode("utf-8", "replace")
-            event = self._event(text) if text.startswith(_RECORD) else None
-            if event is None:
-                self._plain.emit(self._level, "worker {index}: {line}", index=self._index,
-                                 line=text)
-            else:
-                self._publish(event)
+        # Only the new bytes are searched for line ends: one long event arriving in many
+        # reads costs its length, not its length times the number of reads.
+        searched = len(self._buffer)
+        self._buffer += data
+        start = 0
+        while (end := self._buffer.find(b"\n", searched)) >= 0:
+            self._line(bytes(self._buffer[start:end]))
+            start = searched = end + 1
+        del self._buffer[:start]
+
+    def flush(self) -> None:
+        """Log what is left of an unfinished line (the worker has exited)."""
+        if self._buffer:
+            line, self._buffer = bytes(self._buffer), bytearray()
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        event = self._event(text) if text.startswith(_RECORD) else None
+        if event is None:
+            self._plain.emit(self._level, "worker {index}: {line}", index=self._index,
+                             line=text)
+        else:
+            self._publish(event)
 
     def _event(self, text: str) -> LogEvent | None:
+        """The event of a record; None if it is not one (it is then logged as text)."""
         try:
             record = json.loads(text[len(_RECORD):])
             level = _LEVELS[record["level"]]
             namespace = str(record["namespace"])
             system = record["system"] or f"{namespace}#{level.name}"
+            when = float(record["time"])
+            if not math.isfinite(when):
+                return None
             return {
-                "log_time": float(record["time"]),
+                "log_time": when,
                 "log_level": level,
                 "log_namespace": namespace,
                 "log_system": f"worker {self._index}: {system}",
@@ -94,5 +115,5 @@ class WorkerLog:
                 "log_text": str(record["text"]),
                 "esp_worker": self._index,
             }
-        except (ValueError, TypeError, KeyError):
+        except Exception:  # whatever the line holds, it must not stop the worker's log
             return None

@@ -53,6 +53,8 @@ class WorkerProcess(ProcessProtocol):
         self._errors.received(data)
 
     def processEnded(self, reason: Failure) -> None:
+        self._log.flush()
+        self._errors.flush()
         self.ended.callback(None)
         self.pool.worker_ended(self, reason)
 

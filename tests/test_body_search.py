@@ -237,6 +237,20 @@ async def test_the_background_indexer_gives_way_while_mail_arrives(mailroom: Mai
         indexer.stopService()
 
 
+def test_a_pass_that_ends_at_once_leaves_no_pass_behind(scratch: Path) -> None:
+    """A database that is not open fails the pass before it ever waits: the indexer must not
+    then report (or wait at stop for) a pass in progress."""
+    clock = Clock()
+    closed = Database("dbname=never-opened", reactor)
+    disk = ThreadPool(1, 1, "test-disk")
+    indexer = BodyIndexer(MailboxStore(closed, scratch, disk, reactor), clock, interval=10)
+    indexer.startService()
+    clock.advance(10)
+    assert indexer.current_pass is None
+    assert [call.getTime() - clock.seconds() for call in clock.getDelayedCalls()] == [10]
+    assert indexer.stopService() is None and clock.getDelayedCalls() == []
+
+
 @pytest.mark.parametrize("text, query", [
     ("hello world", "'hello':* <-> 'world':*"),
     ("it's", "'it':* <-> 's':*"),

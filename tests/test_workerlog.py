@@ -84,3 +84,48 @@ def test_a_worker_observer_writes_one_record_per_event() -> None:
     WorkerLog(1, publish=observe).received(out.getvalue().encode())
     assert formatEventAsClassicLogText(events[0]).endswith(
         "] one\n\ttwo {'braces': '{}'}\n")
+
+
+def test_broken_records_are_logged_as_text_and_the_log_goes_on() -> None:
+    events, observe = _collector()
+    relay = WorkerLog(1, publish=observe)
+    broken = [
+        b'\x1e{"time":1e999999,"level":"info","namespace":"x","system":null,"text":"t"}',
+        b'\x1e{"time":1' + b"0" * 400 + b',"level":"info","namespace":"x","system":null}',
+        b'\x1e{"time":1.0,"level":"loud","namespace":"x","system":null,"text":"t"}',
+        b'\x1e[1, 2]',
+        b"\x1e" + b"[" * 100_000 + b"]" * 100_000,
+        b"\x1e\xff\xfe",
+    ]
+    relay.received(b"\n".join(broken) + b"\n")
+    out = io.StringIO()
+    Logger(observer=parent_log_observer(out)).info("still here")
+    relay.received(out.getvalue().encode())
+    assert len(events) == 7
+    assert [e["log_namespace"] for e in events[:6]] == ["esp.workers"] * 6
+    assert events[-1]["log_namespace"] != "esp.workers"  # a record again
+    assert formatEventAsClassicLogText(events[-1]).endswith("] still here\n")
+
+
+def test_a_system_that_is_not_text_still_reaches_the_parent() -> None:
+    out = io.StringIO()
+    class System:
+        def __str__(self) -> str:
+            return "legacy-system"
+
+    parent_log_observer(out)({"log_format": "legacy", "log_system": System(),
+                              "log_level": LogLevel.info, "log_time": 1.0})
+    events, observe = _collector()
+    WorkerLog(4, publish=observe).received(out.getvalue().encode())
+    assert formatEventAsClassicLogText(events[0]).endswith("[worker 4: legacy-system] legacy\n")
+
+
+def test_an_unfinished_last_line_is_logged_when_the_worker_ends() -> None:
+    events, observe = _collector()
+    relay = WorkerLog(5, LogLevel.warn, publish=observe)
+    relay.received(b"Fatal Python error: Aborted")
+    assert events == []
+    relay.flush()
+    relay.flush()
+    assert [formatEventAsClassicLogText(e).endswith(
+        "worker 5: Fatal Python error: Aborted\n") for e in events] == [True]

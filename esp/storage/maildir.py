@@ -19,7 +19,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -392,7 +392,12 @@ def publish_many(
     else:
         # The others in the pool, the first here: one hand-over fewer per batch.
         others = [executor.submit(one, item) for item in staged[1:]]
-        results = [one(staged[0]), *(future.result() for future in others)]
+        try:
+            first = one(staged[0])
+        finally:
+            # Never leave files being published behind (one() returns every Exception).
+            wait(others)
+        results = [first, *(future.result() for future in others)]
     _sync_directories(results)
     return results
 
