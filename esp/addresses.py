@@ -7,6 +7,7 @@ lower-case IDNA A-label.  Quoted local parts are not accepted for hosted account
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -73,6 +74,10 @@ def normalize_localpart(text: str) -> str:
     return local
 
 
+# The same senders and recipients come again and again (every message names at least two):
+# remembered, each costs a lookup instead of NFC normalisation, IDNA and a regular expression
+# per atom.  An address is immutable; a refused one is not remembered (it raises).
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> Address:
     """Parse ``local@domain`` into its normal form; raise :class:`InvalidAddress` otherwise."""
     value = text.strip()

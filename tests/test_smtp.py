@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import smtplib
 import subprocess
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,11 @@ def test_mx_delivers_to_a_local_user_with_smtplib(esp: EspServer) -> None:
     received = data[data.index(b"\r\nReceived: from ") + 2 :]
     assert b" ([127.0.0.1])\r\n" in received.split(b"\r\n\t")[0] + b"\r\n"
     assert b"\tby mx.example.test (ESP) with ESMTP id " in received
+    # The date after the ';' is the time of receipt, RFC 5322 date-time.
+    lines = received.split(b"\r\n")
+    field = b"".join([lines[0], *itertools.takewhile(lambda x: x.startswith(b"\t"), lines[1:])])
+    stamp = field.rsplit(b";", 1)[1].strip().decode()
+    assert abs(parsedate_to_datetime(stamp).timestamp() - time.time()) < 120
     assert b"\r\nSubject: mx plain\r\n" in data
     assert data.endswith(b"Hello Bob.\r\n")
 

@@ -516,3 +516,15 @@ def test_limit_tables_forget_addresses_once_their_window_has_passed() -> None:
     limits._rate.sweep()
     assert len(limits._rate) == 1
     assert len(limits.auth_failures) == 0
+
+
+def test_the_received_date_is_that_of_the_second_it_is_asked_for() -> None:
+    """Formatted once a second: the same second gives the same text, the next one its own."""
+    from datetime import UTC, datetime
+    from email.utils import format_datetime
+
+    from esp.smtp.server import received_date
+
+    for when in (86_399.2, 86_399.9, 86_400.0, 1_796_000_000.5, 86_399.0):
+        assert received_date(when) == format_datetime(datetime.fromtimestamp(int(when), UTC))
+    assert received_date(86_400.0) == "Fri, 02 Jan 1970 00:00:00 +0000"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,6 +59,20 @@ class SMTPSettings:
     max_errors: int = 10
     idle_timeout: int = 300
     allow_plaintext_auth: bool = False  # without TLS; only honoured for loopback clients
+
+
+_date: tuple[int, str] = (-1, "")
+
+
+def received_date(now: float | None = None) -> str:
+    """The RFC 5322 date-time of this second, for Received: formatted once a second rather
+    than once a message (``email.utils.format_datetime`` is one of the costlier steps of a
+    delivery on the reactor)."""
+    global _date
+    second = int(time.time() if now is None else now)
+    if _date[0] != second:
+        _date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _date[1]
 
 
 class ESMTPServer(smtp.ESMTP):
@@ -744,6 +759,6 @@ class ESMTPServer(smtp.ESMTP):
         header = (
             f"Received: from {helo} ([{self._peer_ip}])\r\n"
             f"\tby {self.settings.hostname} (ESP) with {protocol} id {queue_id}{recipient};\r\n"
-            f"\t{format_datetime(datetime.now(UTC))}\r\n"
+            f"\t{received_date()}\r\n"
         )
         return header.encode("utf-8")
