@@ -74,9 +74,10 @@ def normalize_localpart(text: str) -> str:
     return local
 
 
-# The same senders and recipients come again and again (every message names at least two):
-# remembered, each costs a lookup instead of NFC normalisation, IDNA and a regular expression
-# per atom.  An address is immutable; a refused one is not remembered (it raises).
+# The same senders and recipients come again and again (each recipient of each message is
+# parsed, and on submission the sender too): remembered, each costs a lookup instead of NFC
+# normalisation, IDNA and a regular expression per atom.  An address is immutable; a refused
+# one is not remembered (it raises).
 @functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> Address:
     """Parse ``local@domain`` into its normal form; raise :class:`InvalidAddress` otherwise."""

@@ -35,7 +35,6 @@ def worker_count(configured: int) -> int:
 
 
 class WorkerProcess(ProcessProtocol):
-    log = Logger()
     transport: Any
 
     def __init__(self, pool: WorkerPool, index: int) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -61,18 +62,16 @@ class SMTPSettings:
     allow_plaintext_auth: bool = False  # without TLS; only honoured for loopback clients
 
 
-_date: tuple[int, str] = (-1, "")
-
-
 def received_date(now: float | None = None) -> str:
     """The RFC 5322 date-time of this second, for Received: formatted once a second rather
     than once a message (``email.utils.format_datetime`` is one of the costlier steps of a
     delivery on the reactor)."""
-    global _date
-    second = int(time.time() if now is None else now)
-    if _date[0] != second:
-        _date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
-    return _date[1]
+    return _date_of_second(int(time.time() if now is None else now))
+
+
+@functools.lru_cache(maxsize=1)
+def _date_of_second(second: int) -> str:
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 class ESMTPServer(smtp.ESMTP):
