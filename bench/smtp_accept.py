@@ -334,6 +334,9 @@ def run_postfix(work: Path, args: argparse.Namespace, port: int) -> Result | Non
     shutil.chown(base, "postfix", "postfix")
     maps = Path("/etc/postfix/esp_bench_vmailbox")
     maps.write_text("alice@example.test example.test/alice/\n")
+    # postmap reads main.cf, which a fresh install ("No configuration") does not have yet;
+    # start_postfix writes it afresh anyway.
+    Path("/etc/postfix/main.cf").touch()
     subprocess.run(["postmap", str(maps)], check=True)
     start_postfix(port, {
         "virtual_mailbox_domains": "example.test", "virtual_mailbox_maps": f"hash:{maps}",
