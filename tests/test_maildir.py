@@ -17,6 +17,8 @@ from esp.storage.maildir import (
     Maildir,
     MaildirError,
     folder_directory,
+    publish_many,
+    stage,
     unique_name,
     user_directory,
 )
@@ -134,6 +136,81 @@ def test_a_failed_directory_fsync_takes_the_message_back(
     with pytest.raises(MaildirError, match="Input/output error"):
         box.deliver(MESSAGE)
     assert list((box.path / "new").iterdir()) == []
+    assert list((box.path / "tmp").iterdir()) == []
+
+
+def test_a_staged_message_is_written_back_early_renamed_then_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Local delivery's batches: write-back starts when the file is written, the rename comes
+    # before the fsync (one journal commit for both), the directory is synced last.
+    calls: list[str] = []
+    real_advise, real_fsync, real_rename = os.posix_fadvise, os.fsync, os.rename
+    directories: set[int] = set()
+    real_open = os.open
+
+    def spy_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_DIRECTORY:
+            directories.add(fd)
+        return fd
+
+    def spy_advise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        calls.append("start write-back")
+        real_advise(fd, offset, length, advice)
+
+    def spy_fsync(fd: int) -> None:
+        calls.append("fsync dir" if fd in directories else "fsync file")
+        real_fsync(fd)
+
+    def spy_rename(src, dst):  # type: ignore[no-untyped-def]
+        calls.append("rename tmp->new")
+        real_rename(src, dst)
+
+    root = tmp_path / "mail"
+    staged = stage(root, MESSAGE, [("example.test/bob", "")])  # creates the Maildir first
+    calls.clear()
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "posix_fadvise", spy_advise)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "rename", spy_rename)
+    second = stage(root, MESSAGE * 2, [("example.test/bob", "")])
+    assert calls == ["start write-back"]
+    calls.clear()
+    results = publish_many([staged, second])
+    assert calls == ["rename tmp->new", "fsync file", "rename tmp->new", "fsync file",
+                     "fsync dir"]
+    box = Maildir(root / "example.test" / "bob")
+    assert sorted(f.read_bytes() for f in (box.path / "new").iterdir()) == [
+        MESSAGE, MESSAGE * 2
+    ]
+    assert [[f.size for f in r] for r in results if isinstance(r, list)] == [
+        [len(MESSAGE)], [len(MESSAGE) * 2]
+    ]
+    assert list((box.path / "tmp").iterdir()) == []
+
+
+def test_a_failed_fsync_after_the_rename_takes_that_message_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "mail"
+    good = stage(root, MESSAGE, [("example.test/bob", "")])
+    bad = stage(root, MESSAGE * 2, [("example.test/bob", "")])
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if fd == bad.fd:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    results = publish_many([good, bad])
+    assert isinstance(results[0], list)
+    assert isinstance(results[1], MaildirError) and "Input/output error" in str(results[1])
+    box = Maildir(root / "example.test" / "bob")
+    # Only the message whose fsync worked is in new/; the other left nothing anywhere.
+    assert [f.read_bytes() for f in (box.path / "new").iterdir()] == [MESSAGE]
     assert list((box.path / "tmp").iterdir()) == []
 
 

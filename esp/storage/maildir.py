@@ -2,8 +2,16 @@
 
 Delivery follows the Maildir rules: the message is written to ``tmp/`` under a unique name,
 fsync'd, renamed into ``new/`` and the directory fsync'd, so a crash at any point leaves either
-nothing in ``new/`` or the whole message there.  Folders follow Maildir++ (``.Name`` directories
-beside ``cur new tmp``).  Directory names come from :func:`folder_directory` and
+nothing in ``new/`` or the whole message there.  Local delivery's batches (:func:`stage`,
+:func:`publish_many`) differ in one point: they start the file's write-back when it is
+written, rename it into ``new/`` and only then fsync the file and the directory, which on ext4
+costs one journal commit instead of two (the rename rides with the file's data).  The message
+counts as delivered only after both fsyncs, as before; a crash between the rename and the
+fsync can leave an incomplete file in ``new/`` on a filesystem that does not write data before
+the metadata that names it (ext4's default data=ordered does).  No index row names such a file
+(rows are committed after the fsyncs), so ESP never serves it, and its sender, never answered,
+sends the message again.  Folders follow Maildir++ (``.Name`` directories beside ``cur new
+tmp``).  Directory names come from :func:`folder_directory` and
 :func:`user_directory`, never straight from what a client sent.
 
 All functions here block; callers on the reactor run them in a thread pool.
@@ -11,6 +19,7 @@ All functions here block; callers on the reactor run them in a thread pool.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -340,32 +349,44 @@ def stage(root: Path, message: bytes, boxes: Sequence[tuple[str, str]]) -> Stage
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise MaildirError(f"cannot write {tmp}: {e.strerror}") from e
+    start_writeback(fd)
     return Staged(f"{base},S={len(message)}", len(message), tmp, fd, maildirs, message)
 
 
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages now, without waiting (Linux queues the write-back of
+    dirty pages on POSIX_FADV_DONTNEED, and allocates their blocks): its fsync then finds them
+    on their way, and on ext4 the rename that follows is committed with them."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        with contextlib.suppress(OSError):  # a hint only
+            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def publish(staged: Staged) -> list[StoredFile]:
-    """fsync a staged message and put it in ``new/`` of each of its mailboxes (hard links,
-    or copies under the same name across filesystems); the caller fsyncs those directories.
+    """Put a staged message in ``new/`` of each of its mailboxes (hard links, or copies under
+    the same name across filesystems), then fsync it: one journal commit covers the file and
+    its names.  The caller fsyncs those directories before the message counts as delivered.
     On failure nothing of it is left and MaildirError is raised."""
     made: list[Path] = []
     try:
         try:
+            first = staged.boxes[0].path / "new" / staged.name
+            os.rename(staged.tmp, first)
+            made.append(first)
+            for box in staged.boxes[1:]:
+                target = box.path / "new" / staged.name
+                try:
+                    os.link(first, target)
+                except FileExistsError:
+                    raise
+                except OSError:
+                    # Another filesystem: a copy of its own, under the same name.
+                    box.deliver(staged.message, sync_directory=False, name=staged.name)
+                made.append(target)
             os.fsync(staged.fd)
         finally:
             os.close(staged.fd)
-        first = staged.boxes[0].path / "new" / staged.name
-        os.rename(staged.tmp, first)
-        made.append(first)
-        for box in staged.boxes[1:]:
-            target = box.path / "new" / staged.name
-            try:
-                os.link(first, target)
-            except FileExistsError:
-                raise
-            except OSError:
-                # Another filesystem: a copy of its own, under the same name.
-                box.deliver(staged.message, sync_directory=False, name=staged.name)
-            made.append(target)
     except (OSError, MaildirError) as e:
         staged.tmp.unlink(missing_ok=True)
         remove_files(made)
