@@ -33,13 +33,19 @@ from esp.storage.outbox import insert_events_txn, stored_events
 
 Outcome = tuple[str, Any]
 _LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
+_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 # Subclasses of OperationalError that leave the connection sound and the transaction surely
 # rolled back (a deadlock, a serialization failure, a cancelled statement).
 _REFUSED = (psycopg2.extensions.TransactionRollbackError, psycopg2.extensions.QueryCanceledError)
 
 
 class Recorder:
-    """One connection, opened when first needed and again after it failed."""
+    """One connection, opened when first needed and again after it failed.
+
+    The connection is in autocommit mode and the transaction is opened by the statement's own
+    round trip (``BEGIN; EXECUTE ...``) and ended with ``COMMIT`` or ``ROLLBACK``: in its
+    default mode psycopg2 sends ``BEGIN`` alone first and waits for its answer, one round trip
+    more on the path of every batch."""
 
     def __init__(self, dsn: str, statement: Prepared = STORE_MESSAGES) -> None:
         self._dsn = dsn
@@ -75,9 +81,10 @@ class Recorder:
         try:
             if self._connection is None or self._connection.closed:
                 self._connection = connect(self._dsn, "esp-delivery")
+                self._connection.autocommit = True
             with self._connection.cursor() as cur:
                 self._statement.execute(
-                    cur, {"batch": json.dumps(jobs, separators=(",", ":"))}
+                    cur, {"batch": json.dumps(jobs, separators=(",", ":"))}, begin=True
                 )
                 rows = list(cur.fetchall())
                 # The events of what was stored, in the same transaction (the outbox).
@@ -105,7 +112,8 @@ class Recorder:
             self.rollback()
             return [("failed", f"unexpected answer: {e}")] * len(jobs)
         try:
-            self._connection.commit()
+            with self._connection.cursor() as cur:
+                cur.execute("COMMIT")
         except _REFUSED as e:
             self.rollback()
             return [("failed", str(e).strip())] * len(jobs)
@@ -118,9 +126,12 @@ class Recorder:
         return result
 
     def rollback(self) -> None:
+        """End the transaction :meth:`execute` opened, if it is still open."""
         try:
-            if self._connection is not None and not self._connection.closed:
-                self._connection.rollback()
+            if (self._connection is not None and not self._connection.closed
+                    and self._connection.info.transaction_status != _IDLE):
+                with self._connection.cursor() as cur:
+                    cur.execute("ROLLBACK")
         except psycopg2.Error:
             self.close()
 
