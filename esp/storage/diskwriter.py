@@ -192,7 +192,7 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
         durable: Future[list[str | None]] = Future()
         recorded = (recorder.submit(batch, durable) if recorder is not None else None)
         try:
-            published = publish_many([item for _, item in staged], files)
+            published = publish_many([item for _, item in staged])
         except BaseException:
             durable.set_result(["not written"] * len(staged))
             raise

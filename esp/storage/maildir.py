@@ -28,7 +28,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Executor, wait
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -368,59 +368,76 @@ def publish(staged: Staged) -> list[StoredFile]:
     the same name across filesystems), then fsync it: one journal commit covers the file and
     its names.  The caller fsyncs those directories before the message counts as delivered.
     On failure nothing of it is left and MaildirError is raised."""
+    result = publish_many([staged], sync_directories=False)[0]
+    if isinstance(result, MaildirError):
+        raise result
+    return result
+
+
+def publish_many(
+    staged: Sequence[Staged], sync_directories: bool = True
+) -> list[list[StoredFile] | MaildirError]:
+    """Put every staged message in ``new/`` of its mailboxes, then fsync each file, then (with
+    ``sync_directories``) each directory once; one result per message, failures on their own.
+
+    All the renames come before the first fsync: that fsync's journal commit carries every
+    name and every block whose write-back :func:`stage` started, so the fsyncs after it find
+    little left to do, in this one thread, without handing files to others."""
+    results: list[list[Path] | MaildirError] = []
+    try:
+        for item in staged:
+            try:
+                results.append(_place(item))
+            except Exception as e:  # a bug: this one fails, the others go on
+                results.append(e if isinstance(e, MaildirError)
+                               else MaildirError(f"cannot deliver: {e!r}"))
+        for index, (item, made) in enumerate(zip(staged, results, strict=True)):
+            if isinstance(made, MaildirError):
+                continue
+            try:
+                os.fsync(item.fd)
+            except OSError as e:
+                remove_files(made)
+                results[index] = MaildirError(
+                    f"cannot deliver into {item.boxes[0].path}: {e.strerror}")
+    finally:
+        for item in staged:
+            with contextlib.suppress(OSError):
+                os.close(item.fd)
+    published: list[list[StoredFile] | MaildirError] = [
+        [StoredFile(item.name, path, item.size) for path in made]
+        if isinstance(made, list) else made
+        for item, made in zip(staged, results, strict=True)
+    ]
+    if sync_directories:
+        _sync_directories(published)
+    return published
+
+
+def _place(staged: Staged) -> list[Path]:
+    """Rename a staged file into ``new/`` of its first mailbox and link it into the others';
+    on failure nothing of it is left (its descriptor stays open) and MaildirError is raised."""
     made: list[Path] = []
     try:
-        try:
-            first = staged.boxes[0].path / "new" / staged.name
-            os.rename(staged.tmp, first)
-            made.append(first)
-            for box in staged.boxes[1:]:
-                target = box.path / "new" / staged.name
-                try:
-                    os.link(first, target)
-                except FileExistsError:
-                    raise
-                except OSError:
-                    # Another filesystem: a copy of its own, under the same name.
-                    box.deliver(staged.message, sync_directory=False, name=staged.name)
-                made.append(target)
-            os.fsync(staged.fd)
-        finally:
-            os.close(staged.fd)
+        first = staged.boxes[0].path / "new" / staged.name
+        os.rename(staged.tmp, first)
+        made.append(first)
+        for box in staged.boxes[1:]:
+            target = box.path / "new" / staged.name
+            try:
+                os.link(first, target)
+            except FileExistsError:
+                raise
+            except OSError:
+                # Another filesystem: a copy of its own, under the same name.
+                box.deliver(staged.message, sync_directory=False, name=staged.name)
+            made.append(target)
     except (OSError, MaildirError) as e:
         staged.tmp.unlink(missing_ok=True)
         remove_files(made)
         reason = e.strerror if isinstance(e, OSError) else str(e)
         raise MaildirError(f"cannot deliver into {staged.boxes[0].path}: {reason}") from e
-    return [StoredFile(staged.name, path, staged.size) for path in made]
-
-
-def publish_many(
-    staged: Sequence[Staged], executor: Executor | None = None
-) -> list[list[StoredFile] | MaildirError]:
-    """:func:`publish` each (in parallel with an ``executor``, their fsyncs overlapping), then
-    fsync each directory once; one result per message, failures on their own."""
-    def one(item: Staged) -> list[StoredFile] | MaildirError:
-        try:
-            return publish(item)
-        except MaildirError as e:
-            return e
-        except Exception as e:  # a bug: this one fails, the others go on
-            return MaildirError(f"cannot deliver: {e!r}")
-
-    if executor is None or len(staged) < 2:
-        results = [one(item) for item in staged]
-    else:
-        # The others in the pool, the first here: one hand-over fewer per batch.
-        others = [executor.submit(one, item) for item in staged[1:]]
-        try:
-            first = one(staged[0])
-        finally:
-            # Never leave files being published behind (one() returns every Exception).
-            wait(others)
-        results = [first, *(future.result() for future in others)]
-    _sync_directories(results)
-    return results
+    return made
 
 
 def remove_files(paths: Iterable[Path]) -> None:
