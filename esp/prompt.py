@@ -6,18 +6,22 @@ asks epoll to watch the socket for writing, waits for the next poll, sends, and 
 stop watching.  For a protocol that answers one short line per command (SMTP, IMAP) that is
 two extra system calls and one extra reactor turn per reply, and the reply waits behind
 everything else the turn handles.  asyncio's transports (and Postfix, Dovecot) send at once
-when nothing is queued.  The connections of :class:`PromptPort` send the *first* write of each
-reactor turn at once when nothing is queued before it; what else the turn writes to that
-connection (the rest of a multi-line answer, a FETCH's further messages) is queued and leaves
-together on the next turn, as Twisted would send it.  The sockets have ``TCP_NODELAY`` (as
-asyncio's): without it, the kernel would hold that second send until the client acknowledged
-the first, which a client waiting for the rest of an answer delays by 40 ms or more.
-Measured on the SMTP acceptance benchmark: 12 % less CPU per message and 12 % more
-messages per second (bench/RESULTS.md).
+when nothing is queued.  The connections of :class:`PromptPort` send their *first* write after
+each read at once when nothing is queued before it: the answer to a command, or the answer
+that comes later (a 250 once the message is stored) if the command's turn wrote nothing.  What
+else is written before the next read (the rest of a multi-line answer, a FETCH's further
+messages, an IDLE push) is queued and leaves together on the next turn, as Twisted would send
+it.  The sockets have ``TCP_NODELAY`` (as asyncio's): without it, the kernel would hold that
+second send until the client acknowledged the first, which a client waiting for the rest of an
+answer delays by 40 ms or more.  Measured on the SMTP acceptance benchmark: 12 % less CPU per
+message and 12 % more messages per second (bench/RESULTS.md).  (The allowance was once renewed
+at every reactor turn by a ``callLater(0)``, which forced one more turn after each: with two
+worker processes, each reactor polled four times per message.)
 
 A connection that starts TLS writes its records through the same path; Twisted's TLS layer
 itself holds application data until the end of the turn, so TLS replies gain the saved turn
-and system calls, not the immediacy.
+and system calls, not the immediacy.  Requests to a helper process (a pipe, a Unix socket) are
+sent at once whenever nothing is queued: there is no Nagle's algorithm to mind there.
 
 Everything else is Twisted's own: no prompt send while anything is queued, while a pull
 producer is registered (it is asked for more only by the queued path), once the connection is
@@ -36,40 +40,16 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 
 
-class _Turn:
-    """The descriptors that have had their prompt send in this reactor turn."""
-
-    def __init__(self) -> None:
-        self._spent: list[Any] = []
-        self._renewal: Any = None
-
-    def spend(self, descriptor: Any) -> None:
-        descriptor._prompt_spent = True
-        self._spent.append(descriptor)
-        if self._renewal is None or not self._renewal.active():
-            # Runs at the start of the reactor's next turn, before its poll.  Scheduled again
-            # whenever the last one is gone (ran, or was cancelled with every pending call):
-            # a lost renewal must not leave every connection spent, and listed, for good.
-            self._renewal = descriptor.reactor.callLater(0, self._renew)
-
-    def _renew(self) -> None:
-        spent, self._spent = self._spent, []
-        for descriptor in spent:
-            descriptor._prompt_spent = False
-
-
-_turn = _Turn()
-
-
-def send_now(connection: Any, data: bytes) -> bytes:
-    """Send what the file descriptor ``connection`` takes of ``data`` now if this is its
-    first write of the reactor turn and nothing is queued before it; return what is left for
-    the queue (all of it when it may not be sent now, or sending failed: the queued path then
-    meets the error again on the next turn and closes as it always does)."""
+def send_now(connection: Any, data: bytes, once_per_read: bool = True) -> bytes:
+    """Send what the file descriptor ``connection`` takes of ``data`` now if nothing is queued
+    before it (and, with ``once_per_read``, if it has not sent at once since it last read);
+    return what is left for the queue (all of it when it may not be sent now, or sending
+    failed: the queued path then meets the error again on the next turn and closes as it
+    always does)."""
     if (
         type(data) is bytes
         and 0 < len(data) <= connection.SEND_LIMIT
-        and not getattr(connection, "_prompt_spent", False)
+        and not (once_per_read and getattr(connection, "_prompt_spent", False))
         and connection.connected
         and not connection.disconnecting
         and not connection._writeDisconnected
@@ -78,16 +58,18 @@ def send_now(connection: Any, data: bytes) -> bytes:
         and not connection._tempDataLen
         and connection.offset == len(connection.dataBuffer)
     ):
-        _turn.spend(connection)
+        if once_per_read:
+            connection._prompt_spent = True
         sent = connection.writeSomeData(data)
         if isinstance(sent, int) and sent > 0:
             return data[sent:]
     return data
 
 
-def send_promptly(connection: Any, data: bytes) -> None:
-    """``FileDescriptor.write(connection, data)``, but sent now if nothing is queued."""
-    rest = send_now(connection, data)
+def send_promptly(connection: Any, data: bytes, once_per_read: bool = True) -> None:
+    """``FileDescriptor.write(connection, data)``, but sent now if nothing is queued (see
+    :func:`send_now`)."""
+    rest = send_now(connection, data, once_per_read)
     if rest:
         FileDescriptor.write(connection, rest)
 
@@ -96,7 +78,8 @@ def write_to_child(process: Any, data: bytes) -> None:
     """``process.write(data)`` (to the child's standard input), sent now if nothing is
     queued: a request to a helper process need not wait for the reactor's next turn."""
     writer = getattr(process, "pipes", {}).get(0)
-    rest = send_now(writer, data) if isinstance(writer, FileDescriptor) else data
+    rest = (send_now(writer, data, once_per_read=False) if isinstance(writer, FileDescriptor)
+            else data)
     if rest:
         process.write(rest)
 
@@ -113,12 +96,16 @@ class _PromptBypass(FileDescriptor):
 
 
 class PromptServer(tcp.Server):
-    """A server connection that sends its first write of a turn at once when nothing is
-    queued."""
+    """A server connection that sends its first write after each read at once when nothing
+    is queued."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.setTcpNoDelay(True)
+
+    def doRead(self) -> Any:
+        self._prompt_spent = False
+        return super().doRead()
 
     def write(self, data: bytes) -> None:
         if self.TLS:

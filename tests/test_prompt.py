@@ -63,6 +63,39 @@ async def test_a_reply_is_sent_before_the_reactor_turns_again() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_each_read_renews_the_prompt_send_without_forcing_a_turn() -> None:
+    answers: list[tuple[bytes, bool]] = []
+    done: Deferred[None] = Deferred()
+    client: list[socket.socket] = []
+
+    class Answer(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            before = set(reactor.getDelayedCalls())
+            self.transport.write(b"reply to " + data)
+            # Nothing scheduled for it: a timer would make the reactor turn once more.
+            scheduled = not set(reactor.getDelayedCalls()) <= before
+            try:
+                answers.append((client[0].recv(100), scheduled))
+            except TimeoutError:
+                answers.append((b"(nothing: the reply was queued)", scheduled))
+            if len(answers) == 2:
+                done.callback(None)
+            else:
+                client[0].sendall(b"two")
+
+    service = _listen(Answer)
+    try:
+        client.append(socket.create_connection(("127.0.0.1", _port(service)), timeout=5))
+        client[0].sendall(b"one")
+        await done
+        assert answers == [(b"reply to one", False), (b"reply to two", False)]
+    finally:
+        if client:
+            client[0].close()
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_rest_of_a_turn_s_writes_leave_together_without_waiting_for_an_ack() -> None:
     first: Deferred[bytes] = Deferred()
     nodelay: list[int] = []
@@ -202,6 +235,11 @@ async def test_a_request_to_a_helper_process_is_written_before_the_reactor_turns
         ready, _, _ = select.select([read_end], [], [], 5)
         assert ready, "the request was queued for a later turn of the reactor"
         assert os.read(read_end, 100) == b"request"
+        # A second request of the same turn goes at once too (no Nagle on a pipe).
+        write_to_child(process, b"another")
+        ready, _, _ = select.select([read_end], [], [], 5)
+        assert ready, "the second request was queued for a later turn of the reactor"
+        assert os.read(read_end, 100) == b"another"
     finally:
         process.closeStdin()
         await ended

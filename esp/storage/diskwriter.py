@@ -548,7 +548,7 @@ class SharedDiskWriter(_Requests):
 
     def _send(self, frame: bytes) -> None:
         assert self._connection is not None and self._connection.transport is not None
-        send_promptly(self._connection.transport, frame)
+        send_promptly(self._connection.transport, frame, once_per_read=False)
 
     def _lost(self, connection: _Connection) -> None:
         if connection is self._connection:
