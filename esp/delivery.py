@@ -31,7 +31,7 @@ from esp.batching import Batcher
 from esp.events import MESSAGE_RECEIVED, Event, EventBus, event_record
 from esp.message import MessageSummary, summarize
 from esp.storage.db import Cursor, Database, DatabaseUnavailable
-from esp.storage.diskwriter import BATCHES_AT_ONCE, Delivery, DiskWriter, SharedDiskWriter
+from esp.storage.diskwriter import REQUESTS_AT_ONCE, Delivery, DiskWriter, SharedDiskWriter
 from esp.storage.maildir import (
     Maildir,
     MaildirError,
@@ -112,7 +112,7 @@ class LocalDelivery:
             else DiskWriter(reactor, maildir_root, dsn, shared=share_writer)
         )
         self._deliveries: Batcher[Delivery, Outcome] = Batcher(
-            self._writer.deliver, BATCH_LIMIT, BATCHES_AT_ONCE
+            self._writer.deliver, BATCH_LIMIT, REQUESTS_AT_ONCE
         )
         # Called after something was queued for remote recipients (wakes the delivery workers).
         self.on_queued: Callable[[], None] | None = None

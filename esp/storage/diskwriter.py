@@ -5,11 +5,14 @@ A delivery makes five system calls per file (open, write, fsync, close, rename) 
 directory fsync.  In a thread of the reactor's process each of them gives up the GIL and must
 win it back from a busy reactor: under load that wait, not the disk, set the pace (a batch of
 four files took 10 ms, of which 2 ms was work).  The helper is a child process of its own
-(``python -m esp.storage.diskwriter``) that owns no sockets: it reads batches on stdin, writes
-them with :func:`esp.storage.maildir.deliver_many` (the jobs of a batch in parallel, their
-fsyncs overlapping) and, for a ``deliver`` request, records the durable files in PostgreSQL
-with :class:`esp.storage.recorder.Recorder` (one statement and one commit for the batch) before
-it answers on stdout.  The reactor side is a plain ProcessProtocol: no thread at all.
+(``python -m esp.storage.diskwriter``) that owns no sockets: it reads requests on stdin, and
+answers each on stdout once its files are durable and, for a ``deliver`` request, recorded in
+PostgreSQL.  ``deliver`` requests, from every client, go to one thread (:class:`_Deliveries`)
+that takes all those waiting as one group: their files staged, renamed and synced together
+(:mod:`esp.storage.maildir`), their rows recorded with one statement and one commit
+(:class:`esp.storage.recorder.GroupRecorder`).  The reactor side sends each delivery as soon
+as its message is complete (:data:`REQUESTS_AT_ONCE`) and is a plain ProcessProtocol: no
+thread at all.
 
 One helper serves the whole node: with worker processes, the main process's helper also
 accepts connections on a Unix socket in a private directory, and each worker sends its
@@ -32,6 +35,7 @@ import struct
 import sys
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -66,19 +70,21 @@ DSN_VARIABLE = "ESP_DELIVERY_DSN"
 Delivery = tuple[bytes, Sequence[tuple[str, str]], Sequence[Mapping[str, object]]]
 
 _LENGTH = struct.Struct(">I")
-# Jobs written at once in the helper, and batches in progress at once.
+# Files written at once for a ``write`` request (the outbound spool's).
 PARALLEL_JOBS = 8
-# Batches in progress at once: each writes and fsyncs its files while the recorder's thread
-# records every batch waiting in one transaction (recorder.GroupRecorder).  Two are enough for
-# that overlap (one batch's files are synced while the one before commits).  Eight split the
-# same messages into batches of 1.1, each paying its own directory fsync and thread wake-ups
-# (~7 % fewer messages/s than two, which give batches of 2.8).  One makes the largest batches
-# and the least CPU per message (0.1-0.7 ms less), but in ten alternating pairs of
-# bench/smtp_accept.py runs it was slower in six: without the overlap, each batch waits for
-# the one before to commit.
-BATCHES_AT_ONCE = 2
-# Threads for batches in the helper: BATCHES_AT_ONCE for each process it serves (made only
-# when needed).
+# Requests a client may have at the helper at once.  Deliveries are grouped there, not in the
+# client: one thread takes every delivery waiting when it is free, so a message sent the
+# moment it is complete joins the next group, whichever process it came from.  Grouping in
+# each client instead (two batches in flight per process, the next one formed while they
+# were written) made messages wait for a free slot (~1.1 ms of a 7.5 ms cycle on the
+# benchmark), split the load into smaller groups with two worker processes, and let one
+# batch's files be synced while another committed, two flushes queueing on one disk: the
+# same load took 22-30 % more CPU per message (bench/RESULTS.md, session 11).
+REQUESTS_AT_ONCE = 32
+# Deliveries per group at most (as many as a client puts in one request: see
+# delivery.BATCH_LIMIT).
+GROUP_LIMIT = 32
+# Threads for ``write`` requests in the helper (made only when needed).
 BATCH_THREADS = 64
 # The shared helper's listening socket: its descriptor in the helper, its name in the
 # private directory.
@@ -151,6 +157,68 @@ class _Channel:
                 self._close()
 
 
+class _Deliveries:
+    """The ``deliver`` requests of every client, taken by one thread: all those waiting when
+    it is free become one group (their files staged and synced together, their rows recorded
+    in one transaction), then each request is answered on its own channel.
+
+    One group at a time, as large as what arrived meanwhile: each group pays one series of
+    journal commit, directory fsync and database commit, and the next group's files are not
+    synced while the database commits (on one disk the two flushes only queue behind each
+    other).  With a client's next request already waiting here, no round trip is lost between
+    groups."""
+
+    def __init__(self, deliver: Callable[[str, Sequence[Delivery]], Sequence[Outcome]],
+                 limit: int = GROUP_LIMIT) -> None:
+        self._deliver = deliver
+        self._limit = limit
+        self._waiting: deque[tuple[_Channel, int, str, Sequence[Delivery]]] = deque()
+        self._condition = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="deliveries", daemon=True)
+        self._thread.start()
+
+    def submit(self, channel: _Channel, batch_id: int, root: str,
+               jobs: Sequence[Delivery]) -> None:
+        with self._condition:
+            self._waiting.append((channel, batch_id, root, jobs))
+            self._condition.notify()
+
+    def close(self) -> None:
+        """Answer what is waiting, then stop."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._waiting and not self._closed:
+                    self._condition.wait()
+                if not self._waiting:
+                    return
+                taken = [self._waiting.popleft()]
+                count = len(taken[0][3])
+                while self._waiting and count + len(self._waiting[0][3]) <= self._limit:
+                    count += len(self._waiting[0][3])
+                    taken.append(self._waiting.popleft())
+            roots: dict[str, list[tuple[_Channel, int, str, Sequence[Delivery]]]] = {}
+            for request in taken:
+                roots.setdefault(request[2], []).append(request)
+            for root, requests in roots.items():
+                jobs = [job for _, _, _, mine in requests for job in mine]
+                try:
+                    answers = self._deliver(root, jobs)
+                except Exception as e:  # a bug: fail these, keep serving
+                    answers = [("failed", f"internal error: {e!r}")] * len(jobs)
+                position = 0
+                for channel, batch_id, _, mine in requests:
+                    channel.answer(_frame(
+                        (batch_id, tuple(answers[position:position + len(mine)]))))
+                    position += len(mine)
+
+
 def _stdout_sender(replies: BinaryIO) -> Callable[[bytes], None]:
     def send(data: bytes) -> None:
         replies.write(data)
@@ -160,9 +228,9 @@ def _stdout_sender(replies: BinaryIO) -> Callable[[bytes], None]:
 
 
 def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None = None) -> None:
-    """Answer batches until the parent closes our stdin; up to BATCHES_AT_ONCE per client at
-    a time.  With ``listening``, worker processes connect to it and are served too (one
-    recorder, so one group commit, for every process of the node)."""
+    """Answer requests until the parent closes our stdin.  With ``listening``, worker
+    processes connect to it and are served too (one delivery thread and one recorder, so one
+    group commit, for every process of the node)."""
     dsn = os.environ.get(DSN_VARIABLE)
     recorder = GroupRecorder(Recorder(dsn)) if dsn else None
 
@@ -217,13 +285,14 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
         return tuple(answers)
 
     def answer(channel: _Channel, batch_id: int, operation: str, *arguments: Any) -> None:
+        # A ``write`` request (``deliver`` ones go to the delivery thread).
         try:
-            answers = write(*arguments) if operation == "write" else deliver(*arguments)
+            answers = write(*arguments)
         except Exception as e:  # a bug: fail the batch, keep serving
-            failed = (False if operation == "write" else "failed", f"internal error: {e!r}")
-            answers = (failed,) * len(arguments[1])
+            answers = ((False, f"internal error: {e!r}"),) * len(arguments[1])
         channel.answer(_frame((batch_id, answers)))
 
+    deliveries = _Deliveries(deliver)
     parent = _Channel(requests.fileno(), _stdout_sender(replies))
     channels: dict[int, _Channel] = {parent.read_fd: parent}
     with ThreadPoolExecutor(PARALLEL_JOBS, thread_name_prefix="maildir") as files, \
@@ -253,7 +322,10 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
                     data = b""
                 if data:
                     for request in channel.frames.feed(data):
-                        batches.submit(answer, channel, *request)
+                        if request[1] == "deliver":
+                            deliveries.submit(channel, request[0], *request[2:])
+                        else:
+                            batches.submit(answer, channel, *request)
                     continue
                 if channel is parent:
                     serving = False  # the parent closed our stdin: finish what was sent
@@ -262,6 +334,7 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
                 channels.pop(fd).close()  # a worker went away (or will reconnect)
         if listening is not None:
             listening.close()
+        deliveries.close()
     # The batches still in progress have finished (the pools were shut down): their answers
     # went out before the workers' connections close.
     for channel in channels.values():
