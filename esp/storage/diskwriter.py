@@ -212,11 +212,15 @@ class _Deliveries:
                     answers = self._deliver(root, jobs)
                 except Exception as e:  # a bug: fail these, keep serving
                     answers = [("failed", f"internal error: {e!r}")] * len(jobs)
+                # One write per client for all its answers of the group.
+                frames: dict[_Channel, list[bytes]] = {}
                 position = 0
                 for channel, batch_id, _, mine in requests:
-                    channel.answer(_frame(
+                    frames.setdefault(channel, []).append(_frame(
                         (batch_id, tuple(answers[position:position + len(mine)]))))
                     position += len(mine)
+                for channel, theirs in frames.items():
+                    channel.answer(b"".join(theirs))
 
 
 def _stdout_sender(replies: BinaryIO) -> Callable[[bytes], None]:
