@@ -439,7 +439,7 @@ def run_round(work: Path, args: argparse.Namespace) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=10)
-    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--messages", type=int, default=10000)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--workers", type=int, nargs="*", default=[1, os.cpu_count() or 1])
     parser.add_argument("--no-anchor", action="store_true")
