@@ -10,6 +10,7 @@ from esp.envelope import Refusal
 
 MAX_PATH = 256  # RFC 5321 §4.5.3.1.3
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def parse_path_argument(arg: str, keyword: str, allow_null: bool) -> PathArgumen
             raise _syntax("Bad source route")
     if len(path) > MAX_PATH:
         raise Refusal(501, "5.1.3", "Address too long")
-    if any(ord(c) < 32 or ord(c) == 127 for c in path) or (" " in path and '"' not in path):
+    if _CONTROL.search(path) or (" " in path and '"' not in path):
         raise Refusal(501, "5.1.3", "Bad address syntax")
     if not path:
         if not allow_null:
@@ -59,6 +60,8 @@ def parse_path_argument(arg: str, keyword: str, allow_null: bool) -> PathArgumen
 
 
 def _closing_bracket(text: str) -> int:
+    if '"' not in text and "\\" not in text:
+        return text.find(">")  # nothing quoted or escaped: the first '>' (the common case)
     quoted = False
     escaped = False
     for i, c in enumerate(text):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -62,9 +63,14 @@ class OutboxWriter:
         self._db = db
         self._directory = directory
 
-    async def handle(self, event: Event) -> None:
+    def handle(self, event: Event) -> Deferred[None] | None:
         if event.type in RECORDED_WITH_CHANGE:
-            return  # written with their change
+            # Written with their change.  Answered without a coroutine: this runs for every
+            # message delivered, and the bus waits for nothing it is not given.
+            return None
+        return Deferred.fromCoroutine(self._write(event))
+
+    async def _write(self, event: Event) -> None:
         wants = await self._directory.wanted()
         if wants(event.type, event.domain):
             await self._db.run("outbox_event", insert_events_txn, [event_record(event)])
