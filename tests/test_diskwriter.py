@@ -8,7 +8,8 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,16 @@ from twisted.internet.defer import Deferred, DeferredList
 
 import esp
 from esp.children import child_environment
-from esp.storage.diskwriter import DiskWriter, SharedDiskWriter
+from esp.storage.diskwriter import (
+    Delivery,
+    DiskWriter,
+    SharedDiskWriter,
+    _Channel,
+    _Deliveries,
+    _Frames,
+)
 from esp.storage.maildir import MaildirError
+from esp.storage.recorder import Outcome
 from tests.helpers import until
 
 
@@ -136,3 +145,58 @@ async def test_worker_processes_share_the_helper_through_its_socket(scratch: Pat
         await worker.stop()
         await owner.stop()
     assert not directory.exists()  # the socket and its directory are gone with the helper
+
+
+def _answers(sent: list[bytes]) -> list[tuple[int, tuple[object, ...]]]:
+    frames = _Frames()
+    return [answer for data in sent for answer in frames.feed(data)]
+
+
+def test_the_delivery_thread_outlives_a_group_it_cannot_answer() -> None:
+    """One thread answers every delivery of the node: a group whose answer cannot even be
+    encoded fails on its own, and the next group is answered as usual."""
+    sent: list[bytes] = []
+    calls: list[int] = []
+    first_taken, go_on = threading.Event(), threading.Event()
+
+    def deliver(root: str, jobs: Sequence[Delivery]) -> list[Outcome]:
+        calls.append(len(jobs))
+        if len(calls) == 1:
+            first_taken.set()
+            go_on.wait(30)  # the second request arrives meanwhile: a group of its own
+            return [("stored", object())] * len(jobs)  # not something the frames carry
+        return [("stored", ())] * len(jobs)
+
+    channel = _Channel(-1, sent.append)
+    deliveries = _Deliveries(deliver)
+    try:
+        deliveries.submit(channel, 1, "/root", [(b"m", (), ())])
+        assert first_taken.wait(30), "the first group was never taken"
+        deliveries.submit(channel, 2, "/root", [(b"m", (), ())])
+        go_on.set()
+    finally:
+        go_on.set()
+        deliveries.close()  # answers what is waiting, then stops
+    assert calls == [1, 1]
+    assert _answers(sent) == [(1, (("failed", "internal error"),)), (2, (("stored", ()),))]
+
+
+def test_deliveries_of_a_client_that_went_away_are_not_made() -> None:
+    """A worker that disconnects has failed its deliveries to its senders, who will retry:
+    those still waiting in the writer are dropped, not stored a first time."""
+    sent: list[bytes] = []
+    delivered: list[str] = []
+
+    def deliver(root: str, jobs: Sequence[Delivery]) -> list[Outcome]:
+        delivered.extend(job[0].decode() for job in jobs)
+        return [("stored", ())] * len(jobs)
+
+    gone = _Channel(-1, sent.append)
+    here = _Channel(-1, sent.append)
+    gone.close()
+    deliveries = _Deliveries(deliver)
+    deliveries.submit(gone, 1, "/root", [(b"from the worker that left", (), ())])
+    deliveries.submit(here, 2, "/root", [(b"from the main process", (), ())])
+    deliveries.close()
+    assert delivered == ["from the main process"]
+    assert _answers(sent) == [(2, (("stored", ()),))]

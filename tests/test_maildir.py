@@ -18,6 +18,7 @@ from esp.storage.maildir import (
     MaildirError,
     folder_directory,
     publish_many,
+    remove_files,
     stage,
     unique_name,
     user_directory,
@@ -327,3 +328,14 @@ def test_user_directories_are_safe_and_distinct() -> None:
                for d in hostile)
     assert len(set(hostile)) == len(hostile)
     assert len(user_directory("example.test", "x" * 300).split("/")[1]) < 100
+
+
+def test_taking_files_back_never_fails_itself(tmp_path: Path) -> None:
+    # Cleanup after a failure: a file that cannot be removed (here a directory, as a
+    # read-only filesystem would refuse any) must not stop the others or raise.
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    removable = tmp_path / "file"
+    removable.write_bytes(b"x")
+    remove_files([stuck, tmp_path / "missing", removable])
+    assert stuck.exists() and not removable.exists()

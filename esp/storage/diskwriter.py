@@ -148,6 +148,10 @@ class _Channel:
             except OSError:
                 pass
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         # Under the lock: a batch thread must not send on a descriptor number that a new
         # connection may have been given meanwhile.
@@ -205,22 +209,35 @@ class _Deliveries:
                     taken.append(self._waiting.popleft())
             roots: dict[str, list[tuple[_Channel, int, str, Sequence[Delivery]]]] = {}
             for request in taken:
-                roots.setdefault(request[2], []).append(request)
+                # A client gone meanwhile has failed these already (its senders retry):
+                # delivering them now would make duplicates.
+                if not request[0].closed:
+                    roots.setdefault(request[2], []).append(request)
             for root, requests in roots.items():
-                jobs = [job for _, _, _, mine in requests for job in mine]
                 try:
-                    answers = self._deliver(root, jobs)
-                except Exception as e:  # a bug: fail these, keep serving
-                    answers = [("failed", f"internal error: {e!r}")] * len(jobs)
-                # One write per client for all its answers of the group.
-                frames: dict[_Channel, list[bytes]] = {}
-                position = 0
-                for channel, batch_id, _, mine in requests:
-                    frames.setdefault(channel, []).append(_frame(
-                        (batch_id, tuple(answers[position:position + len(mine)]))))
-                    position += len(mine)
-                for channel, theirs in frames.items():
-                    channel.answer(b"".join(theirs))
+                    self._group(root, requests)
+                except Exception:  # a bug: this thread must live on, or nothing is answered
+                    for channel, batch_id, _, mine in requests:
+                        with contextlib.suppress(Exception):
+                            channel.answer(_frame((batch_id, tuple(
+                                ("failed", "internal error") for _ in mine))))
+
+    def _group(self, root: str,
+               requests: Sequence[tuple[_Channel, int, str, Sequence[Delivery]]]) -> None:
+        jobs = [job for _, _, _, mine in requests for job in mine]
+        try:
+            answers = self._deliver(root, jobs)
+        except Exception as e:  # a bug: fail these, keep serving
+            answers = [("failed", f"internal error: {e!r}")] * len(jobs)
+        # One write per client for all its answers of the group.
+        frames: dict[_Channel, list[bytes]] = {}
+        position = 0
+        for channel, batch_id, _, mine in requests:
+            frames.setdefault(channel, []).append(_frame(
+                (batch_id, tuple(answers[position:position + len(mine)]))))
+            position += len(mine)
+        for channel, theirs in frames.items():
+            channel.answer(b"".join(theirs))
 
 
 def _stdout_sender(replies: BinaryIO) -> Callable[[bytes], None]:
@@ -291,6 +308,8 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
     def answer(channel: _Channel, batch_id: int, operation: str, *arguments: Any) -> None:
         # A ``write`` request (``deliver`` ones go to the delivery thread).
         try:
+            if operation != "write":
+                raise ValueError(f"unknown request {operation!r}")
             answers = write(*arguments)
         except Exception as e:  # a bug: fail the batch, keep serving
             answers = ((False, f"internal error: {e!r}"),) * len(arguments[1])
@@ -326,8 +345,8 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
                     data = b""
                 if data:
                     for request in channel.frames.feed(data):
-                        if request[1] == "deliver":
-                            deliveries.submit(channel, request[0], *request[2:])
+                        if request[1] == "deliver" and len(request) == 4:
+                            deliveries.submit(channel, request[0], request[2], request[3])
                         else:
                             batches.submit(answer, channel, *request)
                     continue

@@ -441,11 +441,11 @@ def _place(staged: Staged) -> list[Path]:
 
 
 def remove_files(paths: Iterable[Path]) -> None:
+    """Take files back, as far as possible: this cleans up after a failure, and must not
+    fail itself (a file it cannot remove is an orphan no index row names)."""
     for path in paths:
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def retire(root: Path, relative: str) -> Path | None:

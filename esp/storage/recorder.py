@@ -99,6 +99,11 @@ class Recorder:
         except psycopg2.Error:
             self.rollback()
             raise
+        except BaseException:
+            # Ours, after the statement ran (the events of its rows): never leave its
+            # transaction open for the next statement to join.
+            self.rollback()
+            raise
 
     def commit(
         self, jobs: Sequence[Sequence[Mapping[str, object]]], rows: Sequence[Sequence[Any]]
@@ -121,7 +126,12 @@ class Recorder:
             self.close()
             return [("unknown", f"connection lost during commit: {str(e).strip()}")] * len(jobs)
         except psycopg2.Error as e:
-            self.rollback()
+            if e.pgcode is None or self._connection.info.transaction_status != _IDLE:
+                # Not an answer of the server's to the COMMIT (libpq lost track of the
+                # connection): it may have committed, so the files must stay.
+                self.close()
+                return [("unknown", f"commit outcome unknown: {str(e).strip()}")] * len(jobs)
+            # The server refused the COMMIT: the transaction is gone, nothing was committed.
             return [("failed", str(e).strip())] * len(jobs)
         return result
 
