@@ -66,17 +66,16 @@ class Setup:
 
     def recorder_waiting(self) -> bool:
         """Whether the writer's connection has run its statement and waits to commit."""
-        with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                        "'esp-delivery' AND state = 'idle in transaction'")
-            row = cur.fetchone()
-            return bool(row and row[0])
+        return self._recorder_is("state = 'idle in transaction'")
 
     def recorder_blocked(self) -> bool:
         """Whether the writer's statement waits for a lock."""
+        return self._recorder_is("wait_event_type = 'Lock'")
+
+    def _recorder_is(self, condition: str) -> bool:
         with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                        "'esp-delivery' AND wait_event_type = 'Lock'")
+                        f"'esp-delivery' AND {condition}")
             row = cur.fetchone()
             return bool(row and row[0])
 

@@ -35,7 +35,6 @@ import struct
 import sys
 import tempfile
 import threading
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -50,6 +49,7 @@ from twisted.python.failure import Failure
 
 from esp.children import child_environment, python_command
 from esp.prompt import send_promptly, write_to_child
+from esp.storage.groupqueue import GroupQueue
 from esp.storage.maildir import (
     Job,
     MaildirError,
@@ -161,6 +161,10 @@ class _Channel:
                 self._close()
 
 
+# A ``deliver`` request: the client it came from, its id, the Maildir root, its deliveries.
+_Request = tuple["_Channel", int, str, Sequence[Delivery]]
+
+
 class _Deliveries:
     """The ``deliver`` requests of every client, taken by one thread: all those waiting when
     it is free become one group (their files staged and synced together, their rows recorded
@@ -175,39 +179,24 @@ class _Deliveries:
     def __init__(self, deliver: Callable[[str, Sequence[Delivery]], Sequence[Outcome]],
                  limit: int = GROUP_LIMIT) -> None:
         self._deliver = deliver
-        self._limit = limit
-        self._waiting: deque[tuple[_Channel, int, str, Sequence[Delivery]]] = deque()
-        self._condition = threading.Condition()
-        self._closed = False
+        self._waiting: GroupQueue[_Request] = GroupQueue(limit, lambda r: len(r[3]))
         self._thread = threading.Thread(target=self._run, name="deliveries", daemon=True)
         self._thread.start()
 
     def submit(self, channel: _Channel, batch_id: int, root: str,
                jobs: Sequence[Delivery]) -> None:
-        with self._condition:
-            self._waiting.append((channel, batch_id, root, jobs))
-            self._condition.notify()
+        if not self._waiting.put((channel, batch_id, root, jobs)):
+            channel.answer(_frame((batch_id, tuple(
+                ("failed", "the writer is stopping") for _ in jobs))))
 
     def close(self) -> None:
         """Answer what is waiting, then stop."""
-        with self._condition:
-            self._closed = True
-            self._condition.notify()
+        self._waiting.close()
         self._thread.join()
 
     def _run(self) -> None:
-        while True:
-            with self._condition:
-                while not self._waiting and not self._closed:
-                    self._condition.wait()
-                if not self._waiting:
-                    return
-                taken = [self._waiting.popleft()]
-                count = len(taken[0][3])
-                while self._waiting and count + len(self._waiting[0][3]) <= self._limit:
-                    count += len(self._waiting[0][3])
-                    taken.append(self._waiting.popleft())
-            roots: dict[str, list[tuple[_Channel, int, str, Sequence[Delivery]]]] = {}
+        while (taken := self._waiting.take()) is not None:
+            roots: dict[str, list[_Request]] = {}
             for request in taken:
                 # A client gone meanwhile has failed these already (its senders retry):
                 # delivering them now would make duplicates.
@@ -222,8 +211,7 @@ class _Deliveries:
                             channel.answer(_frame((batch_id, tuple(
                                 ("failed", "internal error") for _ in mine))))
 
-    def _group(self, root: str,
-               requests: Sequence[tuple[_Channel, int, str, Sequence[Delivery]]]) -> None:
+    def _group(self, root: str, requests: Sequence[_Request]) -> None:
         jobs = [job for _, _, _, mine in requests for job in mine]
         try:
             answers = self._deliver(root, jobs)

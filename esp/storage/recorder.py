@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import psycopg2
 
 from esp.storage.db import DatabaseUnavailable, Prepared, connect
+from esp.storage.groupqueue import GroupQueue
 from esp.storage.mailstore import STORE_MESSAGES, rows_per_job
 from esp.storage.outbox import insert_events_txn, stored_events
 
@@ -182,10 +182,7 @@ class GroupRecorder:
 
     def __init__(self, recorder: Recorder, limit: int = 32) -> None:
         self._recorder = recorder
-        self._limit = limit
-        self._waiting: deque[_Waiting] = deque()
-        self._condition = threading.Condition()
-        self._closed = False
+        self._waiting: GroupQueue[_Waiting] = GroupQueue(limit, lambda w: len(w.jobs))
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._thread.start()
 
@@ -194,34 +191,18 @@ class GroupRecorder:
     ) -> Future[list[Outcome]]:
         """The outcome of each of ``jobs``, once recorded (or not)."""
         waiting = _Waiting(jobs, durable)
-        with self._condition:
-            if self._closed:
-                waiting.outcomes.set_result([("failed", "the writer is stopping")] * len(jobs))
-                return waiting.outcomes
-            self._waiting.append(waiting)
-            self._condition.notify()
+        if not self._waiting.put(waiting):
+            waiting.outcomes.set_result([("failed", "the writer is stopping")] * len(jobs))
         return waiting.outcomes
 
     def close(self) -> None:
         """Record what is waiting, then stop."""
-        with self._condition:
-            self._closed = True
-            self._condition.notify()
+        self._waiting.close()
         self._thread.join()
         self._recorder.close()
 
     def _run(self) -> None:
-        while True:
-            with self._condition:
-                while not self._waiting and not self._closed:
-                    self._condition.wait()
-                if not self._waiting:
-                    return
-                taken = [self._waiting.popleft()]
-                count = len(taken[0].jobs)
-                while self._waiting and count + len(self._waiting[0].jobs) <= self._limit:
-                    count += len(self._waiting[0].jobs)
-                    taken.append(self._waiting.popleft())
+        while (taken := self._waiting.take()) is not None:
             try:
                 outcomes = self._record(taken)
             except Exception as e:  # a bug: fail these, keep recording
