@@ -6,12 +6,12 @@ and queues any remote recipients; only after the commit does the caller answer 2
 transaction fails, the files are removed again and the caller answers 4xx, so a retry by the
 client cannot create a duplicate.
 
-Deliveries to local mailboxes only (the common case) are group-committed (:mod:`esp.batching`)
-and done entirely by the Maildir writer process (:mod:`esp.storage.diskwriter`): the messages
-of every session that arrive while the previous batch is in progress go to it together; it
-writes their files (one fsync per directory), records them with one statement and one commit,
-and answers once.  Each message still gets its own answer: one that fails (a mailbox gone, a
-quota) fails alone.
+Deliveries to local mailboxes only (the common case) are done entirely by the Maildir writer
+process (:mod:`esp.storage.diskwriter`), which group-commits them: each message is sent to it
+as soon as it is complete, and it takes every delivery waiting (from every process of the
+node) as one group, writes their files (one fsync per directory), records them with one
+statement and one commit, and answers.  Each message still gets its own answer: one that
+fails (a mailbox gone, a quota) fails alone.
 """
 
 from __future__ import annotations

@@ -186,8 +186,7 @@ class _Deliveries:
     def submit(self, channel: _Channel, batch_id: int, root: str,
                jobs: Sequence[Delivery]) -> None:
         if not self._waiting.put((channel, batch_id, root, jobs)):
-            channel.answer(_frame((batch_id, tuple(
-                ("failed", "the writer is stopping") for _ in jobs))))
+            channel.answer(_failed(batch_id, jobs, "the writer is stopping"))
 
     def close(self) -> None:
         """Answer what is waiting, then stop."""
@@ -208,8 +207,7 @@ class _Deliveries:
                 except Exception:  # a bug: this thread must live on, or nothing is answered
                     for channel, batch_id, _, mine in requests:
                         with contextlib.suppress(Exception):
-                            channel.answer(_frame((batch_id, tuple(
-                                ("failed", "internal error") for _ in mine))))
+                            channel.answer(_failed(batch_id, mine, "internal error"))
 
     def _group(self, root: str, requests: Sequence[_Request]) -> None:
         jobs = [job for _, _, _, mine in requests for job in mine]
@@ -226,6 +224,11 @@ class _Deliveries:
             position += len(mine)
         for channel, theirs in frames.items():
             channel.answer(b"".join(theirs))
+
+
+def _failed(batch_id: int, jobs: Sequence[Delivery], why: str) -> bytes:
+    """The answer to a ``deliver`` request whose every delivery failed for ``why``."""
+    return _frame((batch_id, tuple(("failed", why) for _ in jobs)))
 
 
 def _stdout_sender(replies: BinaryIO) -> Callable[[bytes], None]:
