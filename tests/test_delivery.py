@@ -4,8 +4,8 @@ messages share flushes, yet each is stored once, gets its own UID and fails on i
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from esp.message import summarize
 from esp.storage import directory
 from esp.storage.db import Database, connect, run_sync
 from esp.storage.mailstore import NewMessage, record_fields
-from esp.storage.recorder import GroupRecorder, Recorder
+from esp.storage.recorder import Recorder
 from tests.helpers import until
 
 
@@ -273,23 +273,71 @@ def test_a_job_the_database_refuses_does_not_take_its_batch_with_it(setup: Setup
 
 def test_rows_become_visible_only_once_their_files_are_durable(setup: Setup) -> None:
     alice = setup.users["alice@example.test"]
-    group = GroupRecorder(Recorder(setup.dsn))
-    durable: Future[list[str | None]] = Future()
-    recorded = group.submit(fields([[record(alice, 1)], [record(alice, 2)]]), durable)
+    recorder = Recorder(setup.dsn)
+    jobs = fields([[record(alice, 1)], [record(alice, 2)]])
+    recorder.begin(jobs)
     # The statement runs while the files are being synced, and its transaction stays open.
     deadline = time.monotonic() + 30
     while not setup.recorder_waiting():
         assert time.monotonic() < deadline, "the recorder never ran its statement"
         time.sleep(0.01)
     assert setup.rows("alice@example.test") == []
-    assert not recorded.done()
-    durable.set_result([None, "cannot sync new/"])
-    outcomes = recorded.result(timeout=30)
-    group.close()
+    outcomes = recorder.finish(jobs, [None, "cannot sync new/"])
+    recorder.close()
     assert outcomes[0][0] == "stored"
     assert outcomes[1] == ("failed", "cannot sync new/")
     assert [(uid, name) for uid, name, _ in setup.rows("alice@example.test")] == [(1, "f1")]
     assert setup.usage("alice@example.test") == (100, 1)
+
+
+def test_a_connection_lost_between_groups_is_replaced_not_failed(setup: Setup) -> None:
+    alice = setup.users["alice@example.test"]
+    recorder = Recorder(setup.dsn)
+    assert recorder.record(fields([[record(alice, 1)]]))[0][0] == "stored"
+    # PostgreSQL restarted, or a proxy dropped the idle connection, between two groups.
+    with psycopg2.connect(setup.dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'esp-delivery'")
+        assert cur.fetchall() == [(True,)]
+    assert recorder.record(fields([[record(alice, 2)]]))[0][0] == "stored"
+    recorder.close()
+    assert [(uid, name) for uid, name, _ in setup.rows("alice@example.test")] == [
+        (1, "f1"), (2, "f2")
+    ]
+
+
+def test_a_statement_stuck_behind_a_lock_fails_its_group_at_the_deadline(setup: Setup) -> None:
+    alice = setup.users["alice@example.test"]
+    recorder = Recorder(setup.dsn, deadline=1)
+    with psycopg2.connect(setup.dsn) as holder, holder.cursor() as cur:
+        # Another transaction holds alice's inbox row (an admin's long transaction, say).
+        cur.execute("SELECT 1 FROM mailboxes WHERE user_id = %s FOR UPDATE", (alice.user_id,))
+        outcome = recorder.record(fields([[record(alice, 1)]]))[0]
+        holder.rollback()
+    assert outcome[0] == "failed" and "did not answer" in outcome[1]
+    # Given up means not committed, even once the lock is free; the next group goes through.
+    assert recorder.record(fields([[record(alice, 2)]]))[0][0] == "stored"
+    recorder.close()
+    assert [name for _, name, _ in setup.rows("alice@example.test")] == ["f2"]
+
+
+def test_events_the_database_refuses_fail_only_their_own_job(setup: Setup) -> None:
+    alice = setup.users["alice@example.test"]
+    good = {"id": str(uuid.uuid4()), "type": "message.received",
+            "occurred_at": _now().isoformat(), "domain": "example.test", "actor": None,
+            "node": "n1", "payload": {"message_id": "<a\x00b@client.test>"}}
+    bad = {**good, "id": "not-a-uuid"}
+    recorder = Recorder(setup.dsn)
+    outcomes = recorder.record(fields([
+        [record(alice, 1, event=good)], [record(alice, 2, event=bad)], [record(alice, 3)],
+    ]))
+    recorder.close()
+    assert [status for status, _ in outcomes] == ["stored", "failed", "stored"]
+    assert [name for _, name, _ in setup.rows("alice@example.test")] == ["f1", "f3"]
+    with psycopg2.connect(setup.dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id::text, payload->>'message_id' FROM event_outbox")
+        # PostgreSQL cannot store NUL: it is left out, not the event.
+        assert cur.fetchall() == [(good["id"], "<ab@client.test>")]
 
 
 def test_a_database_that_is_away_fails_the_batch_cleanly(setup: Setup) -> None:

@@ -9,8 +9,9 @@ four files took 10 ms, of which 2 ms was work).  The helper is a child process o
 answers each on stdout once its files are durable and, for a ``deliver`` request, recorded in
 PostgreSQL.  ``deliver`` requests, from every client, go to one thread (:class:`_Deliveries`)
 that takes all those waiting as one group: their files staged, renamed and synced together
-(:mod:`esp.storage.maildir`), their rows recorded with one statement and one commit
-(:class:`esp.storage.recorder.GroupRecorder`).  The reactor side sends each delivery as soon
+(:mod:`esp.storage.maildir`), their rows recorded with one statement and one commit by the
+same thread (:class:`esp.storage.recorder.Recorder`: the statement is sent before the fsyncs
+and runs meanwhile).  The reactor side sends each delivery as soon
 as its message is complete (:data:`REQUESTS_AT_ONCE`) and is a plain ProcessProtocol: no
 thread at all.
 
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -60,7 +61,7 @@ from esp.storage.maildir import (
     remove_files,
     stage,
 )
-from esp.storage.recorder import GroupRecorder, Outcome, Recorder
+from esp.storage.recorder import Outcome, Recorder
 
 # The helper's database, for ``deliver`` requests (an environment variable, not an argument:
 # command lines are world-readable).
@@ -244,7 +245,7 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
     processes connect to it and are served too (one delivery thread and one recorder, so one
     group commit, for every process of the node)."""
     dsn = os.environ.get(DSN_VARIABLE)
-    recorder = GroupRecorder(Recorder(dsn)) if dsn else None
+    recorder = Recorder(dsn) if dsn else None
 
     def write(root: str, jobs: Sequence[Job]) -> tuple[Any, ...]:
         results = deliver_many(Path(root), jobs, files if len(jobs) > 1 else None)
@@ -255,9 +256,10 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
         )
 
     def deliver(root: str, jobs: Sequence[Delivery]) -> tuple[Outcome, ...]:
-        # The files go to tmp/ first (their names and sizes are then known) and the rows to the
-        # recorder, which runs their statement while the files are fsync'd here and commits
-        # once they are durable: rows never become visible before their files.
+        # The files go to tmp/ first (their names and sizes are then known), then the rows'
+        # statement is sent: it runs in PostgreSQL while the files are renamed and fsync'd
+        # here, and is committed once they are durable: rows never become visible before
+        # their files.
         answers: list[Outcome] = [("failed", "")] * len(jobs)
         staged: list[tuple[int, Staged]] = []
         for i, (message, boxes, _) in enumerate(jobs):
@@ -269,16 +271,17 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
             return tuple(answers)
         batch = [[{**record, "filename": item.name, "size": item.size} for record in jobs[i][2]]
                  for i, item in staged]
-        durable: Future[list[str | None]] = Future()
-        recorded = (recorder.submit(batch, durable) if recorder is not None else None)
+        if recorder is not None:
+            recorder.begin(batch)
         try:
             published = publish_many([item for _, item in staged])
         except BaseException:
-            durable.set_result(["not written"] * len(staged))
+            if recorder is not None:
+                recorder.finish(batch, ["not written"] * len(staged))
             raise
-        durable.set_result([None if isinstance(p, list) else str(p) for p in published])
         outcomes: list[Outcome] = (
-            recorded.result() if recorded is not None
+            recorder.finish(batch, [None if isinstance(p, list) else str(p) for p in published])
+            if recorder is not None
             else [("failed", "the writer has no database")] * len(staged)
         )
         for (i, _), files_, outcome in zip(staged, published, outcomes, strict=True):

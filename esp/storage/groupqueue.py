@@ -1,9 +1,8 @@
 """Work handed over by several threads and taken by one, in groups: everything waiting when
 that thread is free, up to a limit.
 
-The Maildir writer's delivery thread (:mod:`esp.storage.diskwriter`) and its recording
-thread (:class:`esp.storage.recorder.GroupRecorder`) both work this way: one group commit
-for whatever arrived while the previous one was under way.
+The Maildir writer's delivery thread (:mod:`esp.storage.diskwriter`) works this way: one
+group commit for whatever arrived while the previous one was under way.
 """
 
 from __future__ import annotations

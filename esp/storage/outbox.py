@@ -23,17 +23,38 @@ __all__ = ["CHANNEL", "event_record", "insert_events_txn"]
 
 def insert_events_txn(cur: Cursor, records: Sequence[Mapping[str, Any]]) -> None:
     """Write events to the outbox in the caller's transaction (the one of their change)."""
+    if records:
+        cur.execute(events_sql(cur, records))
+
+
+def events_sql(cur: Cursor, records: Sequence[Mapping[str, Any]]) -> bytes:
+    """The statements that write ``records`` to the outbox and wake the dispatchers, each
+    ended by a semicolon (empty without records): sent in one round trip with what follows
+    them (the Maildir writer's ``COMMIT``)."""
     if not records:
-        return
-    psycopg2.extras.execute_values(
-        cur,
-        "INSERT INTO event_outbox (id, type, occurred_at, domain, actor, payload) VALUES %s "
-        "ON CONFLICT (id) DO NOTHING",
-        [(r["id"], r["type"], r["occurred_at"], r["domain"], r["actor"],
-          json.dumps({**r["payload"], "node": r.get("node")}, default=str))
-         for r in records],
+        return b""
+    values = b",".join(
+        cur.mogrify("(%s, %s, %s, %s, %s, %s)", (
+            r["id"], r["type"], r["occurred_at"], r["domain"], r["actor"],
+            json.dumps(_without_nul({**r["payload"], "node": r.get("node")}), default=str)))
+        for r in records
     )
-    cur.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+    return (b"INSERT INTO event_outbox (id, type, occurred_at, domain, actor, payload) VALUES "
+            + values + b" ON CONFLICT (id) DO NOTHING; "
+            + cur.mogrify("SELECT pg_notify(%s, ''); ", (CHANNEL,)))
+
+
+def _without_nul(value: Any) -> Any:
+    """``value`` with NUL left out of its strings: PostgreSQL's jsonb cannot hold one (a
+    hostile header would otherwise make its message's events, and so the message, fail at
+    every attempt)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, Mapping):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 def stored_events(jobs: Sequence[Sequence[Mapping[str, Any]]],
