@@ -282,7 +282,8 @@ def run_esp(work: Path, args: argparse.Namespace, workers: int, chain: str = "",
         if os.environ.get("ESP_BENCH_PROFILE"):
             profiler = subprocess.Popen(
                 ["py-spy", "record", "-o", os.environ["ESP_BENCH_PROFILE"], "-f", "raw",
-                 "-p", str(process.pid), "-d", "8", "-r", "200", "--gil"],
+                 "-p", str(process.pid), "-d", os.environ.get("ESP_BENCH_PROFILE_SECONDS", "8"),
+                 "-r", "200", "--gil"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
         seconds = drive(port, args.sessions, args.messages, args.size, "alice@example.test")
