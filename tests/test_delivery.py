@@ -30,7 +30,7 @@ from esp.message import summarize
 from esp.storage import directory
 from esp.storage.db import Database, connect, run_sync
 from esp.storage.mailstore import NewMessage, record_fields
-from esp.storage.recorder import Recorder
+from esp.storage.recorder import CONNECT_TIMEOUT, Recorder, _connect_timeout
 from tests.helpers import until
 
 
@@ -313,12 +313,21 @@ def test_a_statement_stuck_behind_a_lock_fails_its_group_at_the_deadline(setup: 
         # Another transaction holds alice's inbox row (an admin's long transaction, say).
         cur.execute("SELECT 1 FROM mailboxes WHERE user_id = %s FOR UPDATE", (alice.user_id,))
         outcome = recorder.record(fields([[record(alice, 1)]]))[0]
-        holder.rollback()
-    assert outcome[0] == "failed" and "did not answer" in outcome[1]
+        # The server cancelled the statement: no backend is left waiting with the group's
+        # locks while the holder keeps its own.
+        assert not setup.recorder_blocked()
+    assert outcome[0] == "failed" and "statement timeout" in outcome[1]
     # Given up means not committed, even once the lock is free; the next group goes through.
     assert recorder.record(fields([[record(alice, 2)]]))[0][0] == "stored"
     recorder.close()
     assert [name for _, name, _ in setup.rows("alice@example.test")] == ["f2"]
+
+
+def test_the_connect_timeout_is_libpqs_but_never_unbounded() -> None:
+    assert _connect_timeout("dbname=esp connect_timeout=30") == 30
+    assert _connect_timeout("dbname=esp connect_timeout=1") == 2  # libpq's floor
+    assert _connect_timeout("dbname=esp connect_timeout=0") == CONNECT_TIMEOUT  # not for ever
+    assert _connect_timeout("postgresql:///esp") == CONNECT_TIMEOUT
 
 
 def test_events_the_database_refuses_fail_only_their_own_job(setup: Setup) -> None:
@@ -326,13 +335,15 @@ def test_events_the_database_refuses_fail_only_their_own_job(setup: Setup) -> No
     good = {"id": str(uuid.uuid4()), "type": "message.received",
             "occurred_at": _now().isoformat(), "domain": "example.test", "actor": None,
             "node": "n1", "payload": {"message_id": "<a\x00b@client.test>"}}
-    bad = {**good, "id": "not-a-uuid"}
+    bad = {**good, "id": "not-a-uuid"}  # refused by PostgreSQL
+    unwritable = {**good, "id": str(uuid.uuid4()), "domain": "a\x00b"}  # refused by psycopg2
     recorder = Recorder(setup.dsn)
     outcomes = recorder.record(fields([
         [record(alice, 1, event=good)], [record(alice, 2, event=bad)], [record(alice, 3)],
+        [record(alice, 4, event=unwritable)],
     ]))
     recorder.close()
-    assert [status for status, _ in outcomes] == ["stored", "failed", "stored"]
+    assert [status for status, _ in outcomes] == ["stored", "failed", "stored", "failed"]
     assert [name for _, name, _ in setup.rows("alice@example.test")] == ["f1", "f3"]
     with psycopg2.connect(setup.dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT id::text, payload->>'message_id' FROM event_outbox")

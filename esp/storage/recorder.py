@@ -39,19 +39,26 @@ Jobs = Sequence[Sequence[Mapping[str, object]]]
 _LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
 _IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _INERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
-# Subclasses of OperationalError that leave the connection sound and the transaction surely
-# rolled back (a deadlock, a serialization failure, a cancelled statement).
-_REFUSED = (psycopg2.extensions.TransactionRollbackError, psycopg2.extensions.QueryCanceledError)
 # libpq does not apply connect_timeout to a non-blocking connection: we do (this, unless the
 # DSN says otherwise).
 CONNECT_TIMEOUT = 10.0
-# A statement or commit unanswered for this long is given up (the connection closed): a
-# group must not hold every delivery of the node forever behind a lock or a silent server.
+# A statement unanswered for this long is cancelled by the server (``statement_timeout``), and
+# the group fails: it must not hold every delivery of the node forever behind a lock.  A
+# server silent for GRACE seconds more is given up (the connection closed).
 DEADLINE = 120.0
+GRACE = 5.0
 
 
 class _TimedOut(psycopg2.OperationalError):
     """No answer in time: the connection is closed, whatever it was doing is abandoned."""
+
+
+def _connect_timeout(dsn: str) -> float:
+    """The DSN's ``connect_timeout`` as libpq reads it (at least 2 s), else ours: never
+    unbounded, whatever the DSN says (0 means "wait for ever" to libpq)."""
+    value = psycopg2.extensions.parse_dsn(dsn).get("connect_timeout")
+    seconds = float(value) if value else 0.0
+    return max(seconds, 2.0) if seconds > 0 else CONNECT_TIMEOUT
 
 
 def _wait(connection: Any, timeout: float) -> None:
@@ -91,8 +98,6 @@ class Recorder:
         self._dsn = dsn
         self._statement = statement
         self._deadline = deadline
-        timeout = psycopg2.extensions.parse_dsn(dsn).get("connect_timeout")
-        self._connect_timeout = float(timeout) if timeout else CONNECT_TIMEOUT
         self._connection: Any = None
         self._cursor: Any = None
         # What begin() left for finish(): None (the statement is on its way), or why not.
@@ -149,8 +154,9 @@ class Recorder:
             # Not committed (the transaction was still open): nothing of it exists.
             return [("failed", str(e) if state is None else state) for state in durable]
         except psycopg2.Error as e:
-            if len(jobs) == 1:
-                return [("failed", durable[0] or str(e).strip())]
+            if len(jobs) == 1 or isinstance(e, psycopg2.extensions.QueryCanceledError):
+                # (Cancelled at the deadline: job by job would wait again, each.)
+                return [("failed", state or str(e).strip()) for state in durable]
             # Whatever it was, one job must not hold back the others: each on its own.
             return self._durable_ones(jobs, durable, self._one_by_one)
         if all(state is None for state in durable):
@@ -188,11 +194,13 @@ class Recorder:
         try:
             connection = psycopg2.connect(self._dsn, application_name="esp-delivery",
                                           async_=True)
-            _wait(connection, self._connect_timeout)
+            _wait(connection, _connect_timeout(self._dsn))
             cursor = connection.cursor()
-            cursor.execute("SET TIME ZONE 'UTC'; " + self._statement.prepare_sql)
-            _wait(connection, self._deadline)
-        except psycopg2.Error as e:
+            cursor.execute(
+                "SET TIME ZONE 'UTC'; SET statement_timeout = %s; " + self._statement.prepare_sql,
+                (int(self._deadline * 1000),))
+            _wait(connection, self._deadline + GRACE)
+        except (psycopg2.Error, ValueError) as e:
             if connection is not None:
                 connection.close()
             raise DatabaseUnavailable(f"cannot use PostgreSQL: {str(e).strip()}") from e
@@ -204,17 +212,18 @@ class Recorder:
         if self._begun is not None:
             raise self._begun
         try:
-            _wait(self._connection, self._deadline)
+            _wait(self._connection, self._deadline + GRACE)
             return list(self._cursor.fetchall())
-        except _REFUSED:
+        except psycopg2.Error as e:
+            if e.pgcode is None or self._connection.closed:
+                # Not the server's answer (the connection broke, or we gave up on it).
+                self.close()
+                raise DatabaseUnavailable(f"database unavailable: {str(e).strip()}") from e
             self._rollback()
             raise
-        except _LOST as e:
+        except Exception as e:
             self.close()
-            raise DatabaseUnavailable(f"database unavailable: {str(e).strip()}") from e
-        except psycopg2.Error:
-            self._rollback()
-            raise
+            raise DatabaseUnavailable(f"database unavailable: {e!r}") from e
         except BaseException:
             # Whatever the statement is doing, it must never be committed, nor its transaction
             # joined by the next one: the connection goes (and with it the transaction).
@@ -228,17 +237,24 @@ class Recorder:
             # Read before the commit: rows that cannot be understood are rolled back, never
             # committed and then reported failed (their files would be removed).
             result = outcomes(jobs, rows)
-            events = events_sql(self._cursor, stored_events(jobs, rows))
         except Exception as e:
             self._rollback()
             return [("failed", f"unexpected answer: {e}")] * len(jobs)
         try:
+            events = events_sql(self._cursor, stored_events(jobs, rows))
+        except Exception:
+            self._rollback()
+            return None  # an event that cannot be written: job by job, it fails alone
+        try:
             self._cursor.execute(events + b"COMMIT")
-            _wait(self._connection, self._deadline)
+            _wait(self._connection, self._deadline + GRACE)
         except psycopg2.Error as e:
             return self._commit_failed(e, jobs)
-        except BaseException:
+        except Exception as e:
             self.close()  # whether it committed is unknown; the files stay
+            return [("unknown", f"commit outcome unknown: {e!r}")] * len(jobs)
+        except BaseException:
+            self.close()
             raise
         return result
 
@@ -250,11 +266,12 @@ class Recorder:
             # failed transaction, so the COMMIT never ran.
             self._rollback()
             return None
-        if isinstance(e, _REFUSED) and status == _IDLE:
+        if isinstance(e, psycopg2.extensions.TransactionRollbackError) and status == _IDLE:
             return [("failed", str(e).strip())] * len(jobs)
         if e.pgcode is None or status != _IDLE or isinstance(e, _LOST):
-            # Not an answer of the server's to the COMMIT (the connection broke, or libpq lost
-            # track of it): it may have committed, so the files must stay.
+            # Not an answer of the server's to the COMMIT (the connection broke, libpq lost
+            # track of it, or the COMMIT was cancelled, perhaps once done): it may have
+            # committed, so the files must stay.
             self.close()
             return [("unknown", f"commit outcome unknown: {str(e).strip()}")] * len(jobs)
         # The server refused the COMMIT: the transaction is gone, nothing was committed.
@@ -266,7 +283,7 @@ class Recorder:
             if (self._connection is not None and not self._connection.closed
                     and self._connection.info.transaction_status != _IDLE):
                 self._cursor.execute("ROLLBACK")
-                _wait(self._connection, self._deadline)
+                _wait(self._connection, self._deadline + GRACE)
         except Exception:
             self.close()
 
