@@ -52,16 +52,13 @@ class Prepared:
         arguments = ", ".join(f"%({n})s" for n in names)
         self.execute_sql = f"EXECUTE {name}({arguments})" if names else f"EXECUTE {name}"
 
-    def execute(self, cur: Cursor, params: dict[str, Any], begin: bool = False) -> None:
-        """Run the statement; with ``begin``, open a transaction with it in the same round
-        trip (on a connection in autocommit mode, whose owner then commits or rolls back with
-        SQL: psycopg2 would otherwise send its BEGIN alone and wait for the answer)."""
+    def execute(self, cur: Cursor, params: dict[str, Any]) -> None:
         # Prepared on first use per connection (a PREPARE outlives a rolled-back transaction).
         done = _prepared.setdefault(cur.connection, set())
         if self.name not in done:
             cur.execute(self.prepare_sql)
             done.add(self.name)
-        cur.execute(("BEGIN; " if begin else "") + self.execute_sql, params)
+        cur.execute(self.execute_sql, params)
 
 
 _prepared: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
