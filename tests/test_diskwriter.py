@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -20,11 +21,13 @@ from twisted.internet.defer import Deferred, DeferredList
 import esp
 from esp.children import child_environment
 from esp.storage.diskwriter import (
+    READ_AT_ONCE,
     Delivery,
     DiskWriter,
     SharedDiskWriter,
     _Channel,
     _Deliveries,
+    _frame,
     _Frames,
 )
 from esp.storage.maildir import MaildirError
@@ -152,33 +155,46 @@ def _answers(sent: list[bytes]) -> list[tuple[int, tuple[object, ...]]]:
     return [answer for data in sent for answer in frames.feed(data)]
 
 
-def test_the_delivery_thread_outlives_a_group_it_cannot_answer() -> None:
+def test_the_writer_outlives_a_group_it_cannot_answer() -> None:
     """One thread answers every delivery of the node: a group whose answer cannot even be
     encoded fails on its own, and the next group is answered as usual."""
     sent: list[bytes] = []
     calls: list[int] = []
-    first_taken, go_on = threading.Event(), threading.Event()
 
     def deliver(root: str, jobs: Sequence[Delivery]) -> list[Outcome]:
         calls.append(len(jobs))
         if len(calls) == 1:
-            first_taken.set()
-            go_on.wait(30)  # the second request arrives meanwhile: a group of its own
             return [("stored", object())] * len(jobs)  # not something the frames carry
         return [("stored", ())] * len(jobs)
 
     channel = _Channel(-1, sent.append)
     deliveries = _Deliveries(deliver)
-    try:
-        deliveries.submit(channel, 1, "/root", [(b"m", (), ())])
-        assert first_taken.wait(30), "the first group was never taken"
-        deliveries.submit(channel, 2, "/root", [(b"m", (), ())])
-        go_on.set()
-    finally:
-        go_on.set()
-        deliveries.close()  # answers what is waiting, then stops
+    deliveries.submit(channel, 1, "/root", [(b"m", (), ())])
+    deliveries.deliver_next()
+    deliveries.submit(channel, 2, "/root", [(b"m", (), ())])
+    deliveries.deliver_all()
     assert calls == [1, 1]
     assert _answers(sent) == [(1, (("failed", "internal error"),)), (2, (("stored", ()),))]
+
+
+def test_deliveries_waiting_are_grouped_in_order_up_to_the_limit() -> None:
+    sent: list[bytes] = []
+    groups: list[list[str]] = []
+
+    def deliver(root: str, jobs: Sequence[Delivery]) -> list[Outcome]:
+        groups.append([job[0].decode() for job in jobs])
+        return [("stored", ())] * len(jobs)
+
+    channel = _Channel(-1, sent.append)
+    deliveries = _Deliveries(deliver, limit=4)
+    deliveries.submit(channel, 1, "/root", [(b"a", (), ()), (b"b", (), ())])
+    deliveries.submit(channel, 2, "/root", [(b"c", (), ())])
+    deliveries.submit(channel, 3, "/root", [(b"d", (), ()), (b"e", (), ())])  # would be 5
+    deliveries.submit(channel, 4, "/root", [(b"f", (), ())] * 6)  # over the limit alone
+    deliveries.deliver_all()
+    assert groups == [["a", "b", "c"], ["d", "e"], ["f"] * 6]
+    assert [batch_id for batch_id, _ in _answers(sent)] == [1, 2, 3, 4]
+    assert not deliveries.waiting
 
 
 def test_deliveries_of_a_client_that_went_away_are_not_made() -> None:
@@ -193,10 +209,78 @@ def test_deliveries_of_a_client_that_went_away_are_not_made() -> None:
 
     gone = _Channel(-1, sent.append)
     here = _Channel(-1, sent.append)
-    gone.close()
     deliveries = _Deliveries(deliver)
     deliveries.submit(gone, 1, "/root", [(b"from the worker that left", (), ())])
     deliveries.submit(here, 2, "/root", [(b"from the main process", (), ())])
-    deliveries.close()
+    gone.close()
+    deliveries.deliver_all()
     assert delivered == ["from the main process"]
     assert _answers(sent) == [(2, (("stored", ()),))]
+
+
+def test_a_channel_reads_what_is_there_without_waiting() -> None:
+    """The writer reads between groups: a read never waits for more, carries at most
+    READ_AT_ONCE bytes, and a request split across reads is whole once its last part came."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    try:
+        channel = _Channel(read_end, lambda data: None)
+        assert channel.read() == ([], False)  # nothing there: no wait
+        big = _frame((1, "write", "/root", ((b"x" * (READ_AT_ONCE + 10), ()),)))
+        small = _frame((2, "write", "/root", ((b"y", ()),)))
+        sender = threading.Thread(target=lambda: os.write(write_end, big + small))
+        sender.start()
+        received: list[Any] = []
+        while len(received) < 2:
+            requests, ended = channel.read()
+            assert not ended
+            received.extend(requests)
+        sender.join()
+        assert [r[0] for r in received] == [1, 2]
+        assert len(received[0][3][0][0]) == READ_AT_ONCE + 10
+        os.close(write_end)
+        write_end = -1
+        assert channel.read() == ([], True)  # the other end closed
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_message_reaches_the_helper_while_others_are_written(
+    scratch: Path
+) -> None:
+    """Through the parent's pipe and a worker's socket, a message larger than what one read
+    between two groups takes arrives whole, and the small ones sent with it are not held
+    back by it."""
+    owner = DiskWriter(reactor, scratch / "maildir", shared=True)
+    owner.start()
+    assert owner.address is not None
+    worker = SharedDiskWriter(reactor, scratch / "maildir", owner.address)
+    large = b"".join(b"%08d\r\n" % i for i in range((3 * READ_AT_ONCE) // 10))
+    try:
+        results = await DeferredList([
+            Deferred.fromCoroutine(w.write([(body, (("d/hal", ""),))]))
+            for w in (owner, worker)
+            for body in (large, b"small one\r\n", large, b"small two\r\n")
+        ], fireOnOneErrback=True, consumeErrors=True)
+    finally:
+        await worker.stop()
+        await owner.stop()
+    bodies = [(ok, value[0][0].path.read_bytes()) for ok, value in results]
+    assert bodies == [(True, b) for b in (large, b"small one\r\n", large, b"small two\r\n")] * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_was_sent_before_the_helper_is_stopped_is_answered(scratch: Path) -> None:
+    w = DiskWriter(reactor, scratch / "maildir")
+    w.start()
+    sent = [Deferred.fromCoroutine(w.write([(b"message %d\r\n" % i, (("d/ida", ""),))]))
+            for i in range(20)]
+    stopped = w.stop()  # closes the helper's stdin right behind the requests
+    results = await DeferredList(sent, consumeErrors=True)
+    await stopped
+    assert all(ok and isinstance(value[0], list) for ok, value in results), results
+    written = sorted(p.read_bytes() for p in (scratch / "maildir" / "d" / "ida" / "new").iterdir())
+    assert written == sorted(b"message %d\r\n" % i for i in range(20))

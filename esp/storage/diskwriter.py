@@ -7,13 +7,16 @@ win it back from a busy reactor: under load that wait, not the disk, set the pac
 four files took 10 ms, of which 2 ms was work).  The helper is a child process of its own
 (``python -m esp.storage.diskwriter``) that owns no sockets: it reads requests on stdin, and
 answers each on stdout once its files are durable and, for a ``deliver`` request, recorded in
-PostgreSQL.  ``deliver`` requests, from every client, go to one thread (:class:`_Deliveries`)
-that takes all those waiting as one group: their files staged, renamed and synced together
-(:mod:`esp.storage.maildir`), their rows recorded with one statement and one commit by the
-same thread (:class:`esp.storage.recorder.Recorder`: the statement is sent before the fsyncs
-and runs meanwhile).  The reactor side sends each delivery as soon
-as its message is complete (:data:`REQUESTS_AT_ONCE`) and is a plain ProcessProtocol: no
-thread at all.
+PostgreSQL.  ``deliver`` requests, from every client, are delivered by the helper's main
+thread, the one that reads them (:class:`_Deliveries`): between two groups it reads whatever
+has arrived, without waiting, and makes it the next group: their files staged, renamed and
+synced together (:mod:`esp.storage.maildir`), their rows recorded with one statement and one
+commit (:class:`esp.storage.recorder.Recorder`: the statement is sent before the fsyncs and
+runs meanwhile).  While a group is under way, requests wait in the pipe and the sockets, and
+nothing is woken for them: a reading thread of its own was woken for each request, and took
+a core from the group's thread each time (one wake-up per message, on a machine whose every
+core is busy).  The reactor side sends each delivery as soon as its message is complete
+(:data:`REQUESTS_AT_ONCE`) and is a plain ProcessProtocol: no thread at all.
 
 One helper serves the whole node: with worker processes, the main process's helper also
 accepts connections on a Unix socket in a private directory, and each worker sends its
@@ -28,6 +31,7 @@ strings, integers and tuples; both ends are this module).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import marshal
 import os
 import selectors
@@ -36,6 +40,7 @@ import struct
 import sys
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,7 +55,6 @@ from twisted.python.failure import Failure
 
 from esp.children import child_environment, python_command
 from esp.prompt import send_promptly, write_to_child
-from esp.storage.groupqueue import GroupQueue
 from esp.storage.maildir import (
     Job,
     MaildirError,
@@ -74,7 +78,7 @@ _LENGTH = struct.Struct(">I")
 # Files written at once for a ``write`` request (the outbound spool's).
 PARALLEL_JOBS = 8
 # Requests a client may have at the helper at once.  Deliveries are grouped there, not in the
-# client: one thread takes every delivery waiting when it is free, so a message sent the
+# client: the helper takes every delivery waiting when it is free, so a message sent the
 # moment it is complete joins the next group, whichever process it came from.  Grouping in
 # each client instead (two batches in flight per process, the next one formed while they
 # were written) made messages wait for a free slot (~1.1 ms of a 7.5 ms cycle on the
@@ -85,6 +89,10 @@ REQUESTS_AT_ONCE = 32
 # Deliveries per group at most (as many as a client puts in one request: see
 # delivery.BATCH_LIMIT).
 GROUP_LIMIT = 32
+# Bytes read from one client between two groups at most (a large message arrives over several
+# turns, and does not hold back the groups of the others), and the size asked of the parent's
+# pipe (Linux's default is 64 KiB, Linux's limit for unprivileged processes 1 MiB).
+READ_AT_ONCE = 1 << 20
 # Threads for ``write`` requests in the helper (made only when needed).
 BATCH_THREADS = 64
 # The shared helper's listening socket: its descriptor in the helper, its name in the
@@ -128,17 +136,43 @@ class _Frames:
 
 class _Channel:
     """One client of the helper: the parent on stdin/stdout, or a worker process on a
-    connection to the shared socket.  Answers come from the batch threads, whole frames
-    under a lock."""
+    connection to the shared socket.  Answers come from the main thread and the batch
+    threads, whole frames under a lock.
+
+    ``receive(n)`` reads without waiting: up to ``n`` bytes, ``b""`` at the end of the
+    stream, BlockingIOError when nothing is there."""
 
     def __init__(self, read_fd: int, send: Callable[[bytes], None],
-                 close: Callable[[], None] = lambda: None) -> None:
+                 close: Callable[[], None] = lambda: None,
+                 receive: Callable[[int], bytes] | None = None) -> None:
         self.read_fd = read_fd
         self.frames = _Frames()
         self._send = send
         self._close = close
+        self._receive = receive or (lambda n: os.read(read_fd, n))
         self._closed = False
         self._lock = threading.Lock()
+
+    def read(self) -> tuple[list[Any], bool]:
+        """The requests complete in what is there now (at most READ_AT_ONCE bytes of it),
+        and whether the stream has ended."""
+        chunks: list[bytes] = []
+        total = 0
+        ended = False
+        while total < READ_AT_ONCE:
+            try:
+                data = self._receive(READ_AT_ONCE - total)
+            except BlockingIOError:
+                break
+            except OSError:
+                ended = True
+                break
+            if not data:
+                ended = True
+                break
+            chunks.append(data)
+            total += len(data)
+        return self.frames.feed(b"".join(chunks)) if chunks else [], ended
 
     def answer(self, data: bytes) -> None:
         with self._lock:
@@ -167,48 +201,55 @@ _Request = tuple["_Channel", int, str, Sequence[Delivery]]
 
 
 class _Deliveries:
-    """The ``deliver`` requests of every client, taken by one thread: all those waiting when
-    it is free become one group (their files staged and synced together, their rows recorded
-    in one transaction), then each request is answered on its own channel.
+    """The ``deliver`` requests of every client, delivered in groups by the thread that reads
+    them: all those waiting become one group (their files staged and synced together, their
+    rows recorded in one transaction), then each request is answered on its own channel.
 
     One group at a time, as large as what arrived meanwhile: each group pays one series of
     journal commit, directory fsync and database commit, and the next group's files are not
     synced while the database commits (on one disk the two flushes only queue behind each
-    other).  With a client's next request already waiting here, no round trip is lost between
+    other).  With a client's next request already waiting, no round trip is lost between
     groups."""
 
     def __init__(self, deliver: Callable[[str, Sequence[Delivery]], Sequence[Outcome]],
                  limit: int = GROUP_LIMIT) -> None:
         self._deliver = deliver
-        self._waiting: GroupQueue[_Request] = GroupQueue(limit, lambda r: len(r[3]))
-        self._thread = threading.Thread(target=self._run, name="deliveries", daemon=True)
-        self._thread.start()
+        self._limit = limit
+        self._waiting: deque[_Request] = deque()
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._waiting)
 
     def submit(self, channel: _Channel, batch_id: int, root: str,
                jobs: Sequence[Delivery]) -> None:
-        if not self._waiting.put((channel, batch_id, root, jobs)):
-            channel.answer(_failed(batch_id, jobs, "the writer is stopping"))
+        self._waiting.append((channel, batch_id, root, jobs))
 
-    def close(self) -> None:
-        """Answer what is waiting, then stop."""
-        self._waiting.close()
-        self._thread.join()
+    def deliver_next(self) -> None:
+        """Deliver the next group: the requests waiting, in order, as many as fit the limit
+        (at least one)."""
+        taken = [self._waiting.popleft()]
+        count = len(taken[0][3])
+        while self._waiting and count + len(self._waiting[0][3]) <= self._limit:
+            count += len(self._waiting[0][3])
+            taken.append(self._waiting.popleft())
+        roots: dict[str, list[_Request]] = {}
+        for request in taken:
+            # A client gone meanwhile has failed these already (its senders retry):
+            # delivering them now would make duplicates.
+            if not request[0].closed:
+                roots.setdefault(request[2], []).append(request)
+        for root, requests in roots.items():
+            try:
+                self._group(root, requests)
+            except Exception:  # a bug: the helper must live on, or nothing is answered
+                for channel, batch_id, _, mine in requests:
+                    with contextlib.suppress(Exception):
+                        channel.answer(_failed(batch_id, mine, "internal error"))
 
-    def _run(self) -> None:
-        while (taken := self._waiting.take()) is not None:
-            roots: dict[str, list[_Request]] = {}
-            for request in taken:
-                # A client gone meanwhile has failed these already (its senders retry):
-                # delivering them now would make duplicates.
-                if not request[0].closed:
-                    roots.setdefault(request[2], []).append(request)
-            for root, requests in roots.items():
-                try:
-                    self._group(root, requests)
-                except Exception:  # a bug: this thread must live on, or nothing is answered
-                    for channel, batch_id, _, mine in requests:
-                        with contextlib.suppress(Exception):
-                            channel.answer(_failed(batch_id, mine, "internal error"))
+    def deliver_all(self) -> None:
+        while self._waiting:
+            self.deliver_next()
 
     def _group(self, root: str, requests: Sequence[_Request]) -> None:
         jobs = [job for _, _, _, mine in requests for job in mine]
@@ -225,6 +266,12 @@ class _Deliveries:
             position += len(mine)
         for channel, theirs in frames.items():
             channel.answer(b"".join(theirs))
+
+
+def _receiver(connection: socket.socket) -> Callable[[int], bytes]:
+    """Reads from ``connection`` without waiting (the socket itself blocks: answers are sent
+    whole)."""
+    return lambda n: connection.recv(n, socket.MSG_DONTWAIT)
 
 
 def _failed(batch_id: int, jobs: Sequence[Delivery], why: str) -> bytes:
@@ -310,6 +357,9 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
         channel.answer(_frame((batch_id, answers)))
 
     deliveries = _Deliveries(deliver)
+    os.set_blocking(requests.fileno(), False)
+    with contextlib.suppress(AttributeError, OSError):  # a larger pipe: fewer turns per message
+        fcntl.fcntl(requests.fileno(), fcntl.F_SETPIPE_SZ, READ_AT_ONCE)
     parent = _Channel(requests.fileno(), _stdout_sender(replies))
     channels: dict[int, _Channel] = {parent.read_fd: parent}
     with ThreadPoolExecutor(PARALLEL_JOBS, thread_name_prefix="maildir") as files, \
@@ -320,38 +370,39 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
             selector.register(listening.fileno(), selectors.EVENT_READ)
         serving = True
         while serving:
-            for key, _ in selector.select():
+            # Wait only when there is nothing to deliver; otherwise take what has arrived.
+            for key, _ in selector.select(0 if deliveries.waiting else None):
                 fd = key.fd
                 if listening is not None and fd == listening.fileno():
                     try:
                         connection, _ = listening.accept()
                     except OSError:
                         continue
-                    connection.setblocking(True)
+                    connection.setblocking(True)  # answers are sent whole
                     channels[connection.fileno()] = _Channel(
-                        connection.fileno(), connection.sendall, connection.close)
+                        connection.fileno(), connection.sendall, connection.close,
+                        _receiver(connection))
                     selector.register(connection.fileno(), selectors.EVENT_READ)
                     continue
                 channel = channels[fd]
-                try:
-                    data = os.read(fd, 1 << 16)
-                except OSError:
-                    data = b""
-                if data:
-                    for request in channel.frames.feed(data):
-                        if request[1] == "deliver" and len(request) == 4:
-                            deliveries.submit(channel, request[0], request[2], request[3])
-                        else:
-                            batches.submit(answer, channel, *request)
+                received, ended = channel.read()
+                for request in received:
+                    if request[1] == "deliver" and len(request) == 4:
+                        deliveries.submit(channel, request[0], request[2], request[3])
+                    else:
+                        batches.submit(answer, channel, *request)
+                if not ended:
                     continue
                 if channel is parent:
                     serving = False  # the parent closed our stdin: finish what was sent
                     break
                 selector.unregister(fd)
                 channels.pop(fd).close()  # a worker went away (or will reconnect)
+            if deliveries.waiting:
+                deliveries.deliver_next()
         if listening is not None:
             listening.close()
-        deliveries.close()
+        deliveries.deliver_all()
     # The batches still in progress have finished (the pools were shut down): their answers
     # went out before the workers' connections close.
     for channel in channels.values():
