@@ -4,7 +4,9 @@ that dies is replaced, and the deliveries it held fail instead of hanging."""
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -20,7 +22,10 @@ from twisted.internet.defer import Deferred, DeferredList
 
 import esp
 from esp.children import child_environment
+from esp.storage import diskwriter
 from esp.storage.diskwriter import (
+    DSN_VARIABLE,
+    GROUP_LIMIT,
     READ_AT_ONCE,
     Delivery,
     DiskWriter,
@@ -29,6 +34,7 @@ from esp.storage.diskwriter import (
     _Deliveries,
     _frame,
     _Frames,
+    serve,
 )
 from esp.storage.maildir import MaildirError
 from esp.storage.recorder import Outcome
@@ -284,3 +290,99 @@ async def test_what_was_sent_before_the_helper_is_stopped_is_answered(scratch: P
     assert all(ok and isinstance(value[0], list) for ok, value in results), results
     written = sorted(p.read_bytes() for p in (scratch / "maildir" / "d" / "ida" / "new").iterdir())
     assert written == sorted(b"message %d\r\n" % i for i in range(20))
+
+
+class _Helper:
+    """``serve`` in a thread of this process, on pipes and a Unix socket, without a database
+    (deliveries are written, then answered "failed" and taken back)."""
+
+    def __init__(self, scratch: Path) -> None:
+        stdin_r, self.stdin = os.pipe()
+        self.stdout, stdout_w = os.pipe()
+        self.address = str(scratch / "writer.sock")
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listening.bind(self.address)
+        listening.listen(8)
+        listening.setblocking(False)
+        self.thread = threading.Thread(target=serve, args=(
+            open(stdin_r, "rb", buffering=0), open(stdout_w, "wb"), listening))
+        self.thread.start()
+
+    def answers(self, count: int) -> list[Any]:
+        frames, found = _Frames(), []
+        while len(found) < count:
+            readable, _, _ = select.select([self.stdout], [], [], 30)
+            assert readable, "no answer from the helper"
+            data = os.read(self.stdout, 1 << 16)
+            assert data, "the helper closed its stdout"
+            found.extend(frames.feed(data))
+        return found
+
+    def stop(self) -> None:
+        if self.stdin >= 0:
+            os.close(self.stdin)
+            self.stdin = -1
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the helper did not stop"
+        os.close(self.stdout)
+
+
+def test_deliveries_of_a_worker_gone_while_the_helper_stops_are_not_made(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the parent has stopped the helper, what was sent is still delivered, but a worker
+    that goes away meanwhile has its deliveries still waiting dropped (its senders were told
+    to retry), not made on the way out."""
+    monkeypatch.delenv(DSN_VARIABLE, raising=False)
+    staged: list[bytes] = []
+    reached = {b"first": threading.Event(), b"second": threading.Event()}
+    go_on = {b"first": threading.Event(), b"second": threading.Event()}
+    real_stage = diskwriter.stage
+
+    def stage(root: Path, message: bytes, boxes: Sequence[tuple[str, str]]) -> Any:
+        staged.append(message)
+        if message in reached:
+            reached[message].set()
+            go_on[message].wait(30)
+        return real_stage(root, message, boxes)
+
+    monkeypatch.setattr(diskwriter, "stage", stage)
+    helper = _Helper(scratch)
+    worker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        worker.connect(helper.address)
+        root = str(scratch / "maildir")
+
+        def delivery(body: bytes) -> Delivery:
+            return (body, (("d/jo", ""),), ({},))
+
+        # Three groups: two full ones, and one delivery behind them.
+        worker.sendall(_frame((1, "deliver", root, (delivery(b"first"),) * GROUP_LIMIT))
+                       + _frame((2, "deliver", root, (delivery(b"second"),) * GROUP_LIMIT))
+                       + _frame((3, "deliver", root, (delivery(b"third"),))))
+        assert reached[b"first"].wait(30), "the first group was never taken"
+        os.close(helper.stdin)  # the parent stops the helper
+        helper.stdin = -1
+        go_on[b"first"].set()
+        assert reached[b"second"].wait(30), "what was sent before the stop was not delivered"
+        worker.close()  # the worker goes away during the second group
+        go_on[b"second"].set()
+    finally:
+        for event in go_on.values():
+            event.set()
+        helper.stop()
+    assert set(staged) == {b"first", b"second"}
+
+
+def test_a_malformed_request_fails_alone(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DSN_VARIABLE, raising=False)
+    helper = _Helper(scratch)
+    try:
+        os.write(helper.stdin, _frame((1, "deliver", str(scratch), 5))
+                 + _frame(("not an id", "write"))
+                 + _frame((2, "write", str(scratch / "maildir"), ((b"fine\r\n", (("d/kim", ""),)),))))
+        first, second = helper.answers(2)
+    finally:
+        helper.stop()
+    assert first == (1, ())  # the client fails it: no outcome for its deliveries
+    assert second[0] == 2 and second[1][0][0] is True

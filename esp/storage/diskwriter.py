@@ -89,10 +89,14 @@ REQUESTS_AT_ONCE = 32
 # Deliveries per group at most (as many as a client puts in one request: see
 # delivery.BATCH_LIMIT).
 GROUP_LIMIT = 32
-# Bytes read from one client between two groups at most (a large message arrives over several
-# turns, and does not hold back the groups of the others), and the size asked of the parent's
-# pipe (Linux's default is 64 KiB, Linux's limit for unprivileged processes 1 MiB).
+# Bytes read from one client between two groups at most, and the size asked of the parent's
+# pipe (Linux's default is 64 KiB, its limit for unprivileged processes 1 MiB).  A large
+# message arrives over several turns and does not hold back the groups of the others; from a
+# worker, a turn finds at most what its socket buffers (~200 KiB by default).
 READ_AT_ONCE = 1 << 20
+# Seconds an answer to a worker may wait for room in its socket: a worker that stops reading
+# loses its connection (its senders retry) instead of stopping the helper for every process.
+ANSWER_TIMEOUT = 30.0
 # Threads for ``write`` requests in the helper (made only when needed).
 BATCH_THREADS = 64
 # The shared helper's listening socket: its descriptor in the helper, its name in the
@@ -172,7 +176,13 @@ class _Channel:
                 break
             chunks.append(data)
             total += len(data)
-        return self.frames.feed(b"".join(chunks)) if chunks else [], ended
+        if not chunks:
+            return [], ended
+        try:
+            return self.frames.feed(b"".join(chunks)), ended
+        except (ValueError, EOFError, TypeError) as e:  # not our framing: a bug somewhere
+            _complain(f"a client sent what is not a request ({e}); its connection ends")
+            return [], True
 
     def answer(self, data: bytes) -> None:
         with self._lock:
@@ -181,7 +191,11 @@ class _Channel:
             try:
                 self._send(data)
             except OSError:
-                pass
+                # Part of a frame may have gone: nothing more can be understood on this
+                # connection.  Its requests fail on the client's side, whose senders retry.
+                self._closed = True
+                with contextlib.suppress(OSError):
+                    self._close()
 
     @property
     def closed(self) -> bool:
@@ -233,6 +247,7 @@ class _Deliveries:
         while self._waiting and count + len(self._waiting[0][3]) <= self._limit:
             count += len(self._waiting[0][3])
             taken.append(self._waiting.popleft())
+        # Those of a client gone meanwhile go too (below): checked as late as possible.
         roots: dict[str, list[_Request]] = {}
         for request in taken:
             # A client gone meanwhile has failed these already (its senders retry):
@@ -269,9 +284,27 @@ class _Deliveries:
 
 
 def _receiver(connection: socket.socket) -> Callable[[int], bytes]:
-    """Reads from ``connection`` without waiting (the socket itself blocks: answers are sent
-    whole)."""
-    return lambda n: connection.recv(n, socket.MSG_DONTWAIT)
+    """Reads from ``connection`` without waiting (a socket with a timeout is non-blocking
+    underneath; its ``sendall`` waits up to the timeout)."""
+    return lambda n: os.read(connection.fileno(), n)
+
+
+def _complain(text: str) -> None:
+    """A line on standard error, which the parent logs."""
+    with contextlib.suppress(Exception):
+        print(f"esp.storage.diskwriter: {text}", file=sys.stderr, flush=True)
+
+
+def _well_formed(request: Any) -> bool:
+    """Whether ``request`` is a tuple that starts with its id and operation and, for a
+    ``deliver``, has a root and a tuple of deliveries (what the grouping reads)."""
+    if not (isinstance(request, tuple) and len(request) >= 2 and isinstance(request[0], int)
+            and isinstance(request[1], str)):
+        return False
+    if request[1] == "deliver":
+        return len(request) == 4 and isinstance(request[2], str) and isinstance(
+            request[3], tuple) and all(isinstance(job, tuple) for job in request[3])
+    return True
 
 
 def _failed(batch_id: int, jobs: Sequence[Delivery], why: str) -> bytes:
@@ -347,14 +380,32 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
         return tuple(answers)
 
     def answer(channel: _Channel, batch_id: int, operation: str, *arguments: Any) -> None:
-        # A ``write`` request (``deliver`` ones go to the delivery thread).
+        # A ``write`` request, in a batch thread (``deliver`` ones are grouped).
         try:
             if operation != "write":
                 raise ValueError(f"unknown request {operation!r}")
             answers = write(*arguments)
         except Exception as e:  # a bug: fail the batch, keep serving
-            answers = ((False, f"internal error: {e!r}"),) * len(arguments[1])
+            jobs = arguments[1] if len(arguments) > 1 and isinstance(arguments[1], tuple) else ()
+            answers = ((False, f"internal error: {e!r}"),) * len(jobs)
         channel.answer(_frame((batch_id, answers)))
+
+    def dispatch(channel: _Channel, request: Any, stopping: bool) -> None:
+        if not _well_formed(request):
+            _complain(f"a request that is not one: {request!r:.100}")
+            if isinstance(request, tuple) and request and isinstance(request[0], int):
+                channel.answer(_frame((request[0], ())))  # the client fails it
+        elif stopping:
+            # Read only to see which clients go away; the helper takes no new work.
+            count = len(request[3]) if len(request) > 3 and isinstance(request[3], tuple) else 0
+            why = "the writer is stopping"
+            channel.answer(_frame((request[0], tuple(
+                ("failed", why) if request[1] == "deliver" else (False, why)
+                for _ in range(count)))))
+        elif request[1] == "deliver":
+            deliveries.submit(channel, request[0], request[2], request[3])
+        else:
+            batches.submit(answer, channel, *request)
 
     deliveries = _Deliveries(deliver)
     os.set_blocking(requests.fileno(), False)
@@ -368,17 +419,21 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
         selector.register(parent.read_fd, selectors.EVENT_READ)
         if listening is not None:
             selector.register(listening.fileno(), selectors.EVENT_READ)
-        serving = True
-        while serving:
+        # Once the parent has closed our stdin: what was sent is delivered and answered, the
+        # workers are still read between groups (one that goes away has its deliveries
+        # dropped), and nothing new is taken.
+        stopping = False
+        while True:
             # Wait only when there is nothing to deliver; otherwise take what has arrived.
-            for key, _ in selector.select(0 if deliveries.waiting else None):
+            ready = selector.select(0 if deliveries.waiting or stopping else None)
+            for key, _ in ready:
                 fd = key.fd
                 if listening is not None and fd == listening.fileno():
                     try:
                         connection, _ = listening.accept()
                     except OSError:
                         continue
-                    connection.setblocking(True)  # answers are sent whole
+                    connection.settimeout(ANSWER_TIMEOUT)
                     channels[connection.fileno()] = _Channel(
                         connection.fileno(), connection.sendall, connection.close,
                         _receiver(connection))
@@ -387,22 +442,25 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
                 channel = channels[fd]
                 received, ended = channel.read()
                 for request in received:
-                    if request[1] == "deliver" and len(request) == 4:
-                        deliveries.submit(channel, request[0], request[2], request[3])
-                    else:
-                        batches.submit(answer, channel, *request)
+                    try:
+                        dispatch(channel, request, stopping)
+                    except Exception as e:  # a bug: this request is lost, the helper lives on
+                        _complain(f"a request could not be taken: {e!r}")
                 if not ended:
                     continue
-                if channel is parent:
-                    serving = False  # the parent closed our stdin: finish what was sent
-                    break
                 selector.unregister(fd)
-                channels.pop(fd).close()  # a worker went away (or will reconnect)
+                if channel is parent:
+                    stopping = True  # the parent closed our stdin: finish what was sent
+                    if listening is not None:
+                        selector.unregister(listening.fileno())
+                        listening.close()
+                        listening = None
+                else:
+                    channels.pop(fd).close()  # a worker went away (or will reconnect)
             if deliveries.waiting:
                 deliveries.deliver_next()
-        if listening is not None:
-            listening.close()
-        deliveries.deliver_all()
+            elif stopping:
+                break
     # The batches still in progress have finished (the pools were shut down): their answers
     # went out before the workers' connections close.
     for channel in channels.values():
