@@ -374,6 +374,47 @@ def test_deliveries_of_a_worker_gone_while_the_helper_stops_are_not_made(
     assert set(staged) == {b"first", b"second"}
 
 
+def test_a_worker_that_cannot_be_answered_is_let_go_and_the_next_one_served(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker gone while its group was written cannot be answered: its connection is let
+    go by the thread that watches it, and a worker that connects next (on the same
+    descriptor number) is served."""
+    monkeypatch.delenv(DSN_VARIABLE, raising=False)
+    reached, go_on = threading.Event(), threading.Event()
+    real_stage = diskwriter.stage
+
+    def stage(root: Path, message: bytes, boxes: Sequence[tuple[str, str]]) -> Any:
+        reached.set()
+        go_on.wait(30)
+        return real_stage(root, message, boxes)
+
+    monkeypatch.setattr(diskwriter, "stage", stage)
+    helper = _Helper(scratch)
+    root = str(scratch / "maildir")
+    try:
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        first.connect(helper.address)
+        first.sendall(_frame((1, "deliver", root, ((b"m", (("d/lee", ""),), ({},)),))))
+        assert reached.wait(30), "the delivery was never taken"
+        first.close()  # gone before its answer
+        go_on.set()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as second:
+            second.connect(helper.address)
+            second.sendall(_frame((2, "write", root, ((b"next\r\n", (("d/lee", ""),)),))))
+            frames: list[Any] = []
+            while not frames:
+                readable, _, _ = select.select([second], [], [], 30)
+                assert readable, "the next worker was not answered"
+                data = second.recv(1 << 16)
+                assert data, "the helper closed the next worker's connection"
+                frames = _Frames().feed(data)
+        assert frames[0][0] == 2 and frames[0][1][0][0] is True
+    finally:
+        go_on.set()
+        helper.stop()
+
+
 def test_a_malformed_request_fails_alone(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DSN_VARIABLE, raising=False)
     helper = _Helper(scratch)

@@ -148,13 +148,16 @@ class _Channel:
 
     def __init__(self, read_fd: int, send: Callable[[bytes], None],
                  close: Callable[[], None] = lambda: None,
-                 receive: Callable[[int], bytes] | None = None) -> None:
+                 receive: Callable[[int], bytes] | None = None,
+                 abort: Callable[[], None] = lambda: None) -> None:
         self.read_fd = read_fd
         self.frames = _Frames()
         self._send = send
         self._close = close
         self._receive = receive or (lambda n: os.read(read_fd, n))
-        self._closed = False
+        self._abort = abort
+        self._closed = False  # the descriptor is released (by the main thread only)
+        self._broken = False  # an answer failed: nothing more goes out
         self._lock = threading.Lock()
 
     def read(self) -> tuple[list[Any], bool]:
@@ -186,20 +189,24 @@ class _Channel:
 
     def answer(self, data: bytes) -> None:
         with self._lock:
-            if self._closed:
+            if self._closed or self._broken:
                 return  # that client is gone; its requests died with it
             try:
                 self._send(data)
             except OSError:
                 # Part of a frame may have gone: nothing more can be understood on this
-                # connection.  Its requests fail on the client's side, whose senders retry.
-                self._closed = True
+                # connection.  It is shut down, not closed (this may be a batch thread, and
+                # the selector still watches the descriptor): the main thread sees it end,
+                # then forgets and closes it.  Its requests fail on the client's side, whose
+                # senders retry.
+                self._broken = True
                 with contextlib.suppress(OSError):
-                    self._close()
+                    self._abort()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Whether this client is gone (or can no longer be answered)."""
+        return self._closed or self._broken
 
     def close(self) -> None:
         # Under the lock: a batch thread must not send on a descriptor number that a new
@@ -289,6 +296,11 @@ def _receiver(connection: socket.socket) -> Callable[[int], bytes]:
     return lambda n: os.read(connection.fileno(), n)
 
 
+def _shutdown(connection: socket.socket) -> Callable[[], None]:
+    """Ends ``connection`` both ways, keeping its descriptor (see :meth:`_Channel.answer`)."""
+    return lambda: connection.shutdown(socket.SHUT_RDWR)
+
+
 def _complain(text: str) -> None:
     """A line on standard error, which the parent logs."""
     with contextlib.suppress(Exception):
@@ -303,8 +315,15 @@ def _well_formed(request: Any) -> bool:
         return False
     if request[1] == "deliver":
         return len(request) == 4 and isinstance(request[2], str) and isinstance(
-            request[3], tuple) and all(isinstance(job, tuple) for job in request[3])
+            request[3], tuple) and all(_well_formed_delivery(job) for job in request[3])
     return True
+
+
+def _well_formed_delivery(job: Any) -> bool:
+    """A message, its mailboxes and a record for each (:data:`Delivery`)."""
+    return (isinstance(job, tuple) and len(job) == 3 and isinstance(job[0], bytes)
+            and isinstance(job[1], tuple) and isinstance(job[2], tuple)
+            and len(job[1]) == len(job[2]))
 
 
 def _failed(batch_id: int, jobs: Sequence[Delivery], why: str) -> bytes:
@@ -416,9 +435,10 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
     with ThreadPoolExecutor(PARALLEL_JOBS, thread_name_prefix="maildir") as files, \
             ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="batch") as batches, \
             selectors.DefaultSelector() as selector:
-        selector.register(parent.read_fd, selectors.EVENT_READ)
+        # Each key's data: its channel, or None for the listening socket.
+        selector.register(parent.read_fd, selectors.EVENT_READ, parent)
         if listening is not None:
-            selector.register(listening.fileno(), selectors.EVENT_READ)
+            selector.register(listening.fileno(), selectors.EVENT_READ, None)
         # Once the parent has closed our stdin: what was sent is delivered and answered, the
         # workers are still read between groups (one that goes away has its deliveries
         # dropped), and nothing new is taken.
@@ -428,18 +448,21 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
             ready = selector.select(0 if deliveries.waiting or stopping else None)
             for key, _ in ready:
                 fd = key.fd
-                if listening is not None and fd == listening.fileno():
+                if key.data is None:
+                    if listening is None:
+                        continue  # closed earlier in this turn (the parent stopped us)
                     try:
                         connection, _ = listening.accept()
                     except OSError:
                         continue
                     connection.settimeout(ANSWER_TIMEOUT)
-                    channels[connection.fileno()] = _Channel(
-                        connection.fileno(), connection.sendall, connection.close,
-                        _receiver(connection))
-                    selector.register(connection.fileno(), selectors.EVENT_READ)
+                    channel = _Channel(connection.fileno(), connection.sendall,
+                                       connection.close, _receiver(connection),
+                                       _shutdown(connection))
+                    channels[connection.fileno()] = channel
+                    selector.register(connection.fileno(), selectors.EVENT_READ, channel)
                     continue
-                channel = channels[fd]
+                channel = key.data
                 received, ended = channel.read()
                 for request in received:
                     try:
