@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import esp
 from esp.children import child_environment
 from esp.storage import diskwriter
 from esp.storage.diskwriter import (
+    ABANDONED_AFTER,
     DSN_VARIABLE,
     GROUP_LIMIT,
     READ_AT_ONCE,
@@ -34,6 +36,7 @@ from esp.storage.diskwriter import (
     _Deliveries,
     _frame,
     _Frames,
+    remove_abandoned_directories,
     serve,
 )
 from esp.storage.maildir import MaildirError
@@ -427,3 +430,33 @@ def test_a_malformed_request_fails_alone(scratch: Path, monkeypatch: pytest.Monk
         helper.stop()
     assert first == (1, ())  # the client fails it: no outcome for its deliveries
     assert second[0] == 2 and second[1][0][0] is True
+
+
+def test_socket_directories_left_by_a_killed_main_process_are_removed(scratch: Path) -> None:
+    """Only this user's directories, old enough, whose socket nobody listens on."""
+    def directory(name: str, listening: bool, age: float) -> tuple[Path, socket.socket]:
+        path = scratch / name
+        path.mkdir(mode=0o700)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path / "writer.sock"))
+        if listening:
+            server.listen(1)
+        else:
+            server.close()  # the name stays, nobody listens: what a SIGKILL leaves
+        then = time.time() - age
+        os.utime(path, (then, then))
+        return path, server
+
+    old = ABANDONED_AFTER + 60
+    abandoned, _ = directory("esp-writer-abandoned", False, old)
+    live, server = directory("esp-writer-live", True, old)
+    starting, _ = directory("esp-writer-starting", False, 1)  # another instance, just made
+    other = scratch / "something-else"
+    other.mkdir()
+    os.utime(other, (time.time() - old, time.time() - old))
+    try:
+        assert remove_abandoned_directories(scratch) == [abandoned]
+    finally:
+        server.close()
+    assert not abandoned.exists()
+    assert live.exists() and starting.exists() and other.exists()

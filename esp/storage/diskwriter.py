@@ -36,10 +36,12 @@ import marshal
 import os
 import selectors
 import socket
+import stat
 import struct
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +105,10 @@ BATCH_THREADS = 64
 # private directory.
 LISTEN_FD = 3
 SOCKET_NAME = "writer.sock"
+DIRECTORY_PREFIX = "esp-writer-"
+# A socket directory untouched for this many seconds whose socket nobody listens on was left
+# by a main process that was killed (a younger one may be another instance starting).
+ABANDONED_AFTER = 60.0
 MAX_SOCKET_PATH = 100
 # A helper that dies within this many seconds of its start, several times in a row, is in a
 # crash loop: it is started again at most this often (doubling up to 32 times that).
@@ -567,6 +573,33 @@ class _Requests:
             waiter.errback(MaildirError(why))
 
 
+def remove_abandoned_directories(parent: Path) -> list[Path]:
+    """Remove the socket directories in ``parent`` that a main process killed without its
+    stop left behind (one per start otherwise): this user's, whose socket nobody listens on
+    any more (a live helper's, of another instance, answers the connection and is kept).
+    Returns those removed."""
+    removed = []
+    for directory in parent.glob(DIRECTORY_PREFIX + "*"):
+        try:
+            status = directory.lstat()
+            if (not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid()
+                    or time.time() - status.st_mtime < ABANDONED_AFTER):
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(directory / SOCKET_NAME))
+                    continue  # someone listens: in use
+                except (ConnectionRefusedError, FileNotFoundError):
+                    pass
+            with contextlib.suppress(FileNotFoundError):
+                (directory / SOCKET_NAME).unlink()
+            directory.rmdir()
+            removed.append(directory)
+        except OSError:
+            continue  # not ours to judge (another file in it, a race with its owner)
+    return removed
+
+
 class DiskWriter(_Requests, ProcessProtocol):
     """Starts the helper on first use (and again if it dies) and hands it batches.
 
@@ -622,11 +655,12 @@ class DiskWriter(_Requests, ProcessProtocol):
     def _listen(self) -> None:
         # A directory only this user can enter (mkdtemp: mode 0700), on this node (the data
         # directory may be shared between nodes).
-        self._directory = tempfile.mkdtemp(prefix="esp-writer-")
+        self._directory = tempfile.mkdtemp(prefix=DIRECTORY_PREFIX)
         if len(os.path.join(self._directory, SOCKET_NAME).encode()) > MAX_SOCKET_PATH:
             # A long $TMPDIR: a Unix socket's name must fit in 108 bytes.
             os.rmdir(self._directory)
-            self._directory = tempfile.mkdtemp(prefix="esp-writer-", dir="/tmp")
+            self._directory = tempfile.mkdtemp(prefix=DIRECTORY_PREFIX, dir="/tmp")
+        remove_abandoned_directories(Path(self._directory).parent)
         listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listening.bind(os.path.join(self._directory, SOCKET_NAME))
