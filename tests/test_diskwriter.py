@@ -181,7 +181,8 @@ def test_the_writer_outlives_a_group_it_cannot_answer() -> None:
     deliveries.submit(channel, 1, "/root", [(b"m", (), ())])
     deliveries.deliver_next()
     deliveries.submit(channel, 2, "/root", [(b"m", (), ())])
-    deliveries.deliver_all()
+    while deliveries.waiting:
+        deliveries.deliver_next()
     assert calls == [1, 1]
     assert _answers(sent) == [(1, (("failed", "internal error"),)), (2, (("stored", ()),))]
 
@@ -200,7 +201,8 @@ def test_deliveries_waiting_are_grouped_in_order_up_to_the_limit() -> None:
     deliveries.submit(channel, 2, "/root", [(b"c", (), ())])
     deliveries.submit(channel, 3, "/root", [(b"d", (), ()), (b"e", (), ())])  # would be 5
     deliveries.submit(channel, 4, "/root", [(b"f", (), ())] * 6)  # over the limit alone
-    deliveries.deliver_all()
+    while deliveries.waiting:
+        deliveries.deliver_next()
     assert groups == [["a", "b", "c"], ["d", "e"], ["f"] * 6]
     assert [batch_id for batch_id, _ in _answers(sent)] == [1, 2, 3, 4]
     assert not deliveries.waiting
@@ -222,7 +224,8 @@ def test_deliveries_of_a_client_that_went_away_are_not_made() -> None:
     deliveries.submit(gone, 1, "/root", [(b"from the worker that left", (), ())])
     deliveries.submit(here, 2, "/root", [(b"from the main process", (), ())])
     gone.close()
-    deliveries.deliver_all()
+    while deliveries.waiting:
+        deliveries.deliver_next()
     assert delivered == ["from the main process"]
     assert _answers(sent) == [(2, (("stored", ()),))]
 

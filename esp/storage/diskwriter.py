@@ -275,10 +275,6 @@ class _Deliveries:
                     with contextlib.suppress(Exception):
                         channel.answer(_failed(batch_id, mine, "internal error"))
 
-    def deliver_all(self) -> None:
-        while self._waiting:
-            self.deliver_next()
-
     def _group(self, root: str, requests: Sequence[_Request]) -> None:
         jobs = [job for _, _, _, mine in requests for job in mine]
         try:
@@ -337,6 +333,12 @@ def _failed(batch_id: int, jobs: Sequence[Delivery], why: str) -> bytes:
     return _frame((batch_id, tuple(("failed", why) for _ in jobs)))
 
 
+def _write_failed(batch_id: int, jobs: Any, why: str) -> bytes:
+    """The answer to a ``write`` request whose every job failed for ``why`` (none if its
+    jobs are not even a tuple)."""
+    return _frame((batch_id, ((False, why),) * (len(jobs) if isinstance(jobs, tuple) else 0)))
+
+
 def _stdout_sender(replies: BinaryIO) -> Callable[[bytes], None]:
     def send(data: bytes) -> None:
         replies.write(data)
@@ -347,7 +349,7 @@ def _stdout_sender(replies: BinaryIO) -> Callable[[bytes], None]:
 
 def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None = None) -> None:
     """Answer requests until the parent closes our stdin.  With ``listening``, worker
-    processes connect to it and are served too (one delivery thread and one recorder, so one
+    processes connect to it and are served too (one thread delivering and one recorder, so one
     group commit, for every process of the node)."""
     dsn = os.environ.get(DSN_VARIABLE)
     recorder = Recorder(dsn) if dsn else None
@@ -411,8 +413,9 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
                 raise ValueError(f"unknown request {operation!r}")
             answers = write(*arguments)
         except Exception as e:  # a bug: fail the batch, keep serving
-            jobs = arguments[1] if len(arguments) > 1 and isinstance(arguments[1], tuple) else ()
-            answers = ((False, f"internal error: {e!r}"),) * len(jobs)
+            channel.answer(_write_failed(batch_id, arguments[1] if len(arguments) > 1 else (),
+                                         f"internal error: {e!r}"))
+            return
         channel.answer(_frame((batch_id, answers)))
 
     def dispatch(channel: _Channel, request: Any, stopping: bool) -> None:
@@ -422,11 +425,10 @@ def serve(requests: BinaryIO, replies: BinaryIO, listening: socket.socket | None
                 channel.answer(_frame((request[0], ())))  # the client fails it
         elif stopping:
             # Read only to see which clients go away; the helper takes no new work.
-            count = len(request[3]) if len(request) > 3 and isinstance(request[3], tuple) else 0
             why = "the writer is stopping"
-            channel.answer(_frame((request[0], tuple(
-                ("failed", why) if request[1] == "deliver" else (False, why)
-                for _ in range(count)))))
+            channel.answer(_failed(request[0], request[3], why) if request[1] == "deliver"
+                           else _write_failed(request[0], request[3] if len(request) > 3
+                                              else (), why))
         elif request[1] == "deliver":
             deliveries.submit(channel, request[0], request[2], request[3])
         else:
