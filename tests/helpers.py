@@ -6,8 +6,11 @@ import json
 import os
 import selectors
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -165,3 +168,43 @@ def assert_matches_schema(body: dict[str, Any]) -> None:
 
 def assert_event_matches_schema(event: Event) -> None:
     assert_matches_schema(json.loads(json.dumps(event_body(event), default=str)))
+
+
+def _starting_up_server() -> tuple[socket.socket, threading.Thread]:
+    """A TCP server that answers each connection as a PostgreSQL that is starting up does
+    (SQLSTATE 57P03): libpq then tries the next host of the DSN, on a new socket."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    fields = b"".join(code + text + b"\0" for code, text in (
+        (b"S", b"FATAL"), (b"V", b"FATAL"), (b"C", b"57P03"),
+        (b"M", b"the database system is starting up")))
+    error = b"E" + struct.pack(">I", 4 + len(fields) + 1) + fields + b"\0"
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return  # closed: the test is over
+            with connection:
+                (length,) = struct.unpack(">I", connection.recv(4))
+                connection.recv(length - 4)  # the startup packet
+                connection.sendall(error)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def starting_up_first(dsn: str) -> tuple[socket.socket, threading.Thread, str]:
+    """``dsn`` (an embedded cluster's) with a first host that is starting up: libpq connects
+    there, is turned away, and goes on to the real one on another socket.  The caller shuts
+    the server down (``shutdown`` wakes its ``accept``) and joins the thread."""
+    server, thread = _starting_up_server()
+    port = server.getsockname()[1]
+    settings = dict(item.split("=", 1) for item in dsn.split())
+    return server, thread, (
+        f"host=127.0.0.1,{settings['host']} port={port},{settings['port']} "
+        f"dbname={settings['dbname']} user={settings['user']} sslmode=disable "
+        "gssencmode=disable")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
-import threading
 
 import psycopg2
 import pytest
@@ -17,7 +15,7 @@ from twisted.internet.task import LoopingCall
 from esp.storage import notify
 from esp.storage.mailstore import MAILBOX_CHANNEL
 from esp.storage.notify import MailboxNotifier
-from tests.helpers import until
+from tests.helpers import starting_up_first, until
 
 
 def _notify(dsn: str, channel: str, payload: str) -> None:
@@ -89,33 +87,6 @@ async def test_subscribers_are_told_to_look_after_a_new_connection(database_dsn:
         notifier.stopService()
 
 
-def _starting_up_server() -> tuple[socket.socket, threading.Thread]:
-    """A TCP server that answers each connection as a PostgreSQL that is starting up does
-    (SQLSTATE 57P03): libpq then tries the next host of the DSN, on a new socket."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    fields = b"".join(code + text + b"\0" for code, text in (
-        (b"S", b"FATAL"), (b"V", b"FATAL"), (b"C", b"57P03"),
-        (b"M", b"the database system is starting up")))
-    error = b"E" + struct.pack(">I", 4 + len(fields) + 1) + fields + b"\0"
-
-    def serve() -> None:
-        while True:
-            try:
-                connection, _ = server.accept()
-            except OSError:
-                return  # closed: the test is over
-            with connection:
-                (length,) = struct.unpack(">I", connection.recv(4))
-                connection.recv(length - 4)  # the startup packet
-                connection.sendall(error)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return server, thread
-
-
 @pytest_twisted.ensureDeferred
 async def test_the_socket_libpq_moves_to_while_connecting_is_the_one_watched(
     database_dsn: str
@@ -123,12 +94,7 @@ async def test_the_socket_libpq_moves_to_while_connecting_is_the_one_watched(
     """With several hosts in the DSN, libpq gives up the first one's socket for the next
     one's: the reactor must watch the socket in use, or it spins on the closed one's end
     (and never sees the notices)."""
-    server, thread = _starting_up_server()
-    port = server.getsockname()[1]
-    settings = dict(item.split("=", 1) for item in database_dsn.split())
-    dsn = (f"host=127.0.0.1,{settings['host']} port={port},{settings['port']} "
-           f"dbname={settings['dbname']} user={settings['user']} sslmode=disable "
-           "gssencmode=disable")
+    server, thread, dsn = starting_up_first(database_dsn)
     notifier = MailboxNotifier(dsn, reactor)
     seen: list[int | None] = []
     notifier.subscribe(8, seen.append)

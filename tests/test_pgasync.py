@@ -3,6 +3,9 @@ failed reconnection never leaves callers waiting for ever."""
 
 from __future__ import annotations
 
+import os
+import socket
+
 import psycopg2
 import pytest
 import pytest_twisted
@@ -10,6 +13,7 @@ from twisted.internet import reactor
 
 from esp.storage.db import DatabaseUnavailable, Prepared
 from esp.storage.pgasync import AsyncDatabase
+from tests.helpers import starting_up_first
 
 ADD = Prepared("test_add", "SELECT %(a)s::int + %(b)s::int")
 LOCK = Prepared("test_lock", "SELECT pg_advisory_lock(%(key)s::bigint)")
@@ -55,3 +59,25 @@ async def test_a_dropped_connection_and_a_failed_reconnect_release_their_slot(
     finally:
         holder.close()
         db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_socket_libpq_moves_to_while_connecting_is_the_one_watched(
+    database_dsn: str
+) -> None:
+    """With several hosts in the DSN, libpq gives up the first one's socket for the next
+    one's: each statement's wait must watch the socket in use, not spin on the old one."""
+    server, thread, dsn = starting_up_first(database_dsn)
+    db = AsyncDatabase(dsn, reactor, size=1)
+    try:
+        assert await db.fetch(ADD, {"a": 2, "b": 3}) == [(5,)]
+        [connection] = db._idle
+        watched = os.fstat(connection.fileno()).st_ino
+        assert watched == os.fstat(connection.connection.fileno()).st_ino
+        assert await db.fetch(ADD, {"a": 1, "b": 1}) == [(2,)]
+    finally:
+        db.close()
+        server.shutdown(socket.SHUT_RDWR)  # wakes its accept()
+        server.close()
+        thread.join(10)
+    assert not thread.is_alive()

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from esp.storage.mailstore import MAILBOX_CHANNEL
+from esp.storage.pgasync import moved_socket
 
 Subscriber = Callable[[int | None], None]
 
@@ -309,20 +310,16 @@ class MailboxNotifier(Service):
         self._dispatch(connection)
 
     def _follow_socket(self, connection: Any) -> None:
-        """While connecting, libpq may give up a socket for another (the next host or address
-        of the DSN, another SSL mode): watch the one it uses now."""
-        try:
-            current = connection.fileno()
-            if os.fstat(current).st_ino == os.fstat(self._fd).st_ino:
-                return
-        except (OSError, psycopg2.Error):
-            return  # no socket at the moment: the next poll tells
+        """Watch the socket libpq uses now (:func:`esp.storage.pgasync.moved_socket`)."""
+        moved = moved_socket(connection, self._fd)
+        if moved is None:
+            return
         self._reactor.removeReader(self)
         if self._writing:
             self._reactor.removeWriter(self)
             self._writing = False
         os.close(self._fd)
-        self._fd = os.dup(current)
+        self._fd = moved
         self._reactor.addReader(self)
 
     def _dispatch(self, connection: Any) -> None:

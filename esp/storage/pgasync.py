@@ -31,6 +31,20 @@ _READ = psycopg2.extensions.POLL_READ
 _WRITE = psycopg2.extensions.POLL_WRITE
 
 
+def moved_socket(connection: Any, fd: int) -> int | None:
+    """While connecting, libpq may give up a socket for another (the next host or address of
+    the DSN, another SSL mode): a duplicate of the one ``connection`` uses now if ``fd`` is
+    not already one of it, else None.  A reactor left watching the old one would spin on its
+    end of stream (and not see the new one's answers)."""
+    try:
+        current = connection.fileno()
+        if os.fstat(current).st_ino == os.fstat(fd).st_ino:
+            return None
+        return os.dup(current)
+    except (OSError, psycopg2.Error):
+        return None  # no socket at the moment: the next poll tells
+
+
 @implementer(IReadDescriptor, IWriteDescriptor)
 class _Connection:
     """One asynchronous connection and the reactor registration that drives it."""
@@ -40,6 +54,7 @@ class _Connection:
         self._waiting: Deferred[None] | None = None
         self.prepared: set[str] = set()
         self.connection = psycopg2.connect(dsn, async_=1)
+        self._connecting = True
         # The reactor watches a duplicate of the socket that we own: libpq closes its own
         # descriptor when the server drops the connection, and unregistering a closed
         # descriptor would fail.
@@ -78,7 +93,10 @@ class _Connection:
         except psycopg2.Error as e:
             self._finish(Failure(e))
             return
+        if self._connecting:
+            self._follow_socket()
         if state == _OK:
+            self._connecting = False
             self._finish(None)
         elif state == _READ:
             self._reactor.removeWriter(self)
@@ -86,6 +104,14 @@ class _Connection:
         elif state == _WRITE:
             self._reactor.removeReader(self)
             self._reactor.addWriter(self)
+
+    def _follow_socket(self) -> None:
+        moved = moved_socket(self.connection, self._fd)
+        if moved is not None:
+            self._reactor.removeReader(self)
+            self._reactor.removeWriter(self)
+            os.close(self._fd)
+            self._fd = moved  # registered again below, for what the poll asked
 
     def _finish(self, failure: Failure | None) -> None:
         self._reactor.removeReader(self)
